@@ -1,0 +1,157 @@
+//! `AggregatorActor`: receives `Run { tickers, interval }`, reads each
+//! ticker's Parquet objects from `stock-data/{ticker}/`, resamples them to the
+//! interval, computes the feature columns, bulk-loads `aggregated_data` (one
+//! transaction per ticker, idempotent), marks the tickers active in
+//! `companies_info`, and publishes one `start_model` message for the tickers
+//! it loaded. Parquet decoding and indicator math run on blocking threads.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tickmesh_core::bus::SharedPublisher;
+use tickmesh_core::db::Db;
+use tickmesh_core::parquet_io::{decode_bars, merge_bars};
+use tickmesh_core::store::{buckets, SharedStore};
+use tickmesh_core::types::{topics, validate_ticker, Bar, Interval, StartModel};
+use tickmesh_core::{Error, Result};
+use tracing::info;
+
+use crate::features::feature_rows;
+use crate::resample::resample;
+
+pub struct AggregatorActor;
+
+/// What one run did, per ticker.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AggregateReport {
+    /// Rows loaded per ticker.
+    pub rows: BTreeMap<String, usize>,
+    /// The newest bar timestamp loaded.
+    pub watermark: Option<DateTime<Utc>>,
+}
+
+/// Messages of [`AggregatorActor`].
+pub enum AggregatorMsg {
+    /// Aggregate these tickers on this interval, load them and publish
+    /// `start_model`; the reply carries the report or the error text.
+    Run {
+        tickers: Vec<String>,
+        interval: Interval,
+        reply: Option<RpcReplyPort<Result<AggregateReport, String>>>,
+    },
+}
+
+impl ractor::Message for AggregatorMsg {}
+
+#[derive(Clone)]
+pub struct AggregatorArgs {
+    pub store: SharedStore,
+    pub db: Db,
+    pub publisher: SharedPublisher,
+}
+
+impl Actor for AggregatorActor {
+    type Msg = AggregatorMsg;
+    type State = AggregatorArgs;
+    type Arguments = AggregatorArgs;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        args: AggregatorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AggregatorMsg::Run {
+                tickers,
+                interval,
+                reply,
+            } => {
+                let result = run(state, &tickers, interval)
+                    .await
+                    .map_err(|e| e.to_string());
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                } else if let Err(e) = result {
+                    tracing::error!(error = %e, "aggregation failed");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads every bar of a ticker from the store, merged and sorted.
+pub async fn read_ticker_bars(store: &SharedStore, ticker: &str) -> Result<Vec<Bar>> {
+    let keys = store
+        .list(buckets::STOCK_DATA, &format!("{ticker}/"))
+        .await?;
+    if keys.is_empty() {
+        return Err(Error::NotFound(format!(
+            "unknown ticker {ticker}: no bars under {}/{ticker}/",
+            buckets::STOCK_DATA
+        )));
+    }
+    let mut blobs = Vec::with_capacity(keys.len());
+    for k in &keys {
+        if let Some(b) = store.get(buckets::STOCK_DATA, k).await? {
+            blobs.push((k.clone(), b));
+        }
+    }
+    tokio::task::spawn_blocking(move || {
+        let mut all = Vec::new();
+        for (k, b) in blobs {
+            all = merge_bars(all, &decode_bars(b, &k)?);
+        }
+        Ok(all)
+    })
+    .await
+    .expect("decode task panicked")
+}
+
+/// One aggregation run (what `Run` does).
+pub async fn run(
+    state: &AggregatorArgs,
+    tickers: &[String],
+    interval: Interval,
+) -> Result<AggregateReport> {
+    let mut report = AggregateReport::default();
+    for t in tickers {
+        validate_ticker(t)?;
+    }
+    for ticker in tickers {
+        let bars = read_ticker_bars(&state.store, ticker).await?;
+        let rows = tokio::task::spawn_blocking(move || feature_rows(&resample(&bars, interval)))
+            .await
+            .expect("feature task panicked");
+        state.db.load_aggregated(ticker, interval, &rows).await?;
+        if let Some(last) = rows.last() {
+            report.watermark = report.watermark.max(Some(last.ts));
+        }
+        info!(ticker = %ticker, %interval, rows = rows.len(), "aggregated_data loaded");
+        report.rows.insert(ticker.clone(), rows.len());
+    }
+    state.db.upsert_companies(tickers).await?;
+    let msg = StartModel {
+        interval,
+        tickers: tickers.to_vec(),
+        watermark: report.watermark.unwrap_or_else(Utc::now),
+    };
+    let payload =
+        serde_json::to_vec(&msg).map_err(|e| Error::invalid("start_model", e.to_string()))?;
+    state
+        .publisher
+        .publish(topics::START_MODEL, interval.as_str(), &payload, &[])
+        .await?;
+    info!(%interval, tickers = tickers.len(), "start_model published");
+    Ok(report)
+}

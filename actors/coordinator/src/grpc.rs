@@ -1,0 +1,163 @@
+//! The tonic `Coordinator` service in front of [`CoordinatorActor`], plus
+//! `grpc.health.v1` and reflection. Actor errors map to `tonic::Status` here
+//! and nowhere else.
+
+use std::future::Future;
+use std::time::Duration;
+
+use ractor::{call_t, ActorRef};
+use tickmesh_core::types::{validate_ticker, Interval};
+use tickmesh_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use tickmesh_proto::v1::*;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::CoordinatorMsg;
+
+const CALL_TIMEOUT_MS: u64 = 30_000;
+
+pub struct CoordinatorService {
+    actor: ActorRef<CoordinatorMsg>,
+    heartbeat: Duration,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("coordinator actor: {e}"))
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register_node(
+        &self,
+        req: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeReply>, Status> {
+        let r = req.into_inner();
+        if r.node.is_empty() {
+            return Err(Status::invalid_argument("node name is empty"));
+        }
+        self.actor
+            .cast(CoordinatorMsg::Register {
+                node: r.node,
+                roles: r.roles,
+                cpus: r.cpus,
+                gpus: r.gpus,
+            })
+            .map_err(unavailable)?;
+        Ok(Response::new(RegisterNodeReply {
+            heartbeat_secs: self.heartbeat.as_secs(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        self.actor
+            .cast(CoordinatorMsg::Heartbeat {
+                node: req.into_inner().node,
+            })
+            .map_err(unavailable)?;
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
+    type WatchAssignmentsStream = ReceiverStream<Result<Assignment, Status>>;
+
+    async fn watch_assignments(
+        &self,
+        req: Request<WatchAssignmentsRequest>,
+    ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        self.actor
+            .cast(CoordinatorMsg::WatchAssignments {
+                node: req.into_inner().node,
+                tx,
+            })
+            .map_err(unavailable)?;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report_checkpoint(
+        &self,
+        req: Request<CheckpointReport>,
+    ) -> Result<Response<CheckpointAck>, Status> {
+        let report = req.into_inner();
+        let ack = call_t!(
+            self.actor,
+            |reply| CoordinatorMsg::Report { report, reply },
+            CALL_TIMEOUT_MS
+        )
+        .map_err(unavailable)?;
+        Ok(Response::new(ack))
+    }
+
+    type WatchModelsStream = ReceiverStream<Result<ModelUpdate, Status>>;
+
+    async fn watch_models(
+        &self,
+        _: Request<WatchModelsRequest>,
+    ) -> Result<Response<Self::WatchModelsStream>, Status> {
+        let (tx, rx) = mpsc::channel(256);
+        self.actor
+            .cast(CoordinatorMsg::WatchModels { tx })
+            .map_err(unavailable)?;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn start_training(
+        &self,
+        req: Request<StartTrainingRequest>,
+    ) -> Result<Response<StartTrainingReply>, Status> {
+        let r = req.into_inner();
+        let interval: Interval = r
+            .interval
+            .parse()
+            .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?;
+        if r.tickers.is_empty() {
+            return Err(Status::invalid_argument("no tickers"));
+        }
+        for t in &r.tickers {
+            validate_ticker(t).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let tickers = r.tickers;
+        let queued = call_t!(
+            self.actor,
+            |reply| CoordinatorMsg::Start {
+                tickers,
+                interval,
+                reply: Some(reply)
+            },
+            CALL_TIMEOUT_MS
+        )
+        .map_err(unavailable)?;
+        Ok(Response::new(StartTrainingReply { queued }))
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    actor: ActorRef<CoordinatorMsg>,
+    heartbeat: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tickmesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor sets are valid");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(CoordinatorServer::new(CoordinatorService {
+            actor,
+            heartbeat,
+        }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,78 @@
+//! `StartModelConsumer`: receives `start_model` records from the bus, turns
+//! each into `CoordinatorMsg::Start`, then commits. Malformed records go to
+//! `start_model.dlq` with the error in the headers.
+
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tickmesh_core::bus::{dead_letter, BusConfig, SharedPublisher, Subscription};
+use tickmesh_core::types::{topics, StartModel};
+use tracing::{info, warn};
+
+use crate::coordinator::CoordinatorMsg;
+
+pub struct StartModelConsumer;
+
+/// Messages of [`StartModelConsumer`].
+#[derive(Debug)]
+pub enum StartConsumerMsg {
+    /// Take the next record (sent to itself).
+    Poll,
+}
+
+impl ractor::Message for StartConsumerMsg {}
+
+#[derive(Clone)]
+pub struct StartConsumerArgs {
+    pub bus: BusConfig,
+    pub publisher: SharedPublisher,
+    pub coordinator: ActorRef<CoordinatorMsg>,
+}
+
+pub struct StartConsumerState {
+    sub: Box<dyn Subscription>,
+    args: StartConsumerArgs,
+}
+
+impl Actor for StartModelConsumer {
+    type Msg = StartConsumerMsg;
+    type State = StartConsumerState;
+    type Arguments = StartConsumerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: StartConsumerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let sub = args.bus.subscribe(topics::START_MODEL, "coordinator")?;
+        myself.cast(StartConsumerMsg::Poll)?;
+        Ok(StartConsumerState { sub, args })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(rec) = st.sub.poll(Duration::from_millis(500)).await? {
+            match StartModel::parse(&rec.payload) {
+                Ok(m) => {
+                    info!(interval = %m.interval, tickers = m.tickers.len(), watermark = %m.watermark, "start_model received");
+                    st.args.coordinator.cast(CoordinatorMsg::Start {
+                        tickers: m.tickers,
+                        interval: m.interval,
+                        reply: None,
+                    })?;
+                }
+                Err(e) => {
+                    warn!(offset = rec.offset, error = %e, "malformed start_model sent to the dead-letter topic");
+                    dead_letter(st.args.publisher.as_ref(), &rec, &e.to_string()).await?;
+                }
+            }
+            st.sub.commit(&rec).await?;
+        }
+        myself.cast(StartConsumerMsg::Poll)?;
+        Ok(())
+    }
+}

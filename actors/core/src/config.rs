@@ -1,0 +1,600 @@
+//! `cluster.toml`: the typed configuration of a tickmesh cluster.
+//!
+//! Parsed with `deny_unknown_fields`, defaults in one place ([`Default`]
+//! impls), then overridden from the environment with the original stack's
+//! variable names (`POSTGRES_*`, `S3_ENDPOINT_URL`, `S3_ACCESS_KEY`,
+//! `S3_SECRET_KEY`, plus `KAFKA_BOOTSTRAP_SERVERS`), then validated. Every
+//! error names the file and the key. The environment is passed in as a map so
+//! tests never touch the process environment.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Where the shared services come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Files in `data/raw/`, a local object directory, SQLite.
+    #[default]
+    Embedded,
+    /// Kafka, S3, PostgreSQL.
+    Distributed,
+}
+
+/// A role a node plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Coordinator,
+    Ingest,
+    Aggregate,
+    Train,
+    Serve,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    pub name: String,
+    pub backend: Backend,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            name: "tickmesh".into(),
+            backend: Backend::Embedded,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Prefix for every topic name (isolates tests and tenants).
+    pub topic_prefix: String,
+    /// Consumer group id prefix; the role name is appended.
+    pub group_id: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:19092".into(),
+            topic_prefix: String::new(),
+            group_id: "tickmesh".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    pub endpoint_url: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub region: String,
+    /// Prefix for every bucket name.
+    pub bucket_prefix: String,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint_url: "http://127.0.0.1:19000".into(),
+            access_key: "tickmesh".into(),
+            secret_key: "tickmesh-secret".into(),
+            region: "us-east-1".into(),
+            bucket_prefix: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    pub host: String,
+    pub port: u16,
+    pub db: String,
+    pub user: String,
+    pub password: String,
+    pub max_connections: u32,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            host: "127.0.0.1".into(),
+            port: 15432,
+            db: "tickmesh".into(),
+            user: "tickmesh".into(),
+            password: "tickmesh".into(),
+            max_connections: 8,
+        }
+    }
+}
+
+impl PostgresConfig {
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{}:{}@{}:{}/{}",
+            self.user, self.password, self.host, self.port, self.db
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedConfig {
+    /// Root of the embedded mode's state: `raw/` (the message spool),
+    /// `store/` (the object store) and `tickmesh.db` (SQLite).
+    pub data_dir: PathBuf,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            data_dir: PathBuf::from("data"),
+        }
+    }
+}
+
+impl EmbeddedConfig {
+    pub fn raw_dir(&self) -> PathBuf {
+        self.data_dir.join("raw")
+    }
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.data_dir.join("tickmesh.db")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// gRPC listen address of the coordinator (and where nodes reach it).
+    pub listen: String,
+    pub heartbeat_secs: u64,
+    pub lease_secs: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            listen: "127.0.0.1:50051".into(),
+            heartbeat_secs: 5,
+            lease_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// HTTP listen address of the forecast API.
+    pub http_listen: String,
+    /// Largest `n_steps` a forecast request may ask for.
+    pub max_steps: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            http_listen: "127.0.0.1:8080".into(),
+            max_steps: 500,
+        }
+    }
+}
+
+/// Training hyperparameters (defaults for every ticker).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Model kind: `lstm_attention`.
+    pub model: String,
+    pub features: Vec<String>,
+    pub seq_len: usize,
+    pub hidden: i64,
+    pub layers: i64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// Fraction of the rows (the most recent) held out for validation.
+    pub val_fraction: f64,
+    /// Epochs without validation improvement before stopping early.
+    pub patience: usize,
+    /// `auto` (CUDA when present), `cpu` or `cuda`.
+    pub device: String,
+    pub seed: i64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "lstm_attention".into(),
+            features: vec![
+                "close".into(),
+                "log_return".into(),
+                "sma_20".into(),
+                "rsi_14".into(),
+            ],
+            seq_len: 30,
+            hidden: 32,
+            layers: 1,
+            epochs: 30,
+            batch_size: 64,
+            learning_rate: 3e-3,
+            val_fraction: 0.2,
+            patience: 5,
+            device: "auto".into(),
+            seed: 42,
+        }
+    }
+}
+
+/// How a supervisor restarts its children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    #[default]
+    OneForOne,
+    OneForAll,
+    RestForOne,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    pub strategy: Strategy,
+    pub max_restarts: u32,
+    pub window_secs: u64,
+    pub backoff_ms: u64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig {
+            strategy: Strategy::OneForOne,
+            max_restarts: 3,
+            window_secs: 10,
+            backoff_ms: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    pub roles: Vec<Role>,
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    #[serde(default)]
+    pub gpus: u32,
+}
+
+/// The whole of `cluster.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub cluster: ClusterSection,
+    pub kafka: KafkaConfig,
+    pub s3: S3Config,
+    pub postgres: PostgresConfig,
+    pub embedded: EmbeddedConfig,
+    pub coordinator: CoordinatorConfig,
+    pub serve: ServeConfig,
+    pub train: TrainConfig,
+    pub supervision: SupervisionConfig,
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// The feature columns a model may use (the columns of `aggregated_data`).
+pub const FEATURE_COLUMNS: &[&str] = &[
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "log_return",
+    "sma_20",
+    "ema_12",
+    "ema_26",
+    "macd",
+    "macd_signal",
+    "rsi_14",
+    "obv",
+];
+
+impl ClusterConfig {
+    /// Reads, parses, overrides from `env` and validates a config file.
+    pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, &path.display().to_string(), env)
+    }
+
+    /// Parses config text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &str, env: &HashMap<String, String>) -> Result<Self> {
+        let err = |key: String, message: String| Error::Config {
+            file: file.to_string(),
+            key,
+            message,
+        };
+        let de = toml::Deserializer::new(text);
+        let mut cfg: ClusterConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().to_string();
+            // At the top level the path is `.`: name the unknown key itself.
+            let key = match message
+                .strip_prefix("unknown field `")
+                .and_then(|m| m.split('`').next())
+            {
+                Some(field) if path == "." => field.to_string(),
+                _ => path,
+            };
+            err(key, message)
+        })?;
+        cfg.apply_env(env).map_err(|(k, m)| err(k, m))?;
+        cfg.validate().map_err(|(k, m)| err(k, m))?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), (String, String)> {
+        let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        if let Some(v) = get("POSTGRES_HOST") {
+            self.postgres.host = v;
+        }
+        if let Some(v) = get("POSTGRES_PORT") {
+            self.postgres.port = v.parse().map_err(|_| {
+                (
+                    "postgres.port".to_string(),
+                    format!("environment POSTGRES_PORT=`{v}` is not a port number"),
+                )
+            })?;
+        }
+        if let Some(v) = get("POSTGRES_DB") {
+            self.postgres.db = v;
+        }
+        if let Some(v) = get("POSTGRES_USER") {
+            self.postgres.user = v;
+        }
+        if let Some(v) = get("POSTGRES_PASSWORD") {
+            self.postgres.password = v;
+        }
+        if let Some(v) = get("S3_ENDPOINT_URL") {
+            self.s3.endpoint_url = v;
+        }
+        if let Some(v) = get("S3_ACCESS_KEY") {
+            self.s3.access_key = v;
+        }
+        if let Some(v) = get("S3_SECRET_KEY") {
+            self.s3.secret_key = v;
+        }
+        if let Some(v) = get("KAFKA_BOOTSTRAP_SERVERS") {
+            self.kafka.brokers = v;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_string(), m));
+        if self.cluster.name.trim().is_empty() {
+            return bad("cluster.name", "must not be empty".into());
+        }
+        for (key, addr) in [
+            ("coordinator.listen", &self.coordinator.listen),
+            ("serve.http_listen", &self.serve.http_listen),
+        ] {
+            if addr.parse::<SocketAddr>().is_err() {
+                return bad(
+                    key,
+                    format!("`{addr}` is not a socket address like 127.0.0.1:8080"),
+                );
+            }
+        }
+        if self.coordinator.heartbeat_secs == 0 {
+            return bad("coordinator.heartbeat_secs", "must be at least 1".into());
+        }
+        if self.coordinator.lease_secs <= self.coordinator.heartbeat_secs {
+            return bad(
+                "coordinator.lease_secs",
+                "must be longer than coordinator.heartbeat_secs".into(),
+            );
+        }
+        if self.serve.max_steps == 0 {
+            return bad("serve.max_steps", "must be at least 1".into());
+        }
+        if self.cluster.backend == Backend::Distributed {
+            if self.kafka.brokers.trim().is_empty() {
+                return bad("kafka.brokers", "must list at least one host:port".into());
+            }
+            if !(self.s3.endpoint_url.starts_with("http://")
+                || self.s3.endpoint_url.starts_with("https://"))
+            {
+                return bad(
+                    "s3.endpoint_url",
+                    format!(
+                        "`{}` must start with http:// or https://",
+                        self.s3.endpoint_url
+                    ),
+                );
+            }
+            if self.s3.access_key.is_empty() || self.s3.secret_key.is_empty() {
+                return bad("s3.access_key", "access and secret key must be set".into());
+            }
+            if self.postgres.port == 0 {
+                return bad("postgres.port", "must not be 0".into());
+            }
+        }
+        let t = &self.train;
+        if t.model != "lstm_attention" {
+            return bad(
+                "train.model",
+                format!("`{}` is not a known model (lstm_attention)", t.model),
+            );
+        }
+        if t.features.is_empty() {
+            return bad("train.features", "must name at least one feature".into());
+        }
+        if let Some(f) = t
+            .features
+            .iter()
+            .find(|f| !FEATURE_COLUMNS.contains(&f.as_str()))
+        {
+            return bad(
+                "train.features",
+                format!(
+                    "`{f}` is not a feature column ({})",
+                    FEATURE_COLUMNS.join(", ")
+                ),
+            );
+        }
+        if !t.features.iter().any(|f| f == "close") {
+            return bad("train.features", "must include `close`, the target".into());
+        }
+        if t.seq_len < 2 {
+            return bad("train.seq_len", "must be at least 2".into());
+        }
+        if t.hidden < 1 || t.layers < 1 {
+            return bad(
+                "train.hidden",
+                "hidden and layers must be at least 1".into(),
+            );
+        }
+        if t.epochs == 0 || t.batch_size == 0 {
+            return bad(
+                "train.epochs",
+                "epochs and batch_size must be at least 1".into(),
+            );
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return bad("train.learning_rate", "must be a positive number".into());
+        }
+        if !(t.val_fraction > 0.0 && t.val_fraction <= 0.5) {
+            return bad("train.val_fraction", "must be in (0, 0.5]".into());
+        }
+        if !["auto", "cpu", "cuda"].contains(&t.device.as_str()) {
+            return bad(
+                "train.device",
+                format!("`{}` is not auto, cpu or cuda", t.device),
+            );
+        }
+        if self.supervision.window_secs == 0 {
+            return bad("supervision.window_secs", "must be at least 1".into());
+        }
+        let mut names = BTreeSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.name.trim().is_empty() {
+                return bad(&format!("nodes[{i}].name"), "must not be empty".into());
+            }
+            if !names.insert(n.name.as_str()) {
+                return bad(
+                    &format!("nodes[{i}].name"),
+                    format!("`{}` is used twice", n.name),
+                );
+            }
+            if n.roles.is_empty() {
+                return bad(
+                    &format!("nodes[{i}].roles"),
+                    "must list at least one role".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Result<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+            let known: Vec<_> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+            Error::NotFound(format!(
+                "node `{name}` in cluster.toml (nodes: {})",
+                known.join(", ")
+            ))
+        })
+    }
+
+    /// The name of a topic, with the configured prefix.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.kafka.topic_prefix, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ClusterConfig> {
+        ClusterConfig::parse(text, "cluster.toml", &HashMap::new())
+    }
+
+    #[test]
+    fn the_shipped_cluster_toml_is_valid() {
+        let text = include_str!("../../../cluster.toml");
+        let cfg = parse(text).unwrap();
+        assert!(!cfg.nodes.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("[postgres]\nport = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("`postgres.port`"), "{e}");
+        assert!(e.contains("cluster.toml"), "{e}");
+        let e = parse("[postgres]\nhots = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("`postgres.hots`"), "{e}");
+        let e = parse("[coordinator]\nlisten = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`coordinator.listen`"), "{e}");
+        let e = parse("[train]\nfeatures = [\"close\", \"moon_phase\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`train.features`") && e.contains("moon_phase"),
+            "{e}"
+        );
+        let e = parse("[[nodes]]\nname = \"a\"\nroles = [\"juggler\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nodes[0].roles"), "{e}");
+        let e = parse("bogus = 1\n").unwrap_err().to_string();
+        assert!(e.contains("`bogus`"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let env: HashMap<String, String> = [
+            ("POSTGRES_HOST", "db.internal"),
+            ("POSTGRES_PORT", "6543"),
+            ("S3_ENDPOINT_URL", "http://minio:9000"),
+            ("S3_ACCESS_KEY", "ak"),
+            ("S3_SECRET_KEY", "sk"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let cfg = ClusterConfig::parse("", "x.toml", &env).unwrap();
+        assert_eq!(cfg.postgres.host, "db.internal");
+        assert_eq!(cfg.postgres.port, 6543);
+        assert_eq!(cfg.s3.endpoint_url, "http://minio:9000");
+        assert_eq!(
+            (cfg.s3.access_key.as_str(), cfg.s3.secret_key.as_str()),
+            ("ak", "sk")
+        );
+        let bad: HashMap<String, String> = [("POSTGRES_PORT".to_string(), "x".to_string())].into();
+        let e = ClusterConfig::parse("", "x.toml", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("POSTGRES_PORT"), "{e}");
+    }
+}

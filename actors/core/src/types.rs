@@ -1,0 +1,370 @@
+//! Data contracts: the messages on the bus and the domain types behind them.
+//!
+//! Messages are JSON and validated strictly: required fields must be present
+//! and well typed, numbers finite, prices positive, `h >= l`. Extra fields are
+//! allowed and ignored (the Alpaca and FMP payloads carry more than we use).
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The largest message payload accepted from the bus (bytes). One ticker-week
+/// of 1-minute bars is about 250 KB of JSON; anything far above this is not a
+/// bar message.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Topic names of the contracts.
+pub mod topics {
+    pub const BARS: &str = "h_alpaca";
+    pub const MACRO: &str = "h_macrodata";
+    pub const COMPANY: &str = "h_company";
+    pub const LIVE_BARS: &str = "live_bars";
+    pub const START_MODEL: &str = "start_model";
+    /// Every topic the pipeline uses, dead-letter topics included.
+    pub const ALL: &[&str] = &[
+        BARS,
+        MACRO,
+        COMPANY,
+        LIVE_BARS,
+        START_MODEL,
+        "h_alpaca.dlq",
+        "h_macrodata.dlq",
+        "h_company.dlq",
+        "live_bars.dlq",
+        "start_model.dlq",
+    ];
+
+    /// The dead-letter topic of `topic`.
+    pub fn dlq(topic: &str) -> String {
+        format!("{topic}.dlq")
+    }
+}
+
+/// A resampling interval of the aggregated data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Interval {
+    M1,
+    M5,
+    M15,
+    H1,
+    D1,
+}
+
+impl Interval {
+    pub const ALL: [Interval; 5] = [
+        Interval::M1,
+        Interval::M5,
+        Interval::M15,
+        Interval::H1,
+        Interval::D1,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interval::M1 => "1m",
+            Interval::M5 => "5m",
+            Interval::M15 => "15m",
+            Interval::H1 => "1h",
+            Interval::D1 => "1d",
+        }
+    }
+
+    /// Bucket width in minutes for intraday intervals; `None` for daily.
+    pub fn minutes(self) -> Option<i64> {
+        match self {
+            Interval::M1 => Some(1),
+            Interval::M5 => Some(5),
+            Interval::M15 => Some(15),
+            Interval::H1 => Some(60),
+            Interval::D1 => None,
+        }
+    }
+}
+
+impl fmt::Display for Interval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Interval {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Interval::ALL
+            .into_iter()
+            .find(|i| i.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "interval",
+                    format!("`{s}` is not one of 1m, 5m, 15m, 1h, 1d"),
+                )
+            })
+    }
+}
+
+impl TryFrom<String> for Interval {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<Interval> for String {
+    fn from(i: Interval) -> String {
+        i.as_str().to_string()
+    }
+}
+
+/// Checks a ticker symbol: 1–12 characters of `A-Z`, `0-9`, `.` and `-`,
+/// starting with a letter.
+pub fn validate_ticker(t: &str) -> Result<()> {
+    let ok = !t.is_empty()
+        && t.len() <= 12
+        && t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+        && t.chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '.' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "ticker",
+            format!("`{t}` must be 1-12 characters of A-Z 0-9 . - starting with a letter"),
+        ))
+    }
+}
+
+/// One bar with Alpaca's field names.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Bar {
+    /// Bar open time, UTC.
+    pub t: DateTime<Utc>,
+    pub o: f64,
+    pub h: f64,
+    pub l: f64,
+    pub c: f64,
+    /// Volume.
+    pub v: u64,
+    /// Number of trades.
+    #[serde(default)]
+    pub n: u64,
+    /// Volume-weighted average price.
+    #[serde(default)]
+    pub vw: f64,
+}
+
+impl Bar {
+    fn validate(&self, i: usize) -> Result<()> {
+        let prices = [("o", self.o), ("h", self.h), ("l", self.l), ("c", self.c)];
+        for (name, p) in prices {
+            if !p.is_finite() || p <= 0.0 {
+                return Err(Error::invalid(
+                    "bar",
+                    format!("bars[{i}].{name} = {p} must be a finite positive price"),
+                ));
+            }
+        }
+        if self.h < self.l {
+            return Err(Error::invalid(
+                "bar",
+                format!("bars[{i}]: high {} is below low {}", self.h, self.l),
+            ));
+        }
+        if !self.vw.is_finite() || self.vw < 0.0 {
+            return Err(Error::invalid(
+                "bar",
+                format!("bars[{i}].vw = {} must be finite and >= 0", self.vw),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `h_alpaca` / `live_bars`: one ticker-week of bars.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BarsMessage {
+    pub ticker: String,
+    pub bars: Vec<Bar>,
+}
+
+/// `start_model`: the aggregated data of these tickers is ready up to `watermark`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartModel {
+    pub interval: Interval,
+    pub tickers: Vec<String>,
+    pub watermark: DateTime<Utc>,
+}
+
+/// Parses a payload as JSON of type `T`, with the size limit and a readable
+/// error naming what was expected.
+fn parse_json<T: for<'de> Deserialize<'de>>(what: &'static str, payload: &[u8]) -> Result<T> {
+    if payload.len() > MAX_MESSAGE_BYTES {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "payload of {} bytes exceeds the {} byte limit",
+                payload.len(),
+                MAX_MESSAGE_BYTES
+            ),
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(payload);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            Error::invalid(what, inner.to_string())
+        } else {
+            Error::invalid(what, format!("at `{path}`: {inner}"))
+        }
+    })
+}
+
+impl BarsMessage {
+    /// Parses and validates a bar message.
+    pub fn parse(payload: &[u8]) -> Result<Self> {
+        let msg: BarsMessage = parse_json("bars message", payload)?;
+        msg.validate()?;
+        Ok(msg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        validate_ticker(&self.ticker)?;
+        if self.bars.is_empty() {
+            return Err(Error::invalid("bars message", "`bars` is empty"));
+        }
+        for (i, b) in self.bars.iter().enumerate() {
+            b.validate(i)?;
+        }
+        Ok(())
+    }
+}
+
+impl StartModel {
+    pub fn parse(payload: &[u8]) -> Result<Self> {
+        let msg: StartModel = parse_json("start_model message", payload)?;
+        if msg.tickers.is_empty() {
+            return Err(Error::invalid("start_model message", "`tickers` is empty"));
+        }
+        for t in &msg.tickers {
+            validate_ticker(t)?;
+        }
+        Ok(msg)
+    }
+}
+
+/// An ISO week: the unit of one bars object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IsoWeek {
+    pub year: i32,
+    pub week: u32,
+}
+
+impl IsoWeek {
+    pub fn of(t: DateTime<Utc>) -> Self {
+        let w = t.iso_week();
+        IsoWeek {
+            year: w.year(),
+            week: w.week(),
+        }
+    }
+
+    /// The Monday that starts this week.
+    pub fn monday(self) -> NaiveDate {
+        NaiveDate::from_isoywd_opt(self.year, self.week, chrono::Weekday::Mon)
+            .expect("an IsoWeek is always built from a real date")
+    }
+}
+
+/// The object key of one ticker-week of bars, in the `stock-data` bucket:
+/// `{ticker}/{yyyy}/{mm}/{ticker}_{isoyear}-W{ww}.parquet`, where `yyyy/mm`
+/// are those of the week's Monday. Deterministic from the data, so a
+/// redelivered message rewrites the same object.
+pub fn bars_object_key(ticker: &str, week: IsoWeek) -> String {
+    let m = week.monday();
+    format!(
+        "{ticker}/{:04}/{:02}/{ticker}_{:04}-W{:02}.parquet",
+        m.year(),
+        m.month(),
+        week.year,
+        week.week
+    )
+}
+
+/// Object key prefix of a checkpoint version in the `models` bucket.
+pub fn model_prefix(ticker: &str, interval: Interval, version: i64) -> String {
+    format!("{ticker}/{interval}/v{version}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_contract_example() {
+        let json = br#"{"ticker":"AAPL","bars":[{"t":"2021-01-04T14:30:00Z","o":133.52,"h":133.61,"l":132.96,"c":133.11,"v":1243556,"n":8451,"vw":133.27,"extra":1}]}"#;
+        let m = BarsMessage::parse(json).unwrap();
+        assert_eq!(m.ticker, "AAPL");
+        assert_eq!(m.bars[0].v, 1243556);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let json = br#"{"ticker":"AAPL","bars":[{"t":"2021-01-04T14:30:00Z","o":"x","h":1,"l":1,"c":1,"v":1}]}"#;
+        let e = BarsMessage::parse(json).unwrap_err().to_string();
+        assert!(e.contains("bars[0].o"), "{e}");
+        let e = BarsMessage::parse(br#"{"ticker":"AAPL"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bars"), "{e}");
+        let e = BarsMessage::parse(br#"{"ticker":"aapl","bars":[]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ticker"), "{e}");
+        let json = br#"{"ticker":"AAPL","bars":[{"t":"2021-01-04T14:30:00Z","o":1,"h":1,"l":2,"c":1,"v":1}]}"#;
+        assert!(BarsMessage::parse(json)
+            .unwrap_err()
+            .to_string()
+            .contains("below low"));
+    }
+
+    #[test]
+    fn huge_payload_is_refused() {
+        let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert!(BarsMessage::parse(&big)
+            .unwrap_err()
+            .to_string()
+            .contains("limit"));
+    }
+
+    #[test]
+    fn object_keys_are_deterministic() {
+        let t: DateTime<Utc> = "2021-01-04T14:30:00Z".parse().unwrap();
+        assert_eq!(
+            bars_object_key("AAPL", IsoWeek::of(t)),
+            "AAPL/2021/01/AAPL_2021-W01.parquet"
+        );
+        // 2021-01-01 is a Friday in ISO week 53 of 2020, whose Monday is 2020-12-28.
+        let t: DateTime<Utc> = "2021-01-01T15:00:00Z".parse().unwrap();
+        assert_eq!(
+            bars_object_key("AAPL", IsoWeek::of(t)),
+            "AAPL/2020/12/AAPL_2020-W53.parquet"
+        );
+    }
+
+    #[test]
+    fn start_model_roundtrip() {
+        let json =
+            br#"{"interval":"1d","tickers":["AAPL","MSFT"],"watermark":"2025-06-30T20:00:00Z"}"#;
+        let m = StartModel::parse(json).unwrap();
+        assert_eq!(m.interval, Interval::D1);
+        assert!(StartModel::parse(
+            br#"{"interval":"2d","tickers":["A"],"watermark":"2025-06-30T20:00:00Z"}"#
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! tickmesh-serve: the serve role. Links libtorch (through tch, via tickmesh-train).
+//!
+//! - [`predictor`]: `PredictorActor`, one per (ticker, interval): loads a
+//!   verified checkpoint off the request path and swaps it in atomically.
+//! - [`registry`]: `PredictorSupervisor`, routes requests to predictors and
+//!   spawns them as model versions arrive.
+//! - [`http`]: the axum API (`/ml/forecast`, `/ml/models`, `/health`, `/metrics`).
+//! - [`watch`]: follows the coordinator's model stream.
+
+pub mod http;
+pub mod predictor;
+pub mod registry;
+pub mod watch;
+
+use serde::Serialize;
+
+/// Why a request could not be answered; maps to an HTTP status in [`http`].
+#[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unavailable(String),
+}

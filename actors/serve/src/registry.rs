@@ -1,0 +1,161 @@
+//! `PredictorSupervisor`: receives model versions (from the coordinator's
+//! stream) and forecast requests (from HTTP). Spawns one linked
+//! `PredictorActor` per (ticker, interval) on its first version, forwards
+//! loads and requests to it, keeps what each one serves for `/ml/models`,
+//! and respawns a predictor that crashed (reloading its version).
+
+use std::collections::{BTreeMap, HashMap};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tickmesh_core::db::Db;
+use tickmesh_core::store::SharedStore;
+use tickmesh_core::types::Interval;
+use tracing::error;
+
+use crate::predictor::{
+    ForecastResponse, ModelInfo, PredictorActor, PredictorArgs, PredictorMsg, VersionRef,
+};
+use crate::ServeError;
+
+pub struct PredictorSupervisor;
+
+/// Messages of [`PredictorSupervisor`].
+pub enum RegistryMsg {
+    /// A version is available for a (ticker, interval).
+    ModelAvailable {
+        ticker: String,
+        interval: Interval,
+        version: VersionRef,
+    },
+    /// A predictor now serves this version.
+    Serving(ModelInfo),
+    /// Route a forecast request.
+    Forecast {
+        ticker: String,
+        interval: Interval,
+        n_steps: usize,
+        reply: RpcReplyPort<Result<ForecastResponse, ServeError>>,
+    },
+    /// What is served.
+    List(RpcReplyPort<Vec<ModelInfo>>),
+}
+
+impl ractor::Message for RegistryMsg {}
+
+#[derive(Clone)]
+pub struct RegistryArgs {
+    pub store: SharedStore,
+    pub db: Db,
+    pub device: tch::Device,
+}
+
+type Key = (String, Interval);
+
+pub struct RegistryState {
+    args: RegistryArgs,
+    predictors: HashMap<Key, (ActorRef<PredictorMsg>, VersionRef)>,
+    serving: BTreeMap<Key, ModelInfo>,
+}
+
+async fn spawn_predictor(
+    myself: &ActorRef<RegistryMsg>,
+    args: &RegistryArgs,
+    key: &Key,
+) -> Result<ActorRef<PredictorMsg>, ActorProcessingErr> {
+    let pa = PredictorArgs {
+        ticker: key.0.clone(),
+        interval: key.1,
+        store: args.store.clone(),
+        db: args.db.clone(),
+        device: args.device,
+        registry: myself.clone(),
+    };
+    let (p, _) = Actor::spawn_linked(None, PredictorActor, pa, myself.get_cell()).await?;
+    Ok(p)
+}
+
+impl Actor for PredictorSupervisor {
+    type Msg = RegistryMsg;
+    type State = RegistryState;
+    type Arguments = RegistryArgs;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        args: RegistryArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(RegistryState {
+            args,
+            predictors: HashMap::new(),
+            serving: BTreeMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RegistryMsg::ModelAvailable {
+                ticker,
+                interval,
+                version,
+            } => {
+                let key = (ticker, interval);
+                let p = match st.predictors.get(&key) {
+                    Some((p, _)) => p.clone(),
+                    None => spawn_predictor(&myself, &st.args, &key).await?,
+                };
+                p.cast(PredictorMsg::Load(version.clone()))?;
+                st.predictors.insert(key, (p, version));
+            }
+            RegistryMsg::Serving(info) => {
+                st.serving
+                    .insert((info.ticker.clone(), info.interval), info);
+            }
+            RegistryMsg::Forecast {
+                ticker,
+                interval,
+                n_steps,
+                reply,
+            } => match st.predictors.get(&(ticker.clone(), interval)) {
+                Some((p, _)) => p.cast(PredictorMsg::Forecast { n_steps, reply })?,
+                None => {
+                    let _ = reply.send(Err(ServeError::NotFound(format!(
+                            "unknown ticker {ticker} for interval {interval}: no model has been trained for it"
+                        ))));
+                }
+            },
+            RegistryMsg::List(reply) => {
+                let _ = reply.send(st.serving.values().cloned().collect());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, err) = evt {
+            let key = st
+                .predictors
+                .iter()
+                .find(|(_, (p, _))| p.get_id() == cell.get_id())
+                .map(|(k, _)| k.clone());
+            if let Some(key) = key {
+                error!(ticker = %key.0, interval = %key.1, error = %err, "predictor crashed; respawning");
+                let version = st.predictors[&key].1.clone();
+                let p = spawn_predictor(&myself, &st.args, &key).await?;
+                p.cast(PredictorMsg::Load(version.clone()))?;
+                st.predictors.insert(key.clone(), (p, version));
+                st.serving.remove(&key);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! `TrainerPool`: the train role's node agent. Registers the node with the
+//! coordinator over gRPC, heartbeats, watches its assignment stream, hands
+//! each job to the `TrainerActor` of its (ticker, interval) (spawned linked
+//! on first use), and reports every finished checkpoint back with the job's
+//! epoch. A trainer that crashes is dropped and respawned on its next job.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tickmesh_core::types::Interval;
+use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
+use tickmesh_proto::v1::{
+    CheckpointReport, HeartbeatRequest, RegisterNodeRequest, WatchAssignmentsRequest,
+};
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+use tracing::{error, info, warn};
+
+use crate::trainer::{Job, TrainOutcome, TrainerActor, TrainerArgs, TrainerMsg};
+
+pub struct TrainerPool;
+
+/// Messages of [`TrainerPool`].
+pub enum PoolMsg {
+    /// The coordinator assigned a job (from the watch stream).
+    Assigned(Job),
+    /// A trainer finished a job (from the trainer).
+    Finished {
+        job: Job,
+        outcome: Result<TrainOutcome, String>,
+    },
+}
+
+impl ractor::Message for PoolMsg {}
+
+#[derive(Clone)]
+pub struct TrainerPoolArgs {
+    pub node: String,
+    /// `host:port` of the coordinator's gRPC server.
+    pub coordinator: String,
+    pub cpus: u32,
+    pub gpus: u32,
+    /// Jobs fitted at once on this node.
+    pub parallel: usize,
+    pub trainer: TrainerArgs,
+}
+
+pub struct TrainerPoolState {
+    args: TrainerPoolArgs,
+    client: CoordinatorClient<Channel>,
+    trainers: HashMap<(String, Interval), ActorRef<TrainerMsg>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Connects to the coordinator, retrying for up to `wait`.
+pub async fn connect(addr: &str, wait: Duration) -> Result<CoordinatorClient<Channel>, String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match CoordinatorClient::connect(format!("http://{addr}")).await {
+            Ok(c) => return Ok(c.max_decoding_message_size(64 << 20)),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!("cannot reach the coordinator at {addr}: {e}"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+impl Actor for TrainerPool {
+    type Msg = PoolMsg;
+    type State = TrainerPoolState;
+    type Arguments = TrainerPoolArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        mut args: TrainerPoolArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        args.trainer.slots = Arc::new(Semaphore::new(args.parallel.max(1)));
+        let mut client = connect(&args.coordinator, Duration::from_secs(30)).await?;
+        let reply = client
+            .register_node(RegisterNodeRequest {
+                node: args.node.clone(),
+                roles: vec!["train".into()],
+                cpus: args.cpus,
+                gpus: args.gpus,
+            })
+            .await?
+            .into_inner();
+        let mut stream = client
+            .watch_assignments(WatchAssignmentsRequest {
+                node: args.node.clone(),
+            })
+            .await?
+            .into_inner();
+        info!(node = %args.node, coordinator = %args.coordinator, device = %crate::device_name(args.trainer.device), "trainer pool registered");
+        let me = myself.clone();
+        let watch = tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(a)) => match a.interval.parse::<Interval>() {
+                        Ok(interval) => {
+                            let job = Job {
+                                ticker: a.ticker,
+                                interval,
+                                epoch: a.epoch,
+                                version: a.version,
+                            };
+                            if me.cast(PoolMsg::Assigned(job)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "assignment with a bad interval ignored"),
+                    },
+                    Ok(None) => {
+                        error!("the coordinator closed the assignment stream");
+                        me.stop(Some("assignment stream closed".into()));
+                        return;
+                    }
+                    Err(e) => {
+                        error!(error = %e, "assignment stream failed");
+                        me.stop(Some(format!("assignment stream failed: {e}")));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut hb_client = client.clone();
+        let node = args.node.clone();
+        let every = Duration::from_secs(reply.heartbeat_secs.max(1));
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = hb_client
+                    .heartbeat(HeartbeatRequest { node: node.clone() })
+                    .await
+                {
+                    warn!(error = %e, "heartbeat failed");
+                }
+            }
+        });
+        Ok(TrainerPoolState {
+            args,
+            client,
+            trainers: HashMap::new(),
+            tasks: vec![watch, heartbeat],
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for t in &state.tasks {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PoolMsg::Assigned(job) => {
+                info!(ticker = %job.ticker, interval = %job.interval, epoch = job.epoch, version = job.version, "job assigned");
+                let key = (job.ticker.clone(), job.interval);
+                let trainer = match state.trainers.get(&key) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let (t, _) = Actor::spawn_linked(
+                            None,
+                            TrainerActor,
+                            state.args.trainer.clone(),
+                            myself.get_cell(),
+                        )
+                        .await?;
+                        state.trainers.insert(key, t.clone());
+                        t
+                    }
+                };
+                trainer.cast(TrainerMsg::Train { job, pool: myself })?;
+            }
+            PoolMsg::Finished { job, outcome } => {
+                let report = match outcome {
+                    Ok(o) => CheckpointReport {
+                        node: state.args.node.clone(),
+                        ticker: job.ticker.clone(),
+                        interval: job.interval.to_string(),
+                        epoch: job.epoch,
+                        version: job.version,
+                        uri: o.uri,
+                        sha256: o.sha256,
+                        kind: o.kind,
+                        metrics_json: serde_json::to_string(&o.metrics)?,
+                    },
+                    Err(e) => {
+                        error!(ticker = %job.ticker, interval = %job.interval, error = %e, "training failed");
+                        return Ok(());
+                    }
+                };
+                let ack = state.client.report_checkpoint(report).await?.into_inner();
+                if ack.accepted {
+                    info!(ticker = %job.ticker, interval = %job.interval, version = job.version, "checkpoint accepted");
+                } else {
+                    warn!(ticker = %job.ticker, interval = %job.interval, reason = %ack.reason, "checkpoint refused");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, err) = evt {
+            error!(error = %err, "trainer crashed; it is respawned on its next job");
+            state.trainers.retain(|_, t| t.get_id() != cell.get_id());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! The forecast-vs-actual chart of the demo: one panel per model with the
+//! actual closes of the validation window, the model's one-step-ahead
+//! predictions over it, and the recursive forecast after the last bar.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use chrono::{DateTime, Utc};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+/// One panel's data.
+pub struct Panel {
+    pub title: String,
+    /// (time, actual close, one-step-ahead prediction) over validation.
+    pub validation: Vec<(DateTime<Utc>, f64, f64)>,
+    /// (time, forecast close) after the last bar.
+    pub forecast: Vec<(DateTime<Utc>, f64)>,
+}
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// Draws the panels into a PNG at `path`.
+pub fn draw(path: &Path, panels: &[Panel]) -> Result<()> {
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow!("the embedded font is invalid"))?;
+    let cols = if panels.len() > 1 { 2 } else { 1 };
+    let rows = panels.len().div_ceil(cols).max(1);
+    let root = BitMapBackend::new(path, (800 * cols as u32, 420 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let areas = root.split_evenly((rows, cols));
+    for (panel, area) in panels.iter().zip(areas) {
+        // x axis: point index (bars are irregular in time: nights, weekends).
+        let times: Vec<DateTime<Utc>> = panel
+            .validation
+            .iter()
+            .map(|v| v.0)
+            .chain(panel.forecast.iter().map(|f| f.0))
+            .collect();
+        let n = times.len().max(2);
+        let ys = panel
+            .validation
+            .iter()
+            .flat_map(|v| [v.1, v.2])
+            .chain(panel.forecast.iter().map(|f| f.1));
+        let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), y| {
+            (l.min(y), h.max(y))
+        });
+        let pad = ((hi - lo) * 0.08).max(1e-6);
+        let label = |x: &f64| {
+            times
+                .get((*x as usize).min(times.len().saturating_sub(1)))
+                .map(|t| t.format("%Y-%m-%d").to_string())
+                .unwrap_or_default()
+        };
+        let mut chart = ChartBuilder::on(&area)
+            .caption(&panel.title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..(n - 1) as f64, (lo - pad)..(hi + pad))
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_labels(5)
+            .x_label_formatter(&label)
+            .y_desc("close")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        let nv = panel.validation.len();
+        chart
+            .draw_series(LineSeries::new(
+                panel
+                    .validation
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (i as f64, v.1)),
+                BLACK.stroke_width(2),
+            ))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("actual")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(2)));
+        chart
+            .draw_series(LineSeries::new(
+                panel
+                    .validation
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (i as f64, v.2)),
+                BLUE.stroke_width(1),
+            ))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("model, one step ahead")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(1)));
+        let last = panel.validation.last().map(|v| ((nv - 1) as f64, v.1));
+        chart
+            .draw_series(LineSeries::new(
+                last.into_iter().chain(
+                    panel
+                        .forecast
+                        .iter()
+                        .enumerate()
+                        .map(|(i, f)| ((nv + i) as f64, f.1)),
+                ),
+                RED.stroke_width(2),
+            ))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("forecast")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    root.present()
+        .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
+    Ok(())
+}

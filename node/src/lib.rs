@@ -1,0 +1,10 @@
+//! The `tickmesh` binary's library: role wiring, the demo and its chart, so
+//! that integration tests start roles exactly as the binary does.
+//!
+//! - [`roles`]: starts a node's roles on connected adapters.
+//! - [`demo`]: the whole pipeline in one process on the embedded defaults.
+//! - [`chart`]: the forecast-vs-actual PNG.
+
+pub mod chart;
+pub mod demo;
+pub mod roles;

@@ -1,0 +1,299 @@
+//! `tickmesh`: one binary, every role.
+//!
+//! ```text
+//! tickmesh demo                                  the whole pipeline in one process (embedded)
+//! tickmesh run --node NAME [--config FILE]       start one node's roles from cluster.toml
+//! tickmesh config check [FILE]                   validate a cluster.toml
+//! tickmesh produce synthetic|csv ...             publish bars to h_alpaca
+//! tickmesh aggregate --tickers .. --interval ..  load aggregated_data, publish start_model
+//! tickmesh admin train|topics|buckets ...        operator commands
+//! ```
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use chrono::NaiveDate;
+use clap::{Parser, Subcommand};
+use tickmesh::{demo, roles};
+use tickmesh_core::config::{Backend, ClusterConfig};
+use tickmesh_core::types::{topics, Interval};
+use tickmesh_core::Adapters;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "tickmesh",
+    version,
+    about = "An actor cluster for stock-market machine learning"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the whole pipeline in one process on the embedded defaults and print forecasts.
+    Demo {
+        /// Working directory (cleared first): spool, objects, SQLite, chart.
+        #[arg(long, default_value = "data/demo")]
+        workdir: PathBuf,
+        /// The daily bars sample.
+        #[arg(long, default_value = "data/sample/stocks_daily.csv")]
+        sample: PathBuf,
+        /// HTTP listen address of the forecast API (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http: String,
+        #[arg(long, default_value_t = 30)]
+        epochs: usize,
+        #[arg(long, default_value_t = 10)]
+        n_steps: usize,
+        /// Keep serving forecasts after the demo until ctrl-c.
+        #[arg(long)]
+        serve: bool,
+    },
+    /// Start the roles of one node of cluster.toml.
+    Run {
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+    },
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Publish bars to h_alpaca.
+    Produce {
+        #[arg(long, default_value = "cluster.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: ProduceCmd,
+    },
+    /// Aggregate tickers into aggregated_data and publish start_model.
+    Aggregate {
+        #[arg(long, value_delimiter = ',', required = true)]
+        tickers: Vec<String>,
+        #[arg(long, default_value = "1d")]
+        interval: Interval,
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+    },
+    /// Operator commands.
+    Admin {
+        #[arg(long, default_value = "cluster.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate a cluster.toml (with environment overrides applied).
+    Check {
+        #[arg(default_value = "cluster.toml")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProduceCmd {
+    /// Deterministic synthetic 1-minute bars on NYSE trading days.
+    Synthetic {
+        #[arg(long, value_delimiter = ',', required = true)]
+        tickers: Vec<String>,
+        #[arg(long)]
+        from: NaiveDate,
+        #[arg(long)]
+        to: NaiveDate,
+    },
+    /// Daily bars from a CSV (Ticker,Date,Open,High,Low,Close,Volume,Adj Close).
+    Csv {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, value_delimiter = ',', required = true)]
+        tickers: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Ask the coordinator to train tickers now.
+    Train {
+        #[arg(long, value_delimiter = ',', required = true)]
+        tickers: Vec<String>,
+        #[arg(long, default_value = "1d")]
+        interval: Interval,
+    },
+    /// Create every Kafka topic of the pipeline (with the configured prefix).
+    CreateTopics {
+        #[arg(long, default_value_t = 1)]
+        partitions: i32,
+    },
+    /// Create every S3 bucket of the pipeline (with the configured prefix).
+    CreateBuckets,
+}
+
+fn env() -> HashMap<String, String> {
+    std::env::vars().collect()
+}
+
+fn load(path: &PathBuf) -> Result<ClusterConfig> {
+    Ok(ClusterConfig::load(path, &env())?)
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let default_level = match cli.cmd {
+        Cmd::Demo { .. } => "warn",
+        _ => "info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Demo {
+            workdir,
+            sample,
+            http,
+            epochs,
+            n_steps,
+            serve,
+        } => {
+            demo::run(demo::DemoOptions {
+                workdir,
+                sample,
+                http,
+                epochs,
+                n_steps,
+                serve,
+            })
+            .await?;
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => {
+            let cfg = load(&file)?;
+            println!(
+                "{}: ok ({} backend, {} nodes: {})",
+                file.display(),
+                match cfg.cluster.backend {
+                    Backend::Embedded => "embedded",
+                    Backend::Distributed => "distributed",
+                },
+                cfg.nodes.len(),
+                cfg.nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Cmd::Run { node, config } => {
+            let cfg = load(&config)?;
+            let roles = cfg.node(&node)?.roles.clone();
+            let adapters = Adapters::connect(&cfg).await?;
+            let mut n = roles::start(&cfg, &node, &roles, &adapters).await?;
+            tracing::info!(node = %node, ?roles, "node started");
+            let r = n.wait().await;
+            n.stop().await;
+            r?;
+        }
+        Cmd::Produce { config, cmd } => {
+            let cfg = load(&config)?;
+            let publisher = Adapters::connect(&cfg).await?.publisher;
+            let n = match cmd {
+                ProduceCmd::Synthetic { tickers, from, to } => {
+                    tickmesh_ingest::producer::publish_synthetic(
+                        publisher.as_ref(),
+                        &tickers,
+                        from,
+                        to,
+                    )
+                    .await?
+                }
+                ProduceCmd::Csv { file, tickers } => {
+                    let data = tickmesh_ingest::producer::read_daily_csv(&file, &tickers)?;
+                    let mut n = 0;
+                    for t in &tickers {
+                        let bars = data
+                            .get(t)
+                            .with_context(|| format!("{t} is not in {}", file.display()))?;
+                        n += tickmesh_ingest::producer::publish_bars(publisher.as_ref(), t, bars)
+                            .await?;
+                    }
+                    n
+                }
+            };
+            println!("published {n} messages to {}", cfg.topic(topics::BARS));
+        }
+        Cmd::Aggregate {
+            tickers,
+            interval,
+            config,
+        } => {
+            let cfg = load(&config)?;
+            let a = Adapters::connect(&cfg).await?;
+            let args = tickmesh_aggregate::aggregator::AggregatorArgs {
+                store: a.store.clone(),
+                db: a.db.clone(),
+                publisher: a.publisher.clone(),
+            };
+            let report = tickmesh_aggregate::aggregator::run(&args, &tickers, interval).await?;
+            for (t, rows) in report.rows {
+                println!("{t} {interval}: {rows} rows loaded");
+            }
+        }
+        Cmd::Admin { config, cmd } => {
+            let cfg = load(&config)?;
+            match cmd {
+                AdminCmd::Train { tickers, interval } => {
+                    let mut c = tickmesh_train::pool::connect(
+                        &cfg.coordinator.listen,
+                        std::time::Duration::from_secs(5),
+                    )
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                    let r = c
+                        .start_training(tickmesh_proto::v1::StartTrainingRequest {
+                            tickers,
+                            interval: interval.to_string(),
+                        })
+                        .await?;
+                    println!("{} jobs queued", r.into_inner().queued);
+                }
+                AdminCmd::CreateTopics { partitions } => {
+                    tickmesh_core::bus::kafka_create_topics(
+                        &cfg.kafka.brokers,
+                        &cfg.kafka.topic_prefix,
+                        topics::ALL,
+                        partitions,
+                    )
+                    .await?;
+                    println!("topics ready on {}", cfg.kafka.brokers);
+                }
+                AdminCmd::CreateBuckets => {
+                    tickmesh_core::store::S3Store::new(&cfg.s3)
+                        .create_buckets()
+                        .await?;
+                    println!("buckets ready on {}", cfg.s3.endpoint_url);
+                }
+            }
+        }
+    }
+    Ok(())
+}

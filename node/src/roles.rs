@@ -1,0 +1,275 @@
+//! Starts the roles of one node on connected adapters:
+//!
+//! - `coordinator`: `CoordinatorActor`, its gRPC server, `StartModelConsumer`.
+//! - `ingest`: `IngestSupervisor` with a `BarsConsumerActor` on `h_alpaca`.
+//! - `aggregate`: `AggregatorActor` (driven by `tickmesh aggregate` and the demo).
+//! - `train`: `TrainerPool`, registered with the coordinator.
+//! - `serve`: `PredictorSupervisor`, the model watcher and the HTTP API.
+//!
+//! [`Node::wait`] returns when the process is interrupted (Ok) or when a
+//! role's top actor stops on its own (Err: the node must exit non-zero).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use ractor::{Actor, ActorCell, ActorRef};
+use tickmesh_aggregate::aggregator::{AggregatorActor, AggregatorArgs, AggregatorMsg};
+use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs, CoordinatorMsg};
+use tickmesh_coordinator::start_consumer::{StartConsumerArgs, StartModelConsumer};
+use tickmesh_core::config::{ClusterConfig, Role};
+use tickmesh_core::supervision::RestartBudget;
+use tickmesh_core::types::topics;
+use tickmesh_core::Adapters;
+use tickmesh_ingest::bars_consumer::BarsConsumerArgs;
+use tickmesh_ingest::metrics::IngestMetrics;
+use tickmesh_ingest::supervisor::{IngestSupervisor, IngestSupervisorArgs};
+use tickmesh_serve::http::HttpState;
+use tickmesh_serve::registry::{PredictorSupervisor, RegistryArgs, RegistryMsg};
+use tickmesh_train::pool::{TrainerPool, TrainerPoolArgs};
+use tickmesh_train::trainer::TrainerArgs;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+/// Listen addresses chosen at start (useful when the config says port 0).
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    pub coordinator: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+}
+
+/// A running node.
+pub struct Node {
+    pub name: String,
+    pub bound: Bound,
+    pub ingest_metrics: IngestMetrics,
+    pub aggregator: Option<ActorRef<AggregatorMsg>>,
+    pub coordinator: Option<ActorRef<CoordinatorMsg>>,
+    pub registry: Option<ActorRef<RegistryMsg>>,
+    actors: Vec<(String, ActorCell, JoinHandle<()>)>,
+    tasks: Vec<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
+}
+
+fn shutdown_signal(
+    rx: &watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Starts `roles` as node `name`.
+pub async fn start(
+    cfg: &ClusterConfig,
+    name: &str,
+    roles: &[Role],
+    adapters: &Adapters,
+) -> Result<Node> {
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut node = Node {
+        name: name.to_string(),
+        bound: Bound::default(),
+        ingest_metrics: IngestMetrics::default(),
+        aggregator: None,
+        coordinator: None,
+        registry: None,
+        actors: Vec::new(),
+        tasks: Vec::new(),
+        shutdown,
+    };
+    let mut coordinator_addr = cfg.coordinator.listen.clone();
+
+    if roles.contains(&Role::Coordinator) {
+        let (actor, h) = Actor::spawn(
+            None,
+            CoordinatorActor,
+            CoordinatorArgs {
+                db: adapters.db.clone(),
+                heartbeat: Duration::from_secs(cfg.coordinator.heartbeat_secs),
+                lease: Duration::from_secs(cfg.coordinator.lease_secs),
+            },
+        )
+        .await?;
+        let listener = TcpListener::bind(&cfg.coordinator.listen)
+            .await
+            .with_context(|| format!("bind coordinator.listen {}", cfg.coordinator.listen))?;
+        let addr = listener.local_addr()?;
+        coordinator_addr = addr.to_string();
+        node.bound.coordinator = Some(addr);
+        let heartbeat = Duration::from_secs(cfg.coordinator.heartbeat_secs);
+        let a = actor.clone();
+        let sd = shutdown_signal(&shutdown_rx);
+        node.tasks.push(tokio::spawn(async move {
+            if let Err(e) = tickmesh_coordinator::grpc::serve(listener, a, heartbeat, sd).await {
+                tracing::error!(error = %e, "coordinator gRPC server failed");
+            }
+        }));
+        info!(%addr, "coordinator gRPC serving");
+        let (consumer, ch) = Actor::spawn(
+            None,
+            StartModelConsumer,
+            StartConsumerArgs {
+                bus: adapters.bus.clone(),
+                publisher: adapters.publisher.clone(),
+                coordinator: actor.clone(),
+            },
+        )
+        .await?;
+        node.actors
+            .push(("coordinator".into(), actor.get_cell(), h));
+        node.actors
+            .push(("start_model consumer".into(), consumer.get_cell(), ch));
+        node.coordinator = Some(actor);
+    }
+
+    if roles.contains(&Role::Ingest) {
+        let consumer = BarsConsumerArgs {
+            bus: adapters.bus.clone(),
+            topic: topics::BARS.into(),
+            group: "ingest".into(),
+            store: adapters.store.clone(),
+            publisher: adapters.publisher.clone(),
+            metrics: node.ingest_metrics.clone(),
+        };
+        let (sup, h) = Actor::spawn(
+            None,
+            IngestSupervisor,
+            IngestSupervisorArgs {
+                consumers: vec![consumer],
+                budget: RestartBudget::new(cfg.supervision.clone()),
+            },
+        )
+        .await?;
+        node.actors.push(("ingest".into(), sup.get_cell(), h));
+    }
+
+    if roles.contains(&Role::Aggregate) {
+        let (agg, h) = Actor::spawn(
+            None,
+            AggregatorActor,
+            AggregatorArgs {
+                store: adapters.store.clone(),
+                db: adapters.db.clone(),
+                publisher: adapters.publisher.clone(),
+            },
+        )
+        .await?;
+        node.actors.push(("aggregate".into(), agg.get_cell(), h));
+        node.aggregator = Some(agg);
+    }
+
+    let device = tickmesh_train::device(&cfg.train.device);
+    if roles.contains(&Role::Train) {
+        let nc = cfg.nodes.iter().find(|n| n.name == name);
+        let cpus = nc.and_then(|n| n.cpus).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+        });
+        let gpus = nc.map(|n| n.gpus).unwrap_or(0);
+        let parallel = if device.is_cuda() { 4 } else { 1 };
+        let (pool, h) = Actor::spawn(
+            None,
+            TrainerPool,
+            TrainerPoolArgs {
+                node: name.to_string(),
+                coordinator: coordinator_addr.clone(),
+                cpus,
+                gpus,
+                parallel,
+                trainer: TrainerArgs {
+                    db: adapters.db.clone(),
+                    store: adapters.store.clone(),
+                    train: cfg.train.clone(),
+                    device,
+                    slots: Arc::new(Semaphore::new(parallel)),
+                },
+            },
+        )
+        .await
+        .map_err(|e| anyhow!("train role: {e}"))?;
+        node.actors.push(("train".into(), pool.get_cell(), h));
+    }
+
+    if roles.contains(&Role::Serve) {
+        let (registry, h) = Actor::spawn(
+            None,
+            PredictorSupervisor,
+            RegistryArgs {
+                store: adapters.store.clone(),
+                db: adapters.db.clone(),
+                device,
+            },
+        )
+        .await?;
+        let listener = TcpListener::bind(&cfg.serve.http_listen)
+            .await
+            .with_context(|| format!("bind serve.http_listen {}", cfg.serve.http_listen))?;
+        let addr = listener.local_addr()?;
+        node.bound.http = Some(addr);
+        let state = HttpState::new(registry.clone(), cfg.serve.max_steps);
+        let sd = shutdown_signal(&shutdown_rx);
+        node.tasks.push(tokio::spawn(async move {
+            if let Err(e) = tickmesh_serve::http::serve(listener, state, sd).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+        node.tasks
+            .push(tokio::spawn(tickmesh_serve::watch::follow_models(
+                coordinator_addr.clone(),
+                name.to_string(),
+                registry.clone(),
+            )));
+        info!(%addr, "forecast API serving");
+        node.actors.push(("serve".into(), registry.get_cell(), h));
+        node.registry = Some(registry);
+    }
+    Ok(node)
+}
+
+impl Node {
+    /// Waits for ctrl-c (Ok) or for a role to stop on its own (Err).
+    pub async fn wait(&mut self) -> Result<()> {
+        let handles: Vec<_> = self
+            .actors
+            .iter_mut()
+            .map(|(n, _, h)| (n.clone(), h))
+            .collect();
+        let names: Vec<String> = handles.iter().map(|(n, _)| n.clone()).collect();
+        let futs = handles.into_iter().map(|(_, h)| Box::pin(h));
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            (_, i, _) = futures_select_all(futs) => Err(anyhow!("role `{}` stopped; the node exits", names[i])),
+        }
+    }
+
+    /// Stops every role and server.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for (_, cell, _) in &self.actors {
+            cell.stop(None);
+        }
+        for (_, _, h) in self.actors {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn futures_select_all<F: std::future::Future + Unpin>(
+    futs: impl IntoIterator<Item = F>,
+) -> (F::Output, usize, ()) {
+    let futs: Vec<F> = futs.into_iter().collect();
+    if futs.is_empty() {
+        std::future::pending::<()>().await;
+    }
+    let (out, i, _) = futures::future::select_all(futs).await;
+    (out, i, ())
+}

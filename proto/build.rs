@@ -1,0 +1,14 @@
+//! Generates the tonic code with a vendored `protoc` (no system protoc needed)
+//! and a file descriptor set for gRPC reflection.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("tickmesh_descriptor.bin"))
+        .compile_protos(&["tickmesh/v1/coordinator.proto"], &["."])?;
+    println!("cargo:rerun-if-changed=tickmesh/v1/coordinator.proto");
+    Ok(())
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what tickmesh needs at pinned versions, skipping what is already
+# there: Debian packages (PostgreSQL, build tools), a Python venv with
+# torch==2.11.0, the tansu 0.6.0 broker and the s3s-fs 0.14.1 S3 server.
+# Idempotent; says what it did. Installs go to $TICKMESH_CACHE (outside the clone).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/env.sh"
+mkdir -p "$TICKMESH_CACHE/logs"
+
+# --- Debian packages
+need_apt=()
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v make >/dev/null || need_apt+=(make)
+command -v g++ >/dev/null || need_apt+=(g++)
+command -v gcc >/dev/null || need_apt+=(gcc)
+command -v perl >/dev/null || need_apt+=(perl)
+python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  say "installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+else
+  say "Debian packages: present (postgresql, make, gcc, g++, perl, python3-venv)"
+fi
+
+# --- torch (libtorch for tch 0.24)
+if "$TORCH_VENV/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
+  say "torch $TORCH_VERSION: present in $TORCH_VENV"
+else
+  say "installing torch==$TORCH_VERSION into $TORCH_VENV (about 4.6 GB, a few minutes)"
+  rm -rf "$TORCH_VENV"
+  python3 -m venv "$TORCH_VENV"
+  "$TORCH_VENV/bin/pip" install --quiet "torch==$TORCH_VERSION" >"$TICKMESH_CACHE/logs/torch-install.log" 2>&1 \
+    || { tail -20 "$TICKMESH_CACHE/logs/torch-install.log"; exit 1; }
+fi
+
+# --- cargo-installed servers
+install_crate() { # name version bin root features...
+  local name=$1 version=$2 bin=$3 root=$4; shift 4
+  if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "$version"; then
+    say "$name $version: present at $bin"
+    return
+  fi
+  say "installing $name $version (cargo install --locked $*; minutes)"
+  (unset CARGO_TARGET_DIR; cargo install "$name@$version" --locked "$@" --root "$root") \
+    >"$TICKMESH_CACHE/logs/$name-install.log" 2>&1 \
+    || { tail -30 "$TICKMESH_CACHE/logs/$name-install.log"; exit 1; }
+}
+install_crate s3s-fs "$S3S_VERSION" "$S3S_BIN" "$TICKMESH_CACHE/s3s-fs-$S3S_VERSION" --features binary
+install_crate tansu "$TANSU_VERSION" "$TANSU_BIN" "$TICKMESH_CACHE/tansu-$TANSU_VERSION" --features dynostore
+
+say "setup done (cache: $TICKMESH_CACHE)"
