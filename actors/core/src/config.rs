@@ -232,7 +232,7 @@ impl Default for TrainConfig {
             layers: 1,
             epochs: 30,
             batch_size: 64,
-            learning_rate: 3e-3,
+            learning_rate: 1e-3,
             val_fraction: 0.2,
             patience: 5,
             device: "auto".into(),

@@ -13,7 +13,7 @@ use tickmesh_core::store::{buckets, sha256_hex, ObjectStore};
 use tickmesh_core::types::{model_prefix, Interval};
 use tickmesh_core::{Error, Result};
 
-use crate::dataset::MinMaxScaler;
+use crate::dataset::{MinMaxScaler, TargetScale};
 use crate::fit::{EvalReport, ValidationPoint};
 use crate::model::LstmAttention;
 
@@ -33,7 +33,9 @@ pub struct Meta {
     pub interval: Interval,
     pub version: i64,
     pub features: Vec<String>,
+    /// `log_return`: the model predicts the standardized next log return.
     pub target: String,
+    pub target_scale: TargetScale,
     pub seq_len: usize,
     pub hidden: i64,
     pub layers: i64,

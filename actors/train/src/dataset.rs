@@ -1,7 +1,10 @@
 //! Training windows and the min-max scaler.
 //!
 //! Rows with a missing feature (indicator warm-up) are dropped first. Samples
-//! are `seq_len` consecutive rows and the next row's close as the target.
+//! are `seq_len` consecutive rows; the target is the log return from the
+//! window's last close to the next close, standardized. Predicting the
+//! return (not the price level) keeps the model inside the range it was
+//! trained on when prices trend, and makes "no change" the easy default.
 //! The split is chronological: the last `val_fraction` of samples validate.
 //! The scaler is fitted on the rows the training samples see, never on
 //! validation rows.
@@ -49,6 +52,47 @@ impl MinMaxScaler {
     }
 }
 
+/// How a feature enters the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// Price-like (close, sma_20, …): `ln(x / last close of the window)`,
+    /// scale-free, so trending prices never leave the training range.
+    RelativeToLastClose,
+    /// Everything else: min-max scaled with the training split's range.
+    MinMax,
+}
+
+/// The encoding of a feature column.
+pub fn encoding_of(feature: &str) -> Encoding {
+    match feature {
+        "open" | "high" | "low" | "close" | "sma_20" | "ema_12" | "ema_26" => {
+            Encoding::RelativeToLastClose
+        }
+        _ => Encoding::MinMax,
+    }
+}
+
+/// Encodes one window of unscaled rows into model inputs (row-major).
+/// Training and serving both call this, so they cannot drift apart.
+pub fn encode_window(
+    window: &[Vec<f64>],
+    encodings: &[Encoding],
+    target: usize,
+    scaler: &MinMaxScaler,
+    out: &mut Vec<f32>,
+) {
+    let last = window.last().map(|r| r[target]).unwrap_or(1.0);
+    for r in window {
+        for (j, v) in r.iter().enumerate() {
+            let x = match encodings[j] {
+                Encoding::RelativeToLastClose => (v / last).ln(),
+                Encoding::MinMax => scaler.scale(j, *v),
+            };
+            out.push(x as f32);
+        }
+    }
+}
+
 /// Windows ready for training.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -62,15 +106,43 @@ pub struct Dataset {
     /// reads rows `i..i+seq_len` and predicts row `i+seq_len`'s close.
     pub split: usize,
     pub scaler: MinMaxScaler,
+    pub target_scale: TargetScale,
+    pub encodings: Vec<Encoding>,
+}
+
+/// Standardization of the target (the next log return).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TargetScale {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl TargetScale {
+    pub fn scale(&self, r: f64) -> f64 {
+        (r - self.mean) / self.std
+    }
+    pub fn unscale(&self, z: f64) -> f64 {
+        z * self.std + self.mean
+    }
+    /// The close after `last` given a scaled predicted return.
+    pub fn close_after(&self, last: f64, z: f64) -> f64 {
+        last * self.unscale(z).exp()
+    }
 }
 
 impl Dataset {
+    /// `features` names the columns of `rows`; `close` is the target.
     pub fn build(
         rows: &[AggRow],
+        features: &[String],
         seq_len: usize,
-        target: usize,
         val_fraction: f64,
     ) -> Result<Self> {
+        let target = features
+            .iter()
+            .position(|f| f == "close")
+            .ok_or_else(|| Error::invalid("train.features", "must include close"))?;
+        let encodings = features.iter().map(|f| encoding_of(f)).collect();
         let (ts, rows): (Vec<_>, Vec<Vec<f64>>) = rows
             .iter()
             .filter_map(|r| {
@@ -95,6 +167,14 @@ impl Dataset {
         }
         let split = n_samples - n_val;
         let scaler = MinMaxScaler::fit(&rows[..split + seq_len]);
+        let ret = |i: usize| (rows[i + seq_len][target] / rows[i + seq_len - 1][target]).ln();
+        let train: Vec<f64> = (0..split).map(ret).collect();
+        let mean = train.iter().sum::<f64>() / split as f64;
+        let var = train.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / split as f64;
+        let target_scale = TargetScale {
+            mean,
+            std: var.sqrt().max(1e-9),
+        };
         Ok(Dataset {
             rows,
             ts,
@@ -102,6 +182,8 @@ impl Dataset {
             target,
             split,
             scaler,
+            target_scale,
+            encodings,
         })
     }
 
@@ -113,23 +195,22 @@ impl Dataset {
         self.rows[0].len()
     }
 
-    /// Scaled inputs `[n, seq_len, features]` (flattened) and scaled targets
+    /// Scaled inputs `[n, seq_len, features]` (flattened) and scaled target returns
     /// of the samples `idx`.
     pub fn batch(&self, idx: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let f = self.n_features();
         let mut x = Vec::with_capacity(idx.len() * self.seq_len * f);
         let mut y = Vec::with_capacity(idx.len());
         for &i in idx {
-            for r in &self.rows[i..i + self.seq_len] {
-                for (j, v) in r.iter().enumerate() {
-                    x.push(self.scaler.scale(j, *v) as f32);
-                }
-            }
-            y.push(
-                self.scaler
-                    .scale(self.target, self.rows[i + self.seq_len][self.target])
-                    as f32,
+            encode_window(
+                &self.rows[i..i + self.seq_len],
+                &self.encodings,
+                self.target,
+                &self.scaler,
+                &mut x,
             );
+            let (next, last) = self.target_and_last(i);
+            y.push(self.target_scale.scale((next / last).ln()) as f32);
         }
         (x, y)
     }
@@ -155,7 +236,8 @@ mod tests {
                 values: vec![Some(i as f64), if i < 3 { None } else { Some(1.0) }],
             })
             .collect();
-        let d = Dataset::build(&rows, 10, 0, 0.2).unwrap();
+        let features = vec!["close".to_string(), "rsi_14".to_string()];
+        let d = Dataset::build(&rows, &features, 10, 0.2).unwrap();
         assert_eq!(d.rows.len(), 97);
         assert_eq!(d.n_samples(), 87);
         assert_eq!(d.split, 87 - 17);
@@ -164,6 +246,11 @@ mod tests {
         assert_eq!(d.scaler.min[0], 3.0);
         let (x, y) = d.batch(&[0]);
         assert_eq!(x.len(), 20);
-        assert!((y[0] - (13.0 - 3.0) / 79.0).abs() < 1e-6);
+        // close is encoded relative to the window's last close (12): ln(3/12) first, 0 last.
+        assert!((x[0] as f64 - (3.0f64 / 12.0).ln()).abs() < 1e-6);
+        assert_eq!(x[18], 0.0);
+        let r = (13.0f64 / 12.0).ln();
+        assert!((y[0] as f64 - d.target_scale.scale(r)).abs() < 1e-5);
+        assert!((d.target_scale.close_after(12.0, d.target_scale.scale(r)) - 13.0).abs() < 1e-9);
     }
 }

@@ -1,4 +1,4 @@
-//! Training: Adam on the MSE of the scaled next close, minibatches shuffled
+//! Training: Adam on the MSE of the standardized next log return, minibatches shuffled
 //! with a seeded generator, early stopping on the validation loss (the best
 //! weights are kept), then metrics on the validation split in price units
 //! beside the naive persistence forecast (tomorrow = today).
@@ -122,12 +122,7 @@ pub fn fit(
     device: Device,
     mut progress: impl FnMut(EpochProgress),
 ) -> Result<Fitted> {
-    let target = cfg
-        .features
-        .iter()
-        .position(|f| f == "close")
-        .ok_or_else(|| Error::invalid("train.features", "must include close"))?;
-    let ds = Dataset::build(rows, cfg.seq_len, target, cfg.val_fraction)?;
+    let ds = Dataset::build(rows, &cfg.features, cfg.seq_len, cfg.val_fraction)?;
     let f = ds.n_features() as i64;
     tch::manual_seed(cfg.seed);
     let vs = nn::VarStore::new(device);
@@ -143,7 +138,10 @@ pub fn fit(
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed as u64);
     let mut train_idx: Vec<usize> = (0..ds.split).collect();
     let val_idx: Vec<usize> = (ds.split..ds.n_samples()).collect();
-    let (mut best_val, mut best_epoch, mut stale, mut epochs_run) = (f64::INFINITY, 0, 0, 0);
+    // Epoch 0 is the untrained model, which predicts about the mean return
+    // (see the output layer's init): training must beat it on validation.
+    let (mut best_val, mut best_epoch, mut stale, mut epochs_run) =
+        (mse_of(&model, &ds, &val_idx, device), 0, 0, 0);
     for epoch in 0..cfg.epochs {
         train_idx.shuffle(&mut rng);
         let (mut sum, mut count) = (0.0, 0usize);
@@ -185,7 +183,7 @@ pub fn fit(
     let mut validation = Vec::with_capacity(val_idx.len());
     for (k, &i) in val_idx.iter().enumerate() {
         let (actual, last) = ds.target_and_last(i);
-        let p = ds.scaler.unscale(target, pred[k]);
+        let p = ds.target_scale.close_after(last, pred[k]);
         model_pairs.push((actual, p, last));
         naive_pairs.push((actual, last, last));
         validation.push(ValidationPoint {

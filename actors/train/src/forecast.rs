@@ -1,4 +1,5 @@
-//! Recursive multi-step forecasts: predict the next close, append it as a
+//! Recursive multi-step forecasts: predict the next log return, turn it into
+//! the next close, append it as a
 //! bar, recompute the features with the same code the aggregator uses, and
 //! repeat for `n_steps`. Timestamps follow the trading calendar.
 
@@ -11,6 +12,7 @@ use tickmesh_core::types::{Bar, Interval};
 use tickmesh_core::{Error, Result};
 
 use crate::checkpoint::{load_model, Meta};
+use crate::dataset::{encode_window, encoding_of, Encoding};
 use crate::model::LstmAttention;
 
 /// How many bars of history a forecast needs beyond `seq_len`, so every
@@ -54,6 +56,8 @@ pub struct Forecaster {
     model: LstmAttention,
     _vs: nn::VarStore,
     columns: Vec<usize>,
+    encodings: Vec<Encoding>,
+    target: usize,
     device: Device,
 }
 
@@ -67,12 +71,20 @@ impl Forecaster {
                     .ok_or_else(|| Error::invalid("checkpoint", format!("unknown feature `{f}`")))
             })
             .collect::<Result<Vec<_>>>()?;
+        let target = meta
+            .features
+            .iter()
+            .position(|f| f == "close")
+            .ok_or_else(|| Error::invalid("checkpoint", "features lack close"))?;
+        let encodings = meta.features.iter().map(|f| encoding_of(f)).collect();
         let (vs, model) = load_model(&meta, weights, device)?;
         Ok(Forecaster {
             meta,
             model,
             _vs: vs,
             columns,
+            encodings,
+            target,
             device,
         })
     }
@@ -80,12 +92,12 @@ impl Forecaster {
     /// Forecasts `n_steps` closes after the time-sorted `history` bars.
     pub fn forecast(&self, history: &[Bar], n_steps: usize) -> Result<Vec<ForecastPoint>> {
         let seq = self.meta.seq_len;
-        let target = self
-            .meta
-            .features
-            .iter()
-            .position(|f| f == "close")
-            .ok_or_else(|| Error::invalid("checkpoint", "features lack close"))?;
+        if self.meta.target != "log_return" {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("unknown target `{}`", self.meta.target),
+            ));
+        }
         let mut bars: Vec<Bar> = history.to_vec();
         let mut out = Vec::with_capacity(n_steps);
         for _ in 0..n_steps {
@@ -97,27 +109,40 @@ impl Forecaster {
                     format!("{} bars of history, the model needs {seq}", rows.len()),
                 ));
             }
-            let mut x = Vec::with_capacity(seq * self.columns.len());
+            let mut window = Vec::with_capacity(seq);
             for r in &rows[rows.len() - seq..] {
-                for (j, &c) in self.columns.iter().enumerate() {
-                    let v = r.values[c].ok_or_else(|| {
-                        Error::invalid(
-                            "forecast",
-                            format!(
-                                "feature `{}` is undefined at {} (not enough history)",
-                                self.meta.features[j], r.ts
-                            ),
-                        )
-                    })?;
-                    x.push(self.meta.scaler.scale(j, v) as f32);
-                }
+                let row = self
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &c)| {
+                        r.values[c].ok_or_else(|| {
+                            Error::invalid(
+                                "forecast",
+                                format!(
+                                    "feature `{}` is undefined at {} (not enough history)",
+                                    self.meta.features[j], r.ts
+                                ),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<f64>>>()?;
+                window.push(row);
             }
+            let mut x = Vec::with_capacity(seq * self.columns.len());
+            encode_window(
+                &window,
+                &self.encodings,
+                self.target,
+                &self.meta.scaler,
+                &mut x,
+            );
             let xt = Tensor::from_slice(&x)
                 .reshape([1, seq as i64, self.columns.len() as i64])
                 .to_device(self.device);
-            let y = tch::no_grad(|| self.model.forward(&xt)).double_value(&[0]);
-            let close = self.meta.scaler.unscale(target, y);
+            let z = tch::no_grad(|| self.model.forward(&xt)).double_value(&[0]);
             let last = *bars.last().expect("history is not empty");
+            let close = self.meta.target_scale.close_after(last.c, z);
             let t = next_timestamp(last.t, self.meta.interval);
             bars.push(Bar {
                 t,

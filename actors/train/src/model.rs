@@ -36,7 +36,21 @@ impl LstmAttention {
                     ..Default::default()
                 },
             ),
-            out: nn::linear(p / "out", hidden, 1, Default::default()),
+            // Starts at "the training mean return" (about the naive forecast):
+            // zero bias, small weights; training moves away only where it helps.
+            out: nn::linear(
+                p / "out",
+                hidden,
+                1,
+                nn::LinearConfig {
+                    ws_init: nn::Init::Uniform {
+                        lo: -1e-3,
+                        up: 1e-3,
+                    },
+                    bs_init: Some(nn::Init::Const(0.0)),
+                    bias: true,
+                },
+            ),
         }
     }
 
