@@ -1,0 +1,69 @@
+//! Shared set-up of the integration tests: configs pointing at the real
+//! services (`scripts/services.sh up`), nodes started exactly as the binary
+//! starts them, and polling with a timeout instead of sleeping.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tickmesh::roles::{self, Node};
+use tickmesh_core::config::{ClusterConfig, Role};
+use tickmesh_core::Adapters;
+
+/// Small, fast training settings for tests.
+pub fn fast_training(cfg: &mut ClusterConfig) {
+    cfg.train.epochs = 3;
+    cfg.train.hidden = 8;
+    cfg.train.seq_len = 10;
+    cfg.train.device = "cpu".into();
+    cfg.coordinator.listen = "127.0.0.1:0".into();
+    cfg.serve.http_listen = "127.0.0.1:0".into();
+}
+
+pub async fn distributed(label: &str) -> (ClusterConfig, Adapters) {
+    let mut cfg = tickmesh_core::testing::distributed_config(label).await;
+    fast_training(&mut cfg);
+    let adapters = Adapters::connect(&cfg)
+        .await
+        .expect("connect to the test services");
+    (cfg, adapters)
+}
+
+pub async fn embedded(dir: &std::path::Path) -> (ClusterConfig, Adapters) {
+    let mut cfg = tickmesh_core::testing::embedded_config(dir);
+    fast_training(&mut cfg);
+    let adapters = Adapters::connect(&cfg)
+        .await
+        .expect("open the embedded adapters");
+    (cfg, adapters)
+}
+
+pub async fn start(cfg: &ClusterConfig, adapters: &Adapters, roles: &[Role]) -> Node {
+    roles::start(cfg, "test-node", roles, adapters)
+        .await
+        .expect("start roles")
+}
+
+pub const ALL_ROLES: [Role; 5] = [
+    Role::Coordinator,
+    Role::Ingest,
+    Role::Aggregate,
+    Role::Train,
+    Role::Serve,
+];
+
+/// Polls `cond` every 100 ms until it holds or `timeout` passes (then panics with `what`).
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
