@@ -141,7 +141,7 @@ fn env() -> HashMap<String, String> {
     std::env::vars().collect()
 }
 
-fn load(path: &PathBuf) -> Result<ClusterConfig> {
+fn load(path: &std::path::Path) -> Result<ClusterConfig> {
     Ok(ClusterConfig::load(path, &env())?)
 }
 

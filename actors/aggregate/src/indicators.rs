@@ -69,11 +69,11 @@ pub fn rsi(x: &[f64], n: usize) -> Vec<Option<f64>> {
         }
     };
     out[n] = Some(value(gain, loss));
-    for i in n + 1..x.len() {
+    for (i, slot) in out.iter_mut().enumerate().skip(n + 1) {
         let c = change(i);
         gain = (gain * (n as f64 - 1.0) + c.max(0.0)) / n as f64;
         loss = (loss * (n as f64 - 1.0) + (-c).max(0.0)) / n as f64;
-        out[i] = Some(value(gain, loss));
+        *slot = Some(value(gain, loss));
     }
     out
 }
