@@ -3,14 +3,19 @@
 # there: Debian packages (PostgreSQL, build tools), a Python venv with
 # torch==2.11.0, the tansu 0.6.0 broker and the s3s-fs 0.14.1 S3 server.
 # Idempotent; says what it did. Installs go to $TICKMESH_CACHE (outside the clone).
+#
+#   scripts/setup.sh          everything the tests need
+#   scripts/setup.sh --demo   only what `tickmesh demo` needs (build tools, torch)
 set -euo pipefail
+demo_only=0
+[ "${1:-}" = "--demo" ] && demo_only=1
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/env.sh"
 mkdir -p "$TICKMESH_CACHE/logs"
 
 # --- Debian packages
 need_apt=()
-ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)
+[ $demo_only -eq 1 ] || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v make >/dev/null || need_apt+=(make)
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v gcc >/dev/null || need_apt+=(gcc)
@@ -34,6 +39,11 @@ else
   python3 -m venv "$TORCH_VENV"
   "$TORCH_VENV/bin/pip" install --quiet "torch==$TORCH_VERSION" >"$TICKMESH_CACHE/logs/torch-install.log" 2>&1 \
     || { tail -20 "$TICKMESH_CACHE/logs/torch-install.log"; exit 1; }
+fi
+
+if [ $demo_only -eq 1 ]; then
+  say "setup for the demo done (cache: $TICKMESH_CACHE)"
+  exit 0
 fi
 
 # --- cargo-installed servers

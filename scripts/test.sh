@@ -8,6 +8,7 @@ cd "$here/.."
 
 start=$(date +%s)
 scripts/setup.sh
+. scripts/env.sh   # again: the torch venv may be new
 scripts/services.sh up
 trap 'scripts/services.sh down' EXIT
 

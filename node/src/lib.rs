@@ -4,7 +4,9 @@
 //! - [`roles`]: starts a node's roles on connected adapters.
 //! - [`demo`]: the whole pipeline in one process on the embedded defaults.
 //! - [`chart`]: the forecast-vs-actual PNG.
+//! - [`cluster`]: ractor_cluster membership (node servers, node agents).
 
 pub mod chart;
+pub mod cluster;
 pub mod demo;
 pub mod roles;

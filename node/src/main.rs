@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use chrono::NaiveDate;
 use clap::{Parser, Subcommand};
-use tickmesh::{demo, roles};
+use tickmesh::{cluster, demo, roles};
 use tickmesh_core::config::{Backend, ClusterConfig};
 use tickmesh_core::types::{topics, Interval};
 use tickmesh_core::Adapters;
@@ -135,6 +135,12 @@ enum AdminCmd {
     },
     /// Create every S3 bucket of the pipeline (with the configured prefix).
     CreateBuckets,
+    /// List the nodes of the ractor_cluster mesh (joins it through the seed).
+    Nodes {
+        /// Port for this command's own node server.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
 }
 
 fn env() -> HashMap<String, String> {
@@ -209,6 +215,26 @@ async fn run(cli: Cli) -> Result<()> {
             let roles = cfg.node(&node)?.roles.clone();
             let adapters = Adapters::connect(&cfg).await?;
             let mut n = roles::start(&cfg, &node, &roles, &adapters).await?;
+            let nc = cfg.node(&node)?;
+            if let Some(port) = nc.cluster_port {
+                let server =
+                    cluster::start_server(&node, &cfg.cluster.cookie, &nc.host, port).await?;
+                cluster::start_agent(cluster::NodeDescription {
+                    node: node.clone(),
+                    roles: roles
+                        .iter()
+                        .map(|r| format!("{r:?}").to_lowercase())
+                        .collect(),
+                    coordinator: n.bound.coordinator.map(|a| a.to_string()),
+                    http: n.bound.http.map(|a| a.to_string()),
+                    pid: std::process::id(),
+                })
+                .await?;
+                if let Some((seed_name, seed)) = cfg.cluster_seed().filter(|(s, _)| *s != node) {
+                    tracing::info!(seed = %seed_name, addr = %seed, "joining the cluster");
+                    cluster::join_seed(server, seed);
+                }
+            }
             tracing::info!(node = %node, ?roles, "node started");
             let r = n.wait().await;
             n.stop().await;
@@ -286,6 +312,38 @@ async fn run(cli: Cli) -> Result<()> {
                     )
                     .await?;
                     println!("topics ready on {}", cfg.kafka.brokers);
+                }
+                AdminCmd::Nodes { port } => {
+                    let (_, seed) = cfg
+                        .cluster_seed()
+                        .context("no coordinator node with a cluster_port in the config")?;
+                    let port = if port == 0 {
+                        30_000 + (std::process::id() % 20_000) as u16
+                    } else {
+                        port
+                    };
+                    let name = format!("admin-{}", std::process::id());
+                    let server =
+                        cluster::start_server(&name, &cfg.cluster.cookie, "127.0.0.1", port)
+                            .await?;
+                    ractor_cluster::client_connect(&server, seed.as_str())
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("cannot reach the cluster seed at {seed}: {e}")
+                        })?;
+                    let nodes =
+                        cluster::describe_remote_nodes(std::time::Duration::from_secs(10)).await?;
+                    for n in &nodes {
+                        println!(
+                            "{:<14} pid {:<7} roles {:<28} coordinator {:<21} http {}",
+                            n.node,
+                            n.pid,
+                            n.roles.join(","),
+                            n.coordinator.as_deref().unwrap_or("-"),
+                            n.http.as_deref().unwrap_or("-")
+                        );
+                    }
+                    println!("{} nodes", nodes.len());
                 }
                 AdminCmd::CreateBuckets => {
                     tickmesh_core::store::S3Store::new(&cfg.s3)

@@ -42,6 +42,8 @@ pub enum Role {
 pub struct ClusterSection {
     pub name: String,
     pub backend: Backend,
+    /// Shared secret of the ractor_cluster mesh (nodes with a `cluster_port`).
+    pub cookie: String,
 }
 
 impl Default for ClusterSection {
@@ -49,6 +51,7 @@ impl Default for ClusterSection {
         ClusterSection {
             name: "tickmesh".into(),
             backend: Backend::Embedded,
+            cookie: "tickmesh".into(),
         }
     }
 }
@@ -280,6 +283,24 @@ pub struct NodeConfig {
     pub cpus: Option<u32>,
     #[serde(default)]
     pub gpus: u32,
+    /// Host the node runs on (its ractor_cluster address).
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Port of the node's ractor_cluster server; without it the node stays
+    /// out of the mesh.
+    #[serde(default)]
+    pub cluster_port: Option<u16>,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+impl NodeConfig {
+    /// `host:port` of the node's ractor_cluster server, if it has one.
+    pub fn cluster_addr(&self) -> Option<String> {
+        self.cluster_port.map(|p| format!("{}:{p}", self.host))
+    }
 }
 
 /// The whole of `cluster.toml`.
@@ -511,6 +532,14 @@ impl ClusterConfig {
             }
         }
         Ok(())
+    }
+
+    /// The ractor_cluster address of the first coordinator node, the mesh's seed.
+    pub fn cluster_seed(&self) -> Option<(String, String)> {
+        self.nodes
+            .iter()
+            .find(|n| n.roles.contains(&Role::Coordinator) && n.cluster_port.is_some())
+            .and_then(|n| Some((n.name.clone(), n.cluster_addr()?)))
     }
 
     /// The node called `name`.

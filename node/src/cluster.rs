@@ -1,0 +1,169 @@
+//! ractor_cluster membership: every node of `tickmesh run` that has a
+//! `cluster_port` starts a `NodeServer` on it and a `NodeAgent` in the
+//! process group `tickmesh.nodes`; nodes other than the seed (the first
+//! coordinator node with a cluster port) connect to the seed, and the mesh
+//! is transitive. `NodeAgentMsg::Describe` is a remote RPC whose reply is
+//! encoded with bincode, so any member can ask every other one what it is.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::node::NodeConnectionMode;
+use ractor_cluster::{BytesConvertable, NodeServer, NodeServerMessage, RactorClusterMessage};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+/// The process group every node agent joins.
+pub const NODES_GROUP: &str = "tickmesh.nodes";
+
+/// What a node says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeDescription {
+    pub node: String,
+    pub roles: Vec<String>,
+    pub coordinator: Option<String>,
+    pub http: Option<String>,
+    pub pid: u32,
+}
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+impl BytesConvertable for NodeDescription {
+    fn into_bytes(self) -> Vec<u8> {
+        bincode::serde::encode_to_vec(&self, bincode_config())
+            .expect("a NodeDescription always encodes")
+    }
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        // The trait is infallible; a peer sending garbage is a protocol
+        // violation, and the remote call fails with the panic.
+        bincode::serde::decode_from_slice(&bytes, bincode_config())
+            .expect("a NodeDescription from a tickmesh peer")
+            .0
+    }
+}
+
+/// Messages of [`NodeAgent`]; they cross nodes.
+#[derive(RactorClusterMessage)]
+pub enum NodeAgentMsg {
+    /// Say what this node is.
+    #[rpc]
+    Describe(RpcReplyPort<NodeDescription>),
+}
+
+/// Answers `Describe` for its node.
+pub struct NodeAgent;
+
+impl Actor for NodeAgent {
+    type Msg = NodeAgentMsg;
+    type State = NodeDescription;
+    type Arguments = NodeDescription;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        d: NodeDescription,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        ractor::pg::join(NODES_GROUP.to_string(), vec![myself.get_cell()]);
+        Ok(d)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        d: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            NodeAgentMsg::Describe(reply) => {
+                let _ = reply.send(d.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts this process's node server on `port` (127.0.0.1 when `host` is).
+pub async fn start_server(
+    name: &str,
+    cookie: &str,
+    host: &str,
+    port: u16,
+) -> Result<ActorRef<NodeServerMessage>> {
+    let mut server = NodeServer::new(
+        port,
+        cookie.to_string(),
+        name.to_string(),
+        host.to_string(),
+        None,
+        Some(NodeConnectionMode::Transitive),
+    );
+    if let Ok(ip) = host.parse() {
+        server = server.with_listen_addr(ip);
+    }
+    let (server, _) = Actor::spawn(None, server, ())
+        .await
+        .map_err(|e| anyhow!("ractor_cluster node server on {host}:{port}: {e}"))?;
+    Ok(server)
+}
+
+/// Connects to the seed, retrying in the background until it answers.
+pub fn join_seed(server: ActorRef<NodeServerMessage>, seed: String) {
+    tokio::spawn(async move {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match ractor_cluster::client_connect(&server, seed.as_str()).await {
+                Ok(()) => {
+                    info!(%seed, "joined the cluster");
+                    return;
+                }
+                Err(e) => {
+                    warn!(%seed, error = %e, "cannot reach the cluster seed yet");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
+}
+
+/// Spawns this node's agent.
+pub async fn start_agent(d: NodeDescription) -> Result<ActorRef<NodeAgentMsg>> {
+    let (agent, _) = Actor::spawn(None, NodeAgent, d).await?;
+    Ok(agent)
+}
+
+/// Asks every agent in the mesh (local ones excluded) to describe its node,
+/// waiting up to `wait` for at least one to appear.
+pub async fn describe_remote_nodes(wait: Duration) -> Result<Vec<NodeDescription>> {
+    let start = std::time::Instant::now();
+    let remote = || -> Vec<ractor::ActorCell> {
+        ractor::pg::get_members(&NODES_GROUP.to_string())
+            .into_iter()
+            .filter(|c| !c.get_id().is_local())
+            .collect()
+    };
+    loop {
+        let mut members = remote();
+        if !members.is_empty() {
+            // Group membership arrives node by node: give the rest a moment.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            members = remote();
+        }
+        if !members.is_empty() || start.elapsed() > wait {
+            let mut out = Vec::new();
+            for cell in members {
+                let agent: ActorRef<NodeAgentMsg> = cell.into();
+                out.push(
+                    call_t!(agent, NodeAgentMsg::Describe, 5_000)
+                        .map_err(|e| anyhow!("describe: {e}"))?,
+                );
+            }
+            out.sort_by(|a, b| a.node.cmp(&b.node));
+            return Ok(out);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

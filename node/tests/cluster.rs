@@ -1,0 +1,113 @@
+//! Process-level: two `tickmesh run` nodes form a ractor_cluster mesh and
+//! `tickmesh admin nodes` lists both through the seed (the replies cross
+//! processes bincode-encoded).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tickmesh() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tickmesh"))
+}
+
+#[test]
+fn two_nodes_form_a_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http, c1, c2) = (free_port(), free_port(), free_port(), free_port());
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[cluster]
+name = "mesh-test"
+backend = "embedded"
+cookie = "secret-cookie"
+
+[embedded]
+data_dir = "{data}"
+
+[coordinator]
+listen = "127.0.0.1:{grpc}"
+
+[serve]
+http_listen = "127.0.0.1:{http}"
+
+[[nodes]]
+name = "coord"
+roles = ["coordinator", "aggregate"]
+cluster_port = {c1}
+
+[[nodes]]
+name = "predictor"
+roles = ["serve"]
+cluster_port = {c2}
+"#,
+            data = dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let run = |node: &str| {
+        Killed(
+            tickmesh()
+                .args(["run", "--node", node, "--config"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _coord = run("coord");
+    let _pred = run("predictor");
+
+    let start = Instant::now();
+    loop {
+        let out = tickmesh()
+            .args([
+                "admin",
+                "nodes",
+                "--port",
+                &free_port().to_string(),
+                "--config",
+            ])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && stdout.contains("2 nodes") {
+            assert!(
+                stdout.contains("coord ") && stdout.contains("coordinator,aggregate"),
+                "{stdout}"
+            );
+            assert!(stdout.contains(&format!("127.0.0.1:{grpc}")), "{stdout}");
+            assert!(
+                stdout.contains("predictor") && stdout.contains(&format!("127.0.0.1:{http}")),
+                "{stdout}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the mesh never showed both nodes: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
