@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use common::*;
-use tickmesh_aggregate::aggregator::{self, AggregatorArgs};
+use tickmesh_aggregate::aggregator;
 use tickmesh_core::bus::BusConfig;
 use tickmesh_core::config::Role;
 use tickmesh_core::parquet_io::decode_bars;
@@ -104,17 +104,8 @@ async fn kafka_to_parquet_in_s3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parquet_to_aggregated_data_in_postgres() {
     let (_cfg, a) = distributed("hop2").await;
-    let bars = SyntheticMarket.bars("TSTB", d("2024-02-05"), d("2024-02-16"));
-    for msg in producer::weekly_messages("TSTB", &bars) {
-        tickmesh_ingest::bars_consumer::write_bars(a.store.as_ref(), &msg)
-            .await
-            .unwrap();
-    }
-    let args = AggregatorArgs {
-        store: a.store.clone(),
-        db: a.db.clone(),
-        publisher: a.publisher.clone(),
-    };
+    let bars = store_synthetic(&a, "TSTB", "2024-02-05", "2024-02-16").await;
+    let args = aggregator_args(&a);
     let report = aggregator::run(&args, &["TSTB".into()], Interval::M5)
         .await
         .unwrap();
@@ -172,18 +163,9 @@ async fn parquet_to_aggregated_data_in_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_model_to_checkpoint_to_forecast() {
     let (cfg, a) = distributed("hop3").await;
-    let bars = SyntheticMarket.bars("TSTC", d("2024-04-01"), d("2024-04-12"));
-    for msg in producer::weekly_messages("TSTC", &bars) {
-        tickmesh_ingest::bars_consumer::write_bars(a.store.as_ref(), &msg)
-            .await
-            .unwrap();
-    }
+    store_synthetic(&a, "TSTC", "2024-04-01", "2024-04-12").await;
     let node = start(&cfg, &a, &[Role::Coordinator, Role::Train, Role::Serve]).await;
-    let args = AggregatorArgs {
-        store: a.store.clone(),
-        db: a.db.clone(),
-        publisher: a.publisher.clone(),
-    };
+    let args = aggregator_args(&a);
     // This publishes start_model on Kafka; the coordinator consumes it.
     aggregator::run(&args, &["TSTC".into()], Interval::M15)
         .await

@@ -67,3 +67,32 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Writes synthetic 1-minute bars of `ticker` straight into the store (as the
+/// ingest role would) and returns them.
+pub async fn store_synthetic(
+    a: &Adapters,
+    ticker: &str,
+    from: &str,
+    to: &str,
+) -> Vec<tickmesh_core::types::Bar> {
+    let bars = tickmesh_core::synthetic::SyntheticMarket.bars(
+        ticker,
+        from.parse().unwrap(),
+        to.parse().unwrap(),
+    );
+    for msg in tickmesh_ingest::producer::weekly_messages(ticker, &bars) {
+        tickmesh_ingest::bars_consumer::write_bars(a.store.as_ref(), &msg)
+            .await
+            .unwrap();
+    }
+    bars
+}
+
+pub fn aggregator_args(a: &Adapters) -> tickmesh_aggregate::aggregator::AggregatorArgs {
+    tickmesh_aggregate::aggregator::AggregatorArgs {
+        store: a.store.clone(),
+        db: a.db.clone(),
+        publisher: a.publisher.clone(),
+    }
+}
