@@ -1,6 +1,7 @@
 //! Starts the roles of one node on connected adapters:
 //!
-//! - `coordinator`: `CoordinatorActor`, its gRPC server, `StartModelConsumer`.
+//! - `coordinator`: `CoordinatorActor` (supervising its `StartModelConsumer`)
+//!   and its gRPC server.
 //! - `ingest`: `IngestSupervisor` with a `BarsConsumerActor` on `h_alpaca`.
 //! - `aggregate`: `AggregatorActor` (driven by `tickmesh aggregate` and the demo).
 //! - `train`: `TrainerPool`, registered with the coordinator.
@@ -17,7 +18,6 @@ use anyhow::{anyhow, Context, Result};
 use ractor::{Actor, ActorCell, ActorRef};
 use tickmesh_aggregate::aggregator::{AggregatorActor, AggregatorArgs, AggregatorMsg};
 use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs, CoordinatorMsg};
-use tickmesh_coordinator::start_consumer::{StartConsumerArgs, StartModelConsumer};
 use tickmesh_core::config::{ClusterConfig, Role};
 use tickmesh_core::supervision::RestartBudget;
 use tickmesh_core::types::topics;
@@ -92,6 +92,8 @@ pub async fn start(
                 db: adapters.db.clone(),
                 heartbeat: Duration::from_secs(cfg.coordinator.heartbeat_secs),
                 lease: Duration::from_secs(cfg.coordinator.lease_secs),
+                intake: Some((adapters.bus.clone(), adapters.publisher.clone())),
+                budget: RestartBudget::new(cfg.supervision.clone()),
             },
         )
         .await?;
@@ -110,20 +112,8 @@ pub async fn start(
             }
         }));
         info!(%addr, "coordinator gRPC serving");
-        let (consumer, ch) = Actor::spawn(
-            None,
-            StartModelConsumer,
-            StartConsumerArgs {
-                bus: adapters.bus.clone(),
-                publisher: adapters.publisher.clone(),
-                coordinator: actor.clone(),
-            },
-        )
-        .await?;
         node.actors
             .push(("coordinator".into(), actor.get_cell(), h));
-        node.actors
-            .push(("start_model consumer".into(), consumer.get_cell(), ch));
         node.coordinator = Some(actor);
     }
 

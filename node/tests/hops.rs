@@ -263,3 +263,90 @@ async fn start_model_to_checkpoint_to_forecast() {
     assert_eq!(r.status(), 400);
     node.stop().await;
 }
+
+/// The real S3 store, failing its first `n` writes (fault injection; every
+/// write that succeeds goes to s3s-fs).
+struct FailingFirstWrites {
+    inner: tickmesh_core::store::SharedStore,
+    left: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl tickmesh_core::store::ObjectStore for FailingFirstWrites {
+    async fn put(&self, bucket: &str, key: &str, data: bytes::Bytes) -> tickmesh_core::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(tickmesh_core::Error::Store {
+                op: "put",
+                bucket: bucket.into(),
+                key: key.into(),
+                message: "injected failure".into(),
+            });
+        }
+        self.inner.put(bucket, key, data).await
+    }
+    async fn get(&self, bucket: &str, key: &str) -> tickmesh_core::Result<Option<bytes::Bytes>> {
+        self.inner.get(bucket, key).await
+    }
+    async fn list(&self, bucket: &str, prefix: &str) -> tickmesh_core::Result<Vec<String>> {
+        self.inner.list(bucket, prefix).await
+    }
+    async fn delete(&self, bucket: &str, key: &str) -> tickmesh_core::Result<()> {
+        self.inner.delete(bucket, key).await
+    }
+    fn uri(&self, bucket: &str, key: &str) -> String {
+        self.inner.uri(bucket, key)
+    }
+}
+
+/// Nothing accepted is lost: a write that fails crashes the consumer without
+/// committing, its supervisor restarts it, and the redelivered message is
+/// written once the store accepts writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_write_is_retried_after_a_restart() {
+    use std::sync::Arc;
+    use tickmesh_core::Adapters;
+
+    let (mut cfg, a) = distributed("hop4").await;
+    let flaky = Arc::new(FailingFirstWrites {
+        inner: a.store.clone(),
+        left: 3.into(),
+    });
+    let adapters = Adapters {
+        store: flaky.clone(),
+        ..a.clone()
+    };
+    cfg.supervision.max_restarts = 10;
+    cfg.supervision.backoff_ms = 50;
+    let node = start(&cfg, &adapters, &[Role::Ingest]).await;
+    producer::publish_synthetic(
+        a.publisher.as_ref(),
+        &["TSTD".into()],
+        d("2024-06-03"),
+        d("2024-06-03"),
+    )
+    .await
+    .unwrap();
+    let m = node.ingest_metrics.clone();
+    eventually(
+        "the redelivered message to be written",
+        Duration::from_secs(60),
+        || {
+            let m = m.clone();
+            async move { m.messages() == 1 }
+        },
+    )
+    .await;
+    assert_eq!(
+        flaky.left.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "three writes failed first"
+    );
+    let keys = a.store.list(buckets::STOCK_DATA, "TSTD/").await.unwrap();
+    assert_eq!(keys, vec!["TSTD/2024/06/TSTD_2024-W23.parquet"]);
+    node.stop().await;
+}

@@ -6,18 +6,25 @@
 //! version to every predictor watching. A report stamped with an epoch other
 //! than the job's current one is refused. A node whose heartbeats stop for
 //! `lease_secs` is dropped and its jobs are reassigned with a higher epoch.
+//! It supervises its `StartModelConsumer`: a consumer that fails (the bus is
+//! down) is restarted after a backoff while the restart budget lasts; then
+//! the coordinator stops, and its node exits non-zero.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tickmesh_core::bus::{BusConfig, SharedPublisher};
 use tickmesh_core::db::{Db, ModelVersion};
+use tickmesh_core::supervision::RestartBudget;
 use tickmesh_core::types::Interval;
 use tickmesh_proto::v1::{Assignment, CheckpointAck, CheckpointReport, ModelUpdate};
 use tokio::sync::mpsc;
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+use crate::start_consumer::{StartConsumerArgs, StartModelConsumer};
 
 pub type AssignmentTx = mpsc::Sender<Result<Assignment, Status>>;
 pub type ModelTx = mpsc::Sender<Result<ModelUpdate, Status>>;
@@ -61,6 +68,9 @@ pub struct CoordinatorArgs {
     pub db: Db,
     pub heartbeat: Duration,
     pub lease: Duration,
+    /// Where `start_model` comes from; `None` runs without a consumer.
+    pub intake: Option<(BusConfig, SharedPublisher)>,
+    pub budget: RestartBudget,
 }
 
 struct Node {
@@ -80,6 +90,7 @@ struct ActiveJob {
 
 pub struct CoordinatorState {
     args: CoordinatorArgs,
+    consumer: Option<ActorCell>,
     nodes: HashMap<String, Node>,
     pending: VecDeque<(String, Interval)>,
     active: HashMap<(String, Interval), ActiveJob>,
@@ -87,6 +98,35 @@ pub struct CoordinatorState {
 }
 
 impl Actor for CoordinatorActor {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match &evt {
+            SupervisionEvent::ActorFailed(c, e) => (c.clone(), e.to_string()),
+            SupervisionEvent::ActorTerminated(c, _, r) => {
+                (c.clone(), r.clone().unwrap_or_else(|| "stopped".into()))
+            }
+            _ => return Ok(()),
+        };
+        if st.consumer.as_ref().map(|c| c.get_id()) != Some(cell.get_id()) {
+            return Ok(());
+        }
+        let Some(backoff) = st.args.budget.allow() else {
+            error!(reason = %why, "start_model consumer failed too often; the coordinator stops");
+            myself.stop(Some(format!(
+                "start_model consumer failed too often: {why}"
+            )));
+            return Ok(());
+        };
+        warn!(reason = %why, backoff_ms = backoff.as_millis() as u64, "start_model consumer failed, restarting");
+        tokio::time::sleep(backoff).await;
+        st.consumer = spawn_consumer(&myself, &st.args).await?;
+        Ok(())
+    }
+
     type Msg = CoordinatorMsg;
     type State = CoordinatorState;
     type Arguments = CoordinatorArgs;
@@ -97,8 +137,10 @@ impl Actor for CoordinatorActor {
         args: CoordinatorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(args.heartbeat, || CoordinatorMsg::Tick);
+        let consumer = spawn_consumer(&myself, &args).await?;
         Ok(CoordinatorState {
             args,
+            consumer,
             nodes: HashMap::new(),
             pending: VecDeque::new(),
             active: HashMap::new(),
@@ -217,6 +259,22 @@ impl Actor for CoordinatorActor {
         }
         Ok(())
     }
+}
+
+async fn spawn_consumer(
+    myself: &ActorRef<CoordinatorMsg>,
+    args: &CoordinatorArgs,
+) -> Result<Option<ActorCell>, ActorProcessingErr> {
+    let Some((bus, publisher)) = args.intake.clone() else {
+        return Ok(None);
+    };
+    let ca = StartConsumerArgs {
+        bus,
+        publisher,
+        coordinator: myself.clone(),
+    };
+    let (c, _) = Actor::spawn_linked(None, StartModelConsumer, ca, myself.get_cell()).await?;
+    Ok(Some(c.get_cell()))
 }
 
 fn update_of(m: &ModelVersion) -> ModelUpdate {
