@@ -225,16 +225,17 @@ pub async fn start(
 impl Node {
     /// Waits for ctrl-c (Ok) or for a role to stop on its own (Err).
     pub async fn wait(&mut self) -> Result<()> {
-        let handles: Vec<_> = self
-            .actors
-            .iter_mut()
-            .map(|(n, _, h)| (n.clone(), h))
-            .collect();
-        let names: Vec<String> = handles.iter().map(|(n, _)| n.clone()).collect();
-        let futs = handles.into_iter().map(|(_, h)| Box::pin(h));
+        if self.actors.is_empty() {
+            tokio::signal::ctrl_c().await?;
+            return Ok(());
+        }
+        let names: Vec<String> = self.actors.iter().map(|(n, _, _)| n.clone()).collect();
+        let handles = self.actors.iter_mut().map(|(_, _, h)| h);
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => Ok(()),
-            (_, i, _) = futures_select_all(futs) => Err(anyhow!("role `{}` stopped; the node exits", names[i])),
+            r = tokio::signal::ctrl_c() => Ok(r?),
+            (_, i, _) = futures::future::select_all(handles) => {
+                Err(anyhow!("role `{}` stopped; the node exits", names[i]))
+            }
         }
     }
 
@@ -251,15 +252,4 @@ impl Node {
             t.abort();
         }
     }
-}
-
-async fn futures_select_all<F: std::future::Future + Unpin>(
-    futs: impl IntoIterator<Item = F>,
-) -> (F::Output, usize, ()) {
-    let futs: Vec<F> = futs.into_iter().collect();
-    if futs.is_empty() {
-        std::future::pending::<()>().await;
-    }
-    let (out, i, _) = futures::future::select_all(futs).await;
-    (out, i, ())
 }
