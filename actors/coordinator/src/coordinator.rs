@@ -17,7 +17,7 @@ use chrono::Utc;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tickmesh_core::bus::{BusConfig, SharedPublisher};
 use tickmesh_core::db::{Db, ModelVersion};
-use tickmesh_core::supervision::RestartBudget;
+use tickmesh_core::supervision::{stopped_child, RestartBudget};
 use tickmesh_core::types::Interval;
 use tickmesh_proto::v1::{Assignment, CheckpointAck, CheckpointReport, ModelUpdate};
 use tokio::sync::mpsc;
@@ -104,14 +104,10 @@ impl Actor for CoordinatorActor {
         evt: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, why) = match &evt {
-            SupervisionEvent::ActorFailed(c, e) => (c.clone(), e.to_string()),
-            SupervisionEvent::ActorTerminated(c, _, r) => {
-                (c.clone(), r.clone().unwrap_or_else(|| "stopped".into()))
-            }
-            _ => return Ok(()),
+        let Some((child, why)) = stopped_child(&evt) else {
+            return Ok(());
         };
-        if st.consumer.as_ref().map(|c| c.get_id()) != Some(cell.get_id()) {
+        if st.consumer.as_ref().map(|c| c.get_id()) != Some(child) {
             return Ok(());
         }
         let Some(backoff) = st.args.budget.allow() else {

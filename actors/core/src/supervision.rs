@@ -6,7 +6,22 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use ractor::{ActorId, SupervisionEvent};
+
 use crate::config::SupervisionConfig;
+
+/// The child and the reason when a supervision event says a child stopped
+/// (failed, or terminated); `None` for other events.
+pub fn stopped_child(evt: &SupervisionEvent) -> Option<(ActorId, String)> {
+    match evt {
+        SupervisionEvent::ActorFailed(cell, err) => Some((cell.get_id(), err.to_string())),
+        SupervisionEvent::ActorTerminated(cell, _, reason) => Some((
+            cell.get_id(),
+            reason.clone().unwrap_or_else(|| "stopped".into()),
+        )),
+        _ => None,
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct RestartBudget {

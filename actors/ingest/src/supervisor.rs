@@ -4,7 +4,7 @@
 //! the supervisor stops with an error, and its parent decides.
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tickmesh_core::supervision::RestartBudget;
+use tickmesh_core::supervision::{stopped_child, RestartBudget};
 use tracing::{error, warn};
 
 use crate::bars_consumer::{BarsConsumerActor, BarsConsumerArgs};
@@ -61,19 +61,10 @@ impl Actor for IngestSupervisor {
         evt: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, why) = match &evt {
-            SupervisionEvent::ActorFailed(cell, err) => (cell.clone(), err.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (
-                cell.clone(),
-                reason.clone().unwrap_or_else(|| "stopped".into()),
-            ),
-            _ => return Ok(()),
+        let Some((child, why)) = stopped_child(&evt) else {
+            return Ok(());
         };
-        let Some(i) = state
-            .children
-            .iter()
-            .position(|(c, _)| c.get_id() == cell.get_id())
-        else {
+        let Some(i) = state.children.iter().position(|(c, _)| c.get_id() == child) else {
             return Ok(());
         };
         let Some(backoff) = state.budget.allow() else {
