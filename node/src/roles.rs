@@ -171,7 +171,6 @@ pub async fn start(
                 coordinator: coordinator_addr.clone(),
                 cpus,
                 gpus,
-                parallel,
                 trainer: TrainerArgs {
                     db: adapters.db.clone(),
                     store: adapters.store.clone(),

@@ -6,50 +6,44 @@ fn tickmesh() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tickmesh"))
 }
 
+/// Runs `tickmesh config check FILE` with extra environment; returns
+/// (success, stdout, stderr).
+fn config_check(file: &std::path::Path, env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = tickmesh()
+        .args(["config", "check"])
+        .arg(file)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn config_check_names_the_bad_key() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("cluster.toml");
     std::fs::write(&bad, "[postgres]\nport = \"fifteen\"\n").unwrap();
-    let out = tickmesh()
-        .args(["config", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = config_check(&bad, &[]);
+    assert!(!ok);
     assert!(
         err.contains("`postgres.port`") && err.contains("cluster.toml"),
         "{err}"
     );
 
     std::fs::write(&bad, "[serve]\nhttp_listen = \"localhost\"\n").unwrap();
-    let out = tickmesh()
-        .args(["config", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("`serve.http_listen`"));
+    let (ok, _, err) = config_check(&bad, &[]);
+    assert!(!ok);
+    assert!(err.contains("`serve.http_listen`"));
 
-    let out = tickmesh()
-        .args(["config", "check"])
-        .arg(&bad)
-        .env("POSTGRES_PORT", "not-a-port")
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("POSTGRES_PORT"));
+    let (_, _, err) = config_check(&bad, &[("POSTGRES_PORT", "not-a-port")]);
+    assert!(err.contains("POSTGRES_PORT"));
 
     let good = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster.toml");
-    let out = tickmesh()
-        .args(["config", "check"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (distributed backend, 4 nodes"));
+    let (ok, out, err) = config_check(&good, &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("ok (distributed backend, 4 nodes"));
 }

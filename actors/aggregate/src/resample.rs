@@ -4,7 +4,7 @@
 //! bar's; OHLC are first/max/min/last, volume and trade count are summed,
 //! `vw` is volume-weighted.
 
-use chrono::{Timelike, Utc};
+use chrono::Timelike;
 use chrono_tz::America::New_York;
 use tickmesh_core::types::{Bar, Interval};
 
@@ -48,9 +48,6 @@ pub fn resample(bars: &[Bar], interval: Interval) -> Vec<Bar> {
     }
     out
 }
-
-/// The timestamp type used by resampled bars (UTC).
-pub type Ts = chrono::DateTime<Utc>;
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,6 @@
 //! epoch. A trainer that crashes is dropped and respawned on its next job.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -14,7 +13,6 @@ use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
 use tickmesh_proto::v1::{
     CheckpointReport, HeartbeatRequest, RegisterNodeRequest, WatchAssignmentsRequest,
 };
-use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
@@ -42,8 +40,6 @@ pub struct TrainerPoolArgs {
     pub coordinator: String,
     pub cpus: u32,
     pub gpus: u32,
-    /// Jobs fitted at once on this node.
-    pub parallel: usize,
     pub trainer: TrainerArgs,
 }
 
@@ -76,9 +72,8 @@ impl Actor for TrainerPool {
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        mut args: TrainerPoolArgs,
+        args: TrainerPoolArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        args.trainer.slots = Arc::new(Semaphore::new(args.parallel.max(1)));
         let mut client = connect(&args.coordinator, Duration::from_secs(30)).await?;
         let reply = client
             .register_node(RegisterNodeRequest {
