@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Result};
 use chrono::{DateTime, Utc};
+use chrono_tz::America::New_York;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -47,10 +48,20 @@ pub fn draw(path: &Path, panels: &[Panel]) -> Result<()> {
             (l.min(y), h.max(y))
         });
         let pad = ((hi - lo) * 0.08).max(1e-6);
+        // Intraday panels label the New York clock time, daily ones the date.
+        let intraday = times
+            .windows(2)
+            .any(|w| w[1] - w[0] < chrono::Duration::hours(12));
         let label = |x: &f64| {
             times
                 .get((*x as usize).min(times.len().saturating_sub(1)))
-                .map(|t| t.format("%Y-%m-%d").to_string())
+                .map(|t| {
+                    if intraday {
+                        t.with_timezone(&New_York).format("%m-%d %H:%M").to_string()
+                    } else {
+                        t.format("%Y-%m-%d").to_string()
+                    }
+                })
                 .unwrap_or_default()
         };
         let mut chart = ChartBuilder::on(&area)
