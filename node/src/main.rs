@@ -212,19 +212,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Run { node, config } => {
             let cfg = load(&config)?;
-            let roles = cfg.node(&node)?.roles.clone();
+            let nc = cfg.node(&node)?;
+            let roles = nc.roles.clone();
             let adapters = Adapters::connect(&cfg).await?;
             let mut n = roles::start(&cfg, &node, &roles, &adapters).await?;
-            let nc = cfg.node(&node)?;
             if let Some(port) = nc.cluster_port {
                 let server =
                     cluster::start_server(&node, &cfg.cluster.cookie, &nc.host, port).await?;
                 cluster::start_agent(cluster::NodeDescription {
                     node: node.clone(),
-                    roles: roles
-                        .iter()
-                        .map(|r| format!("{r:?}").to_lowercase())
-                        .collect(),
+                    roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
                     coordinator: n.bound.coordinator.map(|a| a.to_string()),
                     http: n.bound.http.map(|a| a.to_string()),
                     pid: std::process::id(),

@@ -37,6 +37,19 @@ pub enum Role {
     Serve,
 }
 
+impl Role {
+    /// The role's name as `cluster.toml` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Ingest => "ingest",
+            Role::Aggregate => "aggregate",
+            Role::Train => "train",
+            Role::Serve => "serve",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {

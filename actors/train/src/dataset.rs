@@ -93,6 +93,15 @@ pub fn encode_window(
     }
 }
 
+/// What a model predicts, as `meta.json` names it: the standardized next
+/// log return of the `close` column.
+pub const TARGET: &str = "log_return";
+
+/// The column whose next log return is the target.
+pub fn target_column(features: &[String]) -> Option<usize> {
+    features.iter().position(|f| f == "close")
+}
+
 /// Windows ready for training.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -138,9 +147,7 @@ impl Dataset {
         seq_len: usize,
         val_fraction: f64,
     ) -> Result<Self> {
-        let target = features
-            .iter()
-            .position(|f| f == "close")
+        let target = target_column(features)
             .ok_or_else(|| Error::invalid("train.features", "must include close"))?;
         let encodings = features.iter().map(|f| encoding_of(f)).collect();
         let (ts, rows): (Vec<_>, Vec<Vec<f64>>) = rows

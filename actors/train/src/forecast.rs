@@ -12,7 +12,7 @@ use tickmesh_core::types::{Bar, Interval};
 use tickmesh_core::{Error, Result};
 
 use crate::checkpoint::{load_model, Meta};
-use crate::dataset::{encode_window, encoding_of, Encoding};
+use crate::dataset::{encode_window, encoding_of, target_column, Encoding, TARGET};
 use crate::model::LstmAttention;
 
 /// How many bars of history a forecast needs beyond `seq_len`, so every
@@ -71,10 +71,13 @@ impl Forecaster {
                     .ok_or_else(|| Error::invalid("checkpoint", format!("unknown feature `{f}`")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let target = meta
-            .features
-            .iter()
-            .position(|f| f == "close")
+        if meta.target != TARGET {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("unknown target `{}`", meta.target),
+            ));
+        }
+        let target = target_column(&meta.features)
             .ok_or_else(|| Error::invalid("checkpoint", "features lack close"))?;
         let encodings = meta.features.iter().map(|f| encoding_of(f)).collect();
         let (vs, model) = load_model(&meta, weights, device)?;
@@ -92,12 +95,6 @@ impl Forecaster {
     /// Forecasts `n_steps` closes after the time-sorted `history` bars.
     pub fn forecast(&self, history: &[Bar], n_steps: usize) -> Result<Vec<ForecastPoint>> {
         let seq = self.meta.seq_len;
-        if self.meta.target != "log_return" {
-            return Err(Error::invalid(
-                "checkpoint",
-                format!("unknown target `{}`", self.meta.target),
-            ));
-        }
         let mut bars: Vec<Bar> = history.to_vec();
         let mut out = Vec::with_capacity(n_steps);
         for _ in 0..n_steps {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tickmesh_core::config::Role;
 use tickmesh_core::types::Interval;
 use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
 use tickmesh_proto::v1::{
@@ -78,7 +79,7 @@ impl Actor for TrainerPool {
         let reply = client
             .register_node(RegisterNodeRequest {
                 node: args.node.clone(),
-                roles: vec!["train".into()],
+                roles: vec![Role::Train.as_str().into()],
                 cpus: args.cpus,
                 gpus: args.gpus,
             })

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tracing::info;
 
 use crate::checkpoint::{self, DataRange, Meta};
+use crate::dataset::TARGET;
 use crate::fit::{fit, EvalReport};
 use crate::pool::PoolMsg;
 
@@ -123,7 +124,7 @@ pub async fn train_job(args: &TrainerArgs, job: &Job) -> Result<TrainOutcome> {
         interval: job.interval,
         version: job.version,
         features: args.train.features.clone(),
-        target: "log_return".into(),
+        target: TARGET.into(),
         target_scale: ds.target_scale,
         seq_len: args.train.seq_len,
         hidden: args.train.hidden,
