@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what tickmesh needs at pinned versions, skipping what is already
 # there: Debian packages (PostgreSQL, build tools), a Python venv with
-# torch==2.11.0, the tansu 0.6.0 broker and the s3s-fs 0.14.1 S3 server.
+# torch==2.11.0 and safetensors==0.8.0, the tansu 0.6.0 broker and the
+# s3s-fs 0.14.1 S3 server.
 # Idempotent; says what it did. Installs go to $TICKMESH_CACHE (outside the clone).
 #
 #   scripts/setup.sh          everything the tests need
@@ -39,6 +40,16 @@ else
   python3 -m venv "$TORCH_VENV"
   "$TORCH_VENV/bin/pip" install --quiet "torch==$TORCH_VERSION" >"$TICKMESH_CACHE/logs/torch-install.log" 2>&1 \
     || { tail -20 "$TICKMESH_CACHE/logs/torch-install.log"; exit 1; }
+fi
+
+# --- safetensors in the torch venv (the PyTorch parity test and the training benchmark's peer)
+SAFETENSORS_VERSION=0.8.0
+if "$TORCH_VENV/bin/python" -c "import safetensors,sys; sys.exit(0 if safetensors.__version__=='$SAFETENSORS_VERSION' else 1)" 2>/dev/null; then
+  say "safetensors $SAFETENSORS_VERSION: present in $TORCH_VENV"
+else
+  say "installing safetensors==$SAFETENSORS_VERSION into $TORCH_VENV"
+  "$TORCH_VENV/bin/pip" install --quiet "safetensors==$SAFETENSORS_VERSION" >"$TICKMESH_CACHE/logs/safetensors-install.log" 2>&1 \
+    || { tail -20 "$TICKMESH_CACHE/logs/safetensors-install.log"; exit 1; }
 fi
 
 if [ $demo_only -eq 1 ]; then

@@ -1,5 +1,5 @@
 //! The forecast-vs-actual chart of the demo: one panel per model with the
-//! actual closes of the validation window, the model's one-step-ahead
+//! actual closes of the test split, the model's one-step-ahead
 //! predictions over it, and the recursive forecast after the last bar.
 
 use std::path::Path;
@@ -13,7 +13,7 @@ use plotters::style::FontStyle;
 /// One panel's data.
 pub struct Panel {
     pub title: String,
-    /// (time, actual close, one-step-ahead prediction) over validation.
+    /// (time, actual close, one-step-ahead prediction) over the test split.
     pub validation: Vec<(DateTime<Utc>, f64, f64)>,
     /// (time, forecast close) after the last bar.
     pub forecast: Vec<(DateTime<Utc>, f64)>,
@@ -131,4 +131,162 @@ pub fn draw(path: &Path, panels: &[Panel]) -> Result<()> {
     root.present()
         .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
     Ok(())
+}
+
+/// One line of a [`lines`] chart.
+pub struct Line<'a> {
+    pub label: &'a str,
+    pub color: RGBColor,
+    pub width: u32,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A single-panel line chart.
+pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Line]) -> Result<()> {
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow!("the embedded font is invalid"))?;
+    let root = BitMapBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let all = series.iter().flat_map(|s| s.points.iter().copied());
+    let (x0, x1, y0, y1) = all.fold(
+        (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ),
+        |(a, b, c, d), (x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)),
+    );
+    if !(x0.is_finite() && y0.is_finite()) {
+        return Err(anyhow!("{}: nothing to draw", path.display()));
+    }
+    let pad = ((y1 - y0) * 0.08).max(1e-9);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    for s in series {
+        let style = s.color.stroke_width(s.width);
+        chart
+            .draw_series(LineSeries::new(s.points.iter().copied(), style))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(s.label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present()
+        .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// `loss.png`: train and validation loss per epoch (validation from epoch 0,
+/// the untrained model), the kept epoch marked.
+pub fn loss_chart(path: &Path, f: &tickmesh_model::fit::Fitted) -> Result<()> {
+    let train: Vec<(f64, f64)> = f
+        .history
+        .iter()
+        .map(|p| (p.epoch as f64, p.train_loss))
+        .collect();
+    let val: Vec<(f64, f64)> = std::iter::once((0.0, f.initial_val_loss))
+        .chain(f.history.iter().map(|p| (p.epoch as f64, p.val_loss)))
+        .collect();
+    let best = vec![
+        (f.best_epoch as f64, f.best_val_loss),
+        (f.best_epoch as f64, f.best_val_loss),
+    ];
+    let title = format!(
+        "loss (MSE of the standardized return): best epoch {} of {}{}",
+        f.best_epoch,
+        f.epochs_run,
+        if f.stopped_early {
+            ", stopped early"
+        } else {
+            ""
+        }
+    );
+    lines(
+        path,
+        &title,
+        "epoch",
+        "loss",
+        &[
+            Line {
+                label: "train",
+                color: BLUE,
+                width: 2,
+                points: train,
+            },
+            Line {
+                label: "validation",
+                color: RED,
+                width: 2,
+                points: val,
+            },
+            Line {
+                label: "kept (best validation)",
+                color: BLACK,
+                width: 6,
+                points: best,
+            },
+        ],
+    )
+}
+
+/// `test.png`: actual closes over the test split, the model's one-step
+/// predictions and the naive forecast.
+pub fn test_chart(
+    path: &Path,
+    title: &str,
+    points: &[tickmesh_model::fit::TestPoint],
+) -> Result<()> {
+    let at = |f: fn(&tickmesh_model::fit::TestPoint) -> f64| {
+        points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as f64, f(p)))
+            .collect::<Vec<_>>()
+    };
+    lines(
+        path,
+        title,
+        "test window (oldest first)",
+        "close",
+        &[
+            Line {
+                label: "actual",
+                color: BLACK,
+                width: 2,
+                points: at(|p| p.actual),
+            },
+            Line {
+                label: "model, one step ahead",
+                color: BLUE,
+                width: 1,
+                points: at(|p| p.predicted),
+            },
+            Line {
+                label: "naive (last close)",
+                color: RGBColor(150, 150, 150),
+                width: 1,
+                points: at(|p| p.naive),
+            },
+        ],
+    )
 }

@@ -42,6 +42,8 @@ pub struct Inputs {
     /// Also publish one malformed message (it must be dead-lettered, not lost).
     pub malformed: bool,
     pub n_steps: usize,
+    /// The model kind the trainers are configured with (for the progress line).
+    pub model: tickmesh_core::config::ModelKind,
     /// Give up waiting for a stage after this long.
     pub timeout: Duration,
 }
@@ -182,10 +184,7 @@ pub async fn pipeline(node: &Node, adapters: &Adapters, inputs: &Inputs) -> Resu
         .flat_map(|(ts, i)| ts.iter().map(move |t| (t.clone(), *i)))
         .collect();
     let models_url = format!("http://{http}/ml/models");
-    println!(
-        "training  {} models (LSTM with attention) ...",
-        wanted.len()
-    );
+    println!("training  {} models ({}) ...", wanted.len(), inputs.model);
     wait_for(
         "every model to be trained and served",
         inputs.timeout,
@@ -229,7 +228,7 @@ pub async fn pipeline(node: &Node, adapters: &Adapters, inputs: &Inputs) -> Resu
 pub fn print_forecasts(outcomes: &[Outcome]) {
     println!();
     println!(
-        "ticker interval version  val RMSE (naive)    dir.acc  last close  forecast (next steps)"
+        "ticker interval version  test RMSE (naive)   dir.acc  last close  forecast (next steps)"
     );
     for o in outcomes {
         let r = &o.response;
@@ -261,7 +260,7 @@ pub fn print_forecasts(outcomes: &[Outcome]) {
     println!();
 }
 
-/// Builds the chart panels from the checkpoints' validation points.
+/// Builds the chart panels from the checkpoints' test points.
 pub async fn chart_panels(
     adapters: &Adapters,
     outcomes: &[Outcome],
@@ -272,7 +271,7 @@ pub async fn chart_panels(
         let version = o.response["model"]["version"]
             .as_i64()
             .ok_or_else(|| anyhow!("no version"))?;
-        let val = tickmesh_train::checkpoint::read_validation(
+        let val = tickmesh_model::checkpoint::read_test_points(
             adapters.store.as_ref(),
             &o.ticker,
             o.interval,
@@ -359,6 +358,7 @@ pub async fn run(opts: DemoOptions) -> Result<PathBuf> {
         synthetic_interval: Interval::M5,
         malformed: true,
         n_steps: opts.n_steps,
+        model: cfg.train.model,
         timeout: Duration::from_secs(900),
     };
     let result = pipeline(&node, &adapters, &inputs).await;
@@ -374,7 +374,7 @@ pub async fn run(opts: DemoOptions) -> Result<PathBuf> {
     let panels = chart_panels(&adapters, &outcomes, 120).await?;
     chart::draw(&chart_path, &panels)?;
     println!(
-        "chart     {} (actual vs one-step prediction over validation, then the forecast)",
+        "chart     {} (actual vs one-step prediction over the test split, then the forecast)",
         chart_path.display()
     );
     println!("try       curl 'http://{http}/ml/forecast?ticker=AAPL&interval=1d&n_steps=10'");

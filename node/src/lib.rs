@@ -5,8 +5,12 @@
 //! - [`demo`]: the whole pipeline in one process on the embedded defaults.
 //! - [`chart`]: the forecast-vs-actual PNG.
 //! - [`cluster`]: ractor_cluster membership (node servers, node agents).
+//! - [`bench`]: the training-throughput benchmark beside PyTorch.
+//! - [`train_cli`]: `tickmesh train`, `evaluate` and `doctor`.
 
+pub mod bench;
 pub mod chart;
 pub mod cluster;
 pub mod demo;
 pub mod roles;
+pub mod train_cli;

@@ -6,6 +6,9 @@
 //! tickmesh config check [FILE]                   validate a cluster.toml
 //! tickmesh produce synthetic|csv ...             publish bars to h_alpaca
 //! tickmesh aggregate --tickers .. --interval ..  load aggregated_data, publish start_model
+//! tickmesh train --ticker AAPL --interval 1d     train one model from CSV files or the database
+//! tickmesh evaluate --checkpoint DIR             re-score a saved model on a date range
+//! tickmesh doctor                                libtorch, CUDA and cuDNN as this binary sees them
 //! tickmesh admin train|topics|buckets ...        operator commands
 //! ```
 
@@ -15,6 +18,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use chrono::NaiveDate;
 use clap::{Parser, Subcommand};
+use tickmesh::train_cli::{self, Source, UsageError};
 use tickmesh::{cluster, demo, roles};
 use tickmesh_core::config::{Backend, ClusterConfig};
 use tickmesh_core::types::{topics, Interval};
@@ -81,6 +85,83 @@ enum Cmd {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
     },
+    /// Train one model from `{data-dir}/{TICKER}_{interval}_*.csv` (or, with
+    /// --from-db, from aggregated_data) and write its checkpoint, loss.png and test.png.
+    Train {
+        #[arg(long)]
+        ticker: String,
+        #[arg(long, default_value = "1d")]
+        interval: Interval,
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// lstm_attention (default), gru or cnn_lstm.
+        #[arg(long)]
+        model: Option<String>,
+        /// Feature columns, close first is customary (default: the config's).
+        #[arg(long, value_delimiter = ',')]
+        features: Option<Vec<String>>,
+        #[arg(long, default_value = "data/raw")]
+        data_dir: PathBuf,
+        /// Train from aggregated_data in the database of --config instead of CSV files.
+        #[arg(long)]
+        from_db: bool,
+        /// Hyperparameters ([train]) and, with --from-db, the database.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Checkpoint directory (default: data/models/{TICKER}_{interval}_{model}).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// cpu, cuda or auto (default: the config's).
+        #[arg(long)]
+        device: Option<String>,
+        /// Print the metrics as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-score a saved checkpoint on the windows whose predicted bar falls in [from, to].
+    Evaluate {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        from: Option<NaiveDate>,
+        #[arg(long)]
+        to: Option<NaiveDate>,
+        #[arg(long, default_value = "data/raw")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        from_db: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Training throughput of each model kind (scripts/bench/train.sh runs it beside PyTorch).
+    #[command(hide = true)]
+    BenchTrain {
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "lstm_attention,gru,cnn_lstm"
+        )]
+        kinds: Vec<String>,
+        /// Trading days of synthetic 1-minute bars.
+        #[arg(long, default_value_t = 20)]
+        days: i64,
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+        #[arg(long)]
+        threads: Option<i32>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Write the training and validation windows here (safetensors) for the peer.
+        #[arg(long)]
+        windows_out: Option<PathBuf>,
+    },
+    /// Print the libtorch version, whether CUDA is available and loaded, the device count and cuDNN.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
     /// Operator commands.
     Admin {
         #[arg(long, default_value = "cluster.toml", global = true)]
@@ -127,6 +208,12 @@ enum AdminCmd {
         tickers: Vec<String>,
         #[arg(long, default_value = "1d")]
         interval: Interval,
+        /// lstm_attention, gru or cnn_lstm (default: the trainers' config).
+        #[arg(long, default_value = "")]
+        model: String,
+        /// Epochs (default: the trainers' config).
+        #[arg(long, default_value_t = 0)]
+        epochs: u32,
     },
     /// Create every Kafka topic of the pipeline (with the configured prefix).
     CreateTopics {
@@ -166,6 +253,10 @@ async fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(cli).await {
+        if let Some(u) = e.downcast_ref::<UsageError>() {
+            eprintln!("error: {u}");
+            std::process::exit(2);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -190,6 +281,144 @@ async fn run(cli: Cli) -> Result<()> {
                 serve,
             })
             .await?;
+        }
+        Cmd::Train {
+            ticker,
+            interval,
+            epochs,
+            model,
+            features,
+            data_dir,
+            from_db,
+            config,
+            out,
+            device,
+            json,
+        } => {
+            let cfg = train_cli::load_config(config.as_deref())?;
+            let mut train = cfg.train.clone();
+            if let Some(d) = device {
+                train.device = d;
+            }
+            train_cli::apply_overrides(&mut train, model.as_deref(), features.as_deref(), epochs)?;
+            let out = out.unwrap_or_else(|| train_cli::default_out(&ticker, interval, train.model));
+            let source = if from_db {
+                Source::Db(Box::new(cfg))
+            } else {
+                Source::Csv(data_dir)
+            };
+            let t = train_cli::train(train_cli::TrainOptions {
+                ticker,
+                interval,
+                source,
+                out,
+                train,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            })
+            .await?;
+            let f = &t.fitted;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t.meta.metrics)?);
+            } else {
+                println!(
+                    "{} {} {}: {} epochs run, best epoch {} (validation loss {:.5}, untrained {:.5}){}; {:.0} training samples/s on {}",
+                    t.meta.ticker,
+                    t.meta.interval,
+                    t.meta.kind,
+                    f.epochs_run,
+                    f.best_epoch,
+                    f.best_val_loss,
+                    f.initial_val_loss,
+                    if f.stopped_early { ", stopped early" } else { "" },
+                    f.samples_per_sec,
+                    t.meta.device
+                );
+                println!(
+                    "test split: {} windows, {} .. {}",
+                    t.meta.splits.test,
+                    t.meta.splits.test_from.date_naive(),
+                    t.meta.splits.test_to.date_naive()
+                );
+                print!("{}", t.meta.metrics.table());
+                println!(
+                    "checkpoint {}  (model.safetensors, meta.json, CHECKSUM)",
+                    t.dir.display()
+                );
+                println!(
+                    "plots      {}  {}",
+                    t.dir.join("loss.png").display(),
+                    t.dir.join("test.png").display()
+                );
+            }
+        }
+        Cmd::Evaluate {
+            checkpoint,
+            from,
+            to,
+            data_dir,
+            from_db,
+            config,
+            json,
+        } => {
+            let source = if from_db {
+                Source::Db(Box::new(train_cli::load_config(config.as_deref())?))
+            } else {
+                Source::Csv(data_dir)
+            };
+            let (meta, report, first, last) = train_cli::evaluate(train_cli::EvaluateOptions {
+                checkpoint,
+                source,
+                from,
+                to,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} {} {} v{} (trained {}), predicted bars {} .. {}:",
+                    meta.ticker,
+                    meta.interval,
+                    meta.kind,
+                    meta.version,
+                    meta.trained_at.date_naive(),
+                    first.date_naive(),
+                    last.date_naive()
+                );
+                print!("{}", report.table());
+            }
+        }
+        Cmd::BenchTrain {
+            kinds,
+            days,
+            epochs,
+            threads,
+            device,
+            windows_out,
+        } => {
+            let kinds = kinds
+                .iter()
+                .map(|k| k.parse())
+                .collect::<Result<Vec<tickmesh_core::config::ModelKind>, _>>()?;
+            tokio::task::spawn_blocking(move || {
+                tickmesh::bench::run(
+                    &kinds,
+                    days,
+                    epochs,
+                    threads,
+                    &device,
+                    windows_out.as_deref(),
+                )
+            })
+            .await??;
+        }
+        Cmd::Doctor { json } => {
+            let d = tokio::task::spawn_blocking(train_cli::doctor).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                println!("{d}");
+            }
         }
         Cmd::Config {
             cmd: ConfigCmd::Check { file },
@@ -285,7 +514,12 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Admin { config, cmd } => {
             let cfg = load(&config)?;
             match cmd {
-                AdminCmd::Train { tickers, interval } => {
+                AdminCmd::Train {
+                    tickers,
+                    interval,
+                    model,
+                    epochs,
+                } => {
                     let mut c = tickmesh_train::pool::connect(
                         &cfg.coordinator.listen,
                         std::time::Duration::from_secs(5),
@@ -296,9 +530,18 @@ async fn run(cli: Cli) -> Result<()> {
                         .start_training(tickmesh_proto::v1::StartTrainingRequest {
                             tickers,
                             interval: interval.to_string(),
+                            model,
+                            epochs,
                         })
-                        .await?;
-                    println!("{} jobs queued", r.into_inner().queued);
+                        .await?
+                        .into_inner();
+                    for id in &r.job_ids {
+                        println!("job {id}");
+                    }
+                    for why in &r.refused {
+                        println!("refused {why}");
+                    }
+                    println!("{} jobs queued", r.queued);
                 }
                 AdminCmd::CreateTopics { partitions } => {
                     tickmesh_core::bus::kafka_create_topics(

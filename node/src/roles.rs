@@ -153,7 +153,7 @@ pub async fn start(
         node.aggregator = Some(agg);
     }
 
-    let device = tickmesh_train::device(&cfg.train.device);
+    let device = tickmesh_model::device(&cfg.train.device);
     if roles.contains(&Role::Train) {
         let nc = cfg.nodes.iter().find(|n| n.name == name);
         let cpus = nc.and_then(|n| n.cpus).unwrap_or_else(|| {
@@ -162,7 +162,11 @@ pub async fn start(
                 .unwrap_or(1)
         });
         let gpus = nc.map(|n| n.gpus).unwrap_or(0);
-        let parallel = if device.is_cuda() { 4 } else { 1 };
+        let parallel = if device.is_cuda() {
+            cfg.train.jobs_per_gpu
+        } else {
+            cfg.train.cpu_jobs
+        };
         let (pool, h) = Actor::spawn(
             None,
             TrainerPool,
@@ -201,7 +205,9 @@ pub async fn start(
             .with_context(|| format!("bind serve.http_listen {}", cfg.serve.http_listen))?;
         let addr = listener.local_addr()?;
         node.bound.http = Some(addr);
-        let state = HttpState::new(registry.clone(), cfg.serve.max_steps);
+        let state = HttpState::new(registry.clone(), cfg.serve.max_steps)
+            .with_coordinator(&coordinator_addr)
+            .map_err(|e| anyhow!("serve role: {e}"))?;
         let sd = shutdown_signal(&shutdown_rx);
         node.tasks.push(tokio::spawn(async move {
             if let Err(e) = tickmesh_serve::http::serve(listener, state, sd).await {

@@ -24,6 +24,7 @@ fn inputs(daily: bool) -> Inputs {
         synthetic_interval: Interval::M15,
         malformed: true,
         n_steps: 4,
+        model: Default::default(),
         timeout: Duration::from_secs(300),
     }
 }
@@ -93,7 +94,7 @@ async fn whole_chain_on_embedded_defaults() {
         .await
         .unwrap();
     let e =
-        tickmesh_train::checkpoint::read(a.store.as_ref(), "IBM", Interval::D1, 1, &champ.sha256)
+        tickmesh_model::checkpoint::read(a.store.as_ref(), "IBM", Interval::D1, 1, &champ.sha256)
             .await
             .unwrap_err()
             .to_string();

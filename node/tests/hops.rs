@@ -202,11 +202,18 @@ async fn start_model_to_checkpoint_to_forecast() {
         vec![
             "TSTC/15m/v1/meta.json",
             "TSTC/15m/v1/model.safetensors",
-            "TSTC/15m/v1/validation.json"
+            "TSTC/15m/v1/test.json"
         ]
     );
+    // Staged under a temporary prefix, published, and the staging copy removed.
+    assert!(a
+        .store
+        .list(buckets::MODELS, "TSTC/15m/.staging/")
+        .await
+        .unwrap()
+        .is_empty());
     let (meta, _) =
-        tickmesh_train::checkpoint::read(a.store.as_ref(), "TSTC", Interval::M15, 1, &champ.sha256)
+        tickmesh_model::checkpoint::read(a.store.as_ref(), "TSTC", Interval::M15, 1, &champ.sha256)
             .await
             .unwrap();
     assert_eq!(meta.features, cfg.train.features);
@@ -297,6 +304,9 @@ impl tickmesh_core::store::ObjectStore for FailingFirstWrites {
     }
     async fn delete(&self, bucket: &str, key: &str) -> tickmesh_core::Result<()> {
         self.inner.delete(bucket, key).await
+    }
+    async fn copy(&self, bucket: &str, from: &str, to: &str) -> tickmesh_core::Result<()> {
+        self.inner.copy(bucket, from, to).await
     }
     fn uri(&self, bucket: &str, key: &str) -> String {
         self.inner.uri(bucket, key)

@@ -15,9 +15,9 @@ use tickmesh_core::parquet_io::{decode_bars, merge_bars};
 use tickmesh_core::store::{buckets, SharedStore};
 use tickmesh_core::types::{topics, validate_ticker, Bar, Interval, StartModel};
 use tickmesh_core::{Error, Result};
+use tickmesh_features::feature_rows;
 use tracing::info;
 
-use crate::features::feature_rows;
 use crate::resample::resample;
 
 pub struct AggregatorActor;

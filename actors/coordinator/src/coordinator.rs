@@ -1,10 +1,15 @@
 //! `CoordinatorActor`: receives node registrations, heartbeats, start
-//! signals and checkpoint reports (from the gRPC service and the
-//! `start_model` consumer). It assigns each (ticker, interval) job to one
-//! trainer node (GPU nodes first, then the least loaded) under a new epoch,
-//! records checkpoints as champions in `model_versions`, and pushes each new
+//! signals, progress, checkpoint and failure reports (from the gRPC service
+//! and the `start_model` consumer). Each start request becomes one job per
+//! ticker with an id (`GetJob` reports its state: queued, running with the
+//! last epoch's losses, done with the version and metrics, failed with the
+//! reason). It assigns each job to one trainer node (GPU nodes first, then
+//! the least loaded) under a new epoch; a job whose (ticker, interval) is
+//! already being trained waits without holding up the jobs behind it. It
+//! records checkpoints as champions in `model_versions` and pushes each new
 //! version to every predictor watching. A report stamped with an epoch other
-//! than the job's current one is refused. A node whose heartbeats stop for
+//! than the job's current one is refused; a failure report ends the job and
+//! frees its node. A node whose heartbeats stop for
 //! `lease_secs` is dropped and its jobs are reassigned with a higher epoch.
 //! It supervises its `StartModelConsumer`: a consumer that fails (the bus is
 //! down) is restarted after a backoff while the restart budget lasts; then
@@ -16,10 +21,13 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tickmesh_core::bus::{BusConfig, SharedPublisher};
+use tickmesh_core::config::ModelKind;
 use tickmesh_core::db::{Db, ModelVersion};
 use tickmesh_core::supervision::{stopped_child, RestartBudget};
 use tickmesh_core::types::Interval;
-use tickmesh_proto::v1::{Assignment, CheckpointAck, CheckpointReport, ModelUpdate};
+use tickmesh_proto::v1::{
+    Assignment, CheckpointAck, CheckpointReport, JobFailure, JobProgress, JobStatus, ModelUpdate,
+};
 use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::{error, info, warn};
@@ -46,22 +54,53 @@ pub enum CoordinatorMsg {
     WatchAssignments { node: String, tx: AssignmentTx },
     /// A predictor opens its model stream; champions are sent at once.
     WatchModels { tx: ModelTx },
-    /// Train these tickers on this interval; replies with how many jobs were queued.
+    /// Train these tickers on this interval (with optional overrides of
+    /// the trainers' config); replies with the job ids and the refusals.
     Start {
         tickers: Vec<String>,
         interval: Interval,
-        reply: Option<RpcReplyPort<u32>>,
+        model: Option<ModelKind>,
+        epochs: Option<usize>,
+        reply: Option<RpcReplyPort<Started>>,
     },
     /// A trainer reports a checkpoint.
     Report {
         report: CheckpointReport,
         reply: RpcReplyPort<CheckpointAck>,
     },
+    /// A trainer finished a training epoch of a job.
+    Progress(JobProgress),
+    /// A trainer could not finish a job.
+    Failure {
+        failure: JobFailure,
+        reply: RpcReplyPort<CheckpointAck>,
+    },
+    /// The state of a job; `None` for an unknown id.
+    GetJob {
+        id: String,
+        reply: RpcReplyPort<Option<JobStatus>>,
+    },
     /// Check leases (sent to itself every heartbeat period).
     Tick,
 }
 
 impl ractor::Message for CoordinatorMsg {}
+
+/// What a start request did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Started {
+    /// Jobs newly queued.
+    pub queued: u32,
+    /// One id per accepted ticker (an identical queued job's id is reused).
+    pub job_ids: Vec<String>,
+    /// `TICKER: reason` per refused ticker.
+    pub refused: Vec<String>,
+}
+
+/// Jobs waiting at most; a start request beyond it is refused.
+const MAX_PENDING: usize = 10_000;
+/// Finished jobs remembered for `GetJob`.
+const MAX_FINISHED: usize = 10_000;
 
 #[derive(Clone)]
 pub struct CoordinatorArgs {
@@ -83,17 +122,57 @@ struct Node {
 
 #[derive(Debug, Clone)]
 struct ActiveJob {
+    job: String,
     node: String,
     epoch: i64,
     version: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+}
+
+impl JobState {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct JobRecord {
+    ticker: String,
+    interval: Interval,
+    model: Option<ModelKind>,
+    epochs: Option<usize>,
+    state: JobState,
+    status: JobStatus,
+}
+
+impl JobRecord {
+    fn set(&mut self, state: JobState) {
+        self.state = state;
+        self.status.state = state.as_str().into();
+    }
 }
 
 pub struct CoordinatorState {
     args: CoordinatorArgs,
     consumer: Option<ActorCell>,
     nodes: HashMap<String, Node>,
-    pending: VecDeque<(String, Interval)>,
+    /// Queued job ids, oldest first.
+    pending: VecDeque<String>,
     active: HashMap<(String, Interval), ActiveJob>,
+    jobs: HashMap<String, JobRecord>,
+    finished: VecDeque<String>,
     watchers: Vec<ModelTx>,
 }
 
@@ -140,6 +219,8 @@ impl Actor for CoordinatorActor {
             nodes: HashMap::new(),
             pending: VecDeque::new(),
             active: HashMap::new(),
+            jobs: HashMap::new(),
+            finished: VecDeque::new(),
             watchers: Vec::new(),
         })
     }
@@ -196,21 +277,45 @@ impl Actor for CoordinatorActor {
             CoordinatorMsg::Start {
                 tickers,
                 interval,
+                model,
+                epochs,
                 reply,
             } => {
-                let mut queued = 0;
-                for t in tickers {
-                    let key = (t, interval);
-                    if !st.pending.contains(&key) {
-                        st.pending.push_back(key);
-                        queued += 1;
-                    }
-                }
-                info!(%interval, queued, "training requested");
+                let started = start_jobs(st, tickers, interval, model, epochs).await?;
+                info!(%interval, queued = started.queued, refused = started.refused.len(), "training requested");
                 assign_pending(st).await?;
                 if let Some(r) = reply {
-                    let _ = r.send(queued);
+                    let _ = r.send(started);
                 }
+            }
+            CoordinatorMsg::Progress(p) => {
+                let current = st
+                    .active
+                    .values()
+                    .any(|a| a.job == p.job_id && a.epoch == p.epoch && a.node == p.node);
+                if let Some(j) = st.jobs.get_mut(&p.job_id).filter(|_| current) {
+                    j.status.train_epoch = p.train_epoch;
+                    j.status.epochs = p.epochs;
+                    j.status.train_loss = p.train_loss;
+                    j.status.val_loss = p.val_loss;
+                }
+            }
+            CoordinatorMsg::Failure { failure, reply } => {
+                let ack = match fail_job(st, failure) {
+                    Ok(()) => CheckpointAck {
+                        accepted: true,
+                        reason: String::new(),
+                    },
+                    Err(reason) => CheckpointAck {
+                        accepted: false,
+                        reason,
+                    },
+                };
+                let _ = reply.send(ack);
+                assign_pending(st).await?;
+            }
+            CoordinatorMsg::GetJob { id, reply } => {
+                let _ = reply.send(st.jobs.get(&id).map(|j| j.status.clone()));
             }
             CoordinatorMsg::Report { report, reply } => {
                 let ack = accept_report(st, report).await;
@@ -245,8 +350,13 @@ impl Actor for CoordinatorActor {
                         .map(|(k, _)| k.clone())
                         .collect();
                     for k in jobs {
-                        st.active.remove(&k);
-                        st.pending.push_front(k);
+                        if let Some(a) = st.active.remove(&k) {
+                            if let Some(j) = st.jobs.get_mut(&a.job) {
+                                j.set(JobState::Queued);
+                                j.status.node.clear();
+                            }
+                            st.pending.push_front(a.job);
+                        }
                     }
                 }
                 st.watchers.retain(|w| !w.is_closed());
@@ -284,12 +394,98 @@ fn update_of(m: &ModelVersion) -> ModelUpdate {
     }
 }
 
-/// Hands pending jobs to trainer nodes while any can take one.
+/// Queues one job per ticker that has aggregated data.
+async fn start_jobs(
+    st: &mut CoordinatorState,
+    tickers: Vec<String>,
+    interval: Interval,
+    model: Option<ModelKind>,
+    epochs: Option<usize>,
+) -> Result<Started, ActorProcessingErr> {
+    let mut out = Started::default();
+    for ticker in tickers {
+        let same = st.pending.iter().find(|id| {
+            st.jobs.get(*id).is_some_and(|j| {
+                j.ticker == ticker
+                    && j.interval == interval
+                    && j.model == model
+                    && j.epochs == epochs
+            })
+        });
+        if let Some(id) = same {
+            out.job_ids.push(id.clone());
+            continue;
+        }
+        if st.pending.len() >= MAX_PENDING {
+            out.refused.push(format!(
+                "{ticker}: the queue is full ({MAX_PENDING} jobs waiting)"
+            ));
+            continue;
+        }
+        if st.args.db.count_aggregated(&ticker, interval).await? == 0 {
+            out.refused.push(format!(
+                "{ticker}: unknown ticker: no aggregated_data rows for interval {interval}"
+            ));
+            continue;
+        }
+        let id = format!(
+            "{ticker}-{interval}-{:x}-{:04x}",
+            Utc::now().timestamp_micros(),
+            rand::random::<u16>()
+        );
+        st.jobs.insert(
+            id.clone(),
+            JobRecord {
+                ticker: ticker.clone(),
+                interval,
+                model,
+                epochs,
+                state: JobState::Queued,
+                status: JobStatus {
+                    job_id: id.clone(),
+                    ticker,
+                    interval: interval.to_string(),
+                    state: JobState::Queued.as_str().into(),
+                    model: model.map(|m| m.to_string()).unwrap_or_default(),
+                    epochs: epochs.unwrap_or(0) as u32,
+                    ..Default::default()
+                },
+            },
+        );
+        st.pending.push_back(id.clone());
+        out.job_ids.push(id);
+        out.queued += 1;
+    }
+    Ok(out)
+}
+
+/// Marks a job finished and forgets the oldest finished ones beyond the cap.
+fn finish(st: &mut CoordinatorState, id: &str, state: JobState) {
+    if let Some(j) = st.jobs.get_mut(id) {
+        j.set(state);
+        st.finished.push_back(id.to_string());
+    }
+    while st.finished.len() > MAX_FINISHED {
+        if let Some(old) = st.finished.pop_front() {
+            st.jobs.remove(&old);
+        }
+    }
+}
+
+/// Hands pending jobs to trainer nodes while any can take one. A job whose
+/// (ticker, interval) is being trained stays queued; the jobs behind it go on.
 async fn assign_pending(st: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
-    while let Some((ticker, interval)) = st.pending.front().cloned() {
+    let mut i = 0;
+    while i < st.pending.len() {
+        let id = st.pending[i].clone();
+        let Some(job) = st.jobs.get(&id).cloned() else {
+            st.pending.remove(i);
+            continue;
+        };
+        let (ticker, interval) = (job.ticker.clone(), job.interval);
         if st.active.contains_key(&(ticker.clone(), interval)) {
-            // Already being trained: run again after the current one reports.
-            break;
+            i += 1;
+            continue;
         }
         let best = st
             .nodes
@@ -299,7 +495,7 @@ async fn assign_pending(st: &mut CoordinatorState) -> Result<(), ActorProcessing
             .min_by_key(|(name, n)| (n.gpus == 0, n.load, (*name).clone()))
             .map(|(name, _)| name.clone());
         let Some(node) = best else { break };
-        st.pending.pop_front();
+        st.pending.remove(i);
         let epoch = st.args.db.assignment_epoch(&ticker, interval).await? + 1;
         let version = st.args.db.next_model_version(&ticker, interval).await?;
         let lease_until =
@@ -316,23 +512,62 @@ async fn assign_pending(st: &mut CoordinatorState) -> Result<(), ActorProcessing
             interval: interval.to_string(),
             epoch,
             version,
+            job_id: id.clone(),
+            model: job.model.map(|m| m.to_string()).unwrap_or_default(),
+            epochs: job.epochs.unwrap_or(0) as u32,
         };
         if tx.send(Ok(a)).await.is_err() {
             n.assignments = None;
             n.load -= 1;
-            st.pending.push_front((ticker, interval));
+            st.pending.insert(i, id);
             continue;
         }
-        info!(%ticker, %interval, %node, epoch, version, "job assigned");
+        info!(%ticker, %interval, %node, epoch, version, job = %id, "job assigned");
+        if let Some(j) = st.jobs.get_mut(&id) {
+            j.set(JobState::Running);
+            j.status.node = node.clone();
+            j.status.version = version;
+        }
         st.active.insert(
             (ticker, interval),
             ActiveJob {
+                job: id,
                 node,
                 epoch,
                 version,
             },
         );
     }
+    Ok(())
+}
+
+/// Ends an active job as failed (the report must come from its current assignment).
+fn fail_job(st: &mut CoordinatorState, f: JobFailure) -> Result<(), String> {
+    let interval: Interval = f
+        .interval
+        .parse()
+        .map_err(|e: tickmesh_core::Error| e.to_string())?;
+    let key = (f.ticker.clone(), interval);
+    let job = st
+        .active
+        .get(&key)
+        .cloned()
+        .ok_or_else(|| format!("no active job for {} {interval}", f.ticker))?;
+    if job.epoch != f.epoch || job.node != f.node || job.job != f.job_id {
+        return Err(format!(
+            "stale failure report for {} {interval}: epoch {} from {} (current: epoch {} on {})",
+            f.ticker, f.epoch, f.node, job.epoch, job.node
+        ));
+    }
+    st.active.remove(&key);
+    if let Some(n) = st.nodes.get_mut(&f.node) {
+        n.load = n.load.saturating_sub(1);
+    }
+    warn!(ticker = %f.ticker, %interval, job = %f.job_id, reason = %f.reason, "job failed");
+    if let Some(j) = st.jobs.get_mut(&job.job) {
+        j.status.reason = f.reason;
+    }
+    finish(st, &job.job, JobState::Failed);
     Ok(())
 }
 
@@ -347,7 +582,11 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
         .get(&key)
         .cloned()
         .ok_or_else(|| format!("no active job for {} {interval}", r.ticker))?;
-    if job.epoch != r.epoch || job.node != r.node || job.version != r.version {
+    if job.epoch != r.epoch
+        || job.node != r.node
+        || job.version != r.version
+        || (!r.job_id.is_empty() && job.job != r.job_id)
+    {
         return Err(format!(
             "stale report for {} {interval}: epoch {} from {} (current: epoch {} on {})",
             r.ticker, r.epoch, r.node, job.epoch, job.node
@@ -373,6 +612,11 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
     if let Some(n) = st.nodes.get_mut(&r.node) {
         n.load = n.load.saturating_sub(1);
     }
+    if let Some(j) = st.jobs.get_mut(&job.job) {
+        j.status.metrics_json = r.metrics_json.clone();
+        j.status.model = r.kind.clone();
+    }
+    finish(st, &job.job, JobState::Done);
     info!(ticker = %r.ticker, %interval, version = r.version, "model version registered as champion");
     let update = update_of(&m);
     let mut live = Vec::with_capacity(st.watchers.len());

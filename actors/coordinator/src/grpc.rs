@@ -120,18 +120,74 @@ impl Coordinator for CoordinatorService {
         for t in &r.tickers {
             validate_ticker(t).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
+        let model = match r.model.as_str() {
+            "" => None,
+            m => Some(
+                m.parse()
+                    .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?,
+            ),
+        };
+        if r.epochs > 10_000 {
+            return Err(Status::invalid_argument("epochs must be at most 10000"));
+        }
+        let epochs = (r.epochs > 0).then_some(r.epochs as usize);
         let tickers = r.tickers;
-        let queued = call_t!(
+        let s = call_t!(
             self.actor,
             |reply| CoordinatorMsg::Start {
                 tickers,
                 interval,
+                model,
+                epochs,
                 reply: Some(reply)
             },
             CALL_TIMEOUT_MS
         )
         .map_err(unavailable)?;
-        Ok(Response::new(StartTrainingReply { queued }))
+        Ok(Response::new(StartTrainingReply {
+            queued: s.queued,
+            job_ids: s.job_ids,
+            refused: s.refused,
+        }))
+    }
+
+    async fn report_progress(
+        &self,
+        req: Request<JobProgress>,
+    ) -> Result<Response<ProgressAck>, Status> {
+        self.actor
+            .cast(CoordinatorMsg::Progress(req.into_inner()))
+            .map_err(unavailable)?;
+        Ok(Response::new(ProgressAck {}))
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<JobFailure>,
+    ) -> Result<Response<CheckpointAck>, Status> {
+        let failure = req.into_inner();
+        let ack = call_t!(
+            self.actor,
+            |reply| CoordinatorMsg::Failure { failure, reply },
+            CALL_TIMEOUT_MS
+        )
+        .map_err(unavailable)?;
+        Ok(Response::new(ack))
+    }
+
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        let job = call_t!(
+            self.actor,
+            |reply| CoordinatorMsg::GetJob {
+                id: id.clone(),
+                reply
+            },
+            CALL_TIMEOUT_MS
+        )
+        .map_err(unavailable)?;
+        job.map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("unknown job `{id}`")))
     }
 }
 

@@ -62,6 +62,8 @@ impl Actor for StartModelConsumer {
                     st.args.coordinator.cast(CoordinatorMsg::Start {
                         tickers: m.tickers,
                         interval: m.interval,
+                        model: None,
+                        epochs: None,
                         reply: None,
                     })?;
                 }

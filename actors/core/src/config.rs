@@ -211,32 +211,92 @@ impl Default for ServeConfig {
     }
 }
 
+/// A model architecture, by the name cluster.toml, the CLI and the API use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// LSTM with additive attention over the window (the default).
+    #[default]
+    LstmAttention,
+    /// GRU, read out from the last hidden state.
+    Gru,
+    /// A 1-D convolution over the window feeding an LSTM.
+    CnnLstm,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 3] = [ModelKind::LstmAttention, ModelKind::Gru, ModelKind::CnnLstm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::LstmAttention => "lstm_attention",
+            ModelKind::Gru => "gru",
+            ModelKind::CnnLstm => "cnn_lstm",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ModelKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "model",
+                    format!("`{s}` is not a model kind (lstm_attention, gru, cnn_lstm)"),
+                )
+            })
+    }
+}
+
 /// Training hyperparameters (defaults for every ticker).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Model kind: `lstm_attention`.
-    pub model: String,
+    /// Model kind: `lstm_attention`, `gru` or `cnn_lstm`.
+    pub model: ModelKind,
     pub features: Vec<String>,
     pub seq_len: usize,
     pub hidden: i64,
     pub layers: i64,
+    /// Output channels of `cnn_lstm`'s convolution.
+    pub conv_channels: i64,
+    /// Kernel width of `cnn_lstm`'s convolution (odd: the window keeps its length).
+    pub kernel_size: i64,
     pub epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
-    /// Fraction of the rows (the most recent) held out for validation.
+    /// Largest L2 norm of the gradient per Adam step (clipped above it).
+    pub clip_grad_norm: f64,
+    /// Fraction of the windows (after the training ones) that validate: early
+    /// stopping selects on them.
     pub val_fraction: f64,
+    /// Fraction of the windows (the most recent) held out for the test
+    /// metrics; never seen by training or early stopping.
+    pub test_fraction: f64,
     /// Epochs without validation improvement before stopping early.
     pub patience: usize,
     /// `auto` (CUDA when present), `cpu` or `cuda`.
     pub device: String,
+    /// Jobs a trainer node runs at once on one CUDA device.
+    pub jobs_per_gpu: usize,
+    /// Jobs a trainer node runs at once on the CPU.
+    pub cpu_jobs: usize,
     pub seed: i64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            model: "lstm_attention".into(),
+            model: ModelKind::LstmAttention,
             features: vec![
                 "close".into(),
                 "log_return".into(),
@@ -246,14 +306,91 @@ impl Default for TrainConfig {
             seq_len: 30,
             hidden: 32,
             layers: 1,
+            conv_channels: 32,
+            kernel_size: 3,
             epochs: 30,
             batch_size: 64,
             learning_rate: 1e-3,
-            val_fraction: 0.2,
+            clip_grad_norm: 1.0,
+            val_fraction: 0.15,
+            test_fraction: 0.15,
             patience: 5,
             device: "auto".into(),
+            jobs_per_gpu: 4,
+            cpu_jobs: 1,
             seed: 42,
         }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the hyperparameters; the error is `(key, message)` with the key
+    /// under `train.`.
+    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((format!("train.{k}"), m));
+        let t = self;
+        if t.features.is_empty() {
+            return bad("features", "must name at least one feature".into());
+        }
+        if let Some(f) = t
+            .features
+            .iter()
+            .find(|f| !FEATURE_COLUMNS.contains(&f.as_str()))
+        {
+            return bad(
+                "features",
+                format!(
+                    "`{f}` is not a feature column ({})",
+                    FEATURE_COLUMNS.join(", ")
+                ),
+            );
+        }
+        if !t.features.iter().any(|f| f == "close") {
+            return bad("features", "must include `close`, the target".into());
+        }
+        let mut seen = BTreeSet::new();
+        if let Some(f) = t.features.iter().find(|f| !seen.insert(f.as_str())) {
+            return bad("features", format!("`{f}` is listed twice"));
+        }
+        if t.seq_len < 2 {
+            return bad("seq_len", "must be at least 2".into());
+        }
+        if t.hidden < 1 || t.layers < 1 {
+            return bad("hidden", "hidden and layers must be at least 1".into());
+        }
+        if t.conv_channels < 1 {
+            return bad("conv_channels", "must be at least 1".into());
+        }
+        if t.kernel_size < 1 || t.kernel_size % 2 == 0 {
+            return bad("kernel_size", "must be an odd number of at least 1".into());
+        }
+        if t.epochs == 0 || t.batch_size == 0 {
+            return bad("epochs", "epochs and batch_size must be at least 1".into());
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return bad("learning_rate", "must be a positive number".into());
+        }
+        if !(t.clip_grad_norm.is_finite() && t.clip_grad_norm > 0.0) {
+            return bad("clip_grad_norm", "must be a positive number".into());
+        }
+        for (k, v) in [
+            ("val_fraction", t.val_fraction),
+            ("test_fraction", t.test_fraction),
+        ] {
+            if !(v > 0.0 && v <= 0.4) {
+                return bad(k, format!("{v} must be in (0, 0.4]"));
+            }
+        }
+        if !["auto", "cpu", "cuda"].contains(&t.device.as_str()) {
+            return bad("device", format!("`{}` is not auto, cpu or cuda", t.device));
+        }
+        if t.jobs_per_gpu == 0 || t.cpu_jobs == 0 {
+            return bad(
+                "jobs_per_gpu",
+                "jobs_per_gpu and cpu_jobs must be at least 1".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -470,59 +607,7 @@ impl ClusterConfig {
                 return bad("postgres.port", "must not be 0".into());
             }
         }
-        let t = &self.train;
-        if t.model != "lstm_attention" {
-            return bad(
-                "train.model",
-                format!("`{}` is not a known model (lstm_attention)", t.model),
-            );
-        }
-        if t.features.is_empty() {
-            return bad("train.features", "must name at least one feature".into());
-        }
-        if let Some(f) = t
-            .features
-            .iter()
-            .find(|f| !FEATURE_COLUMNS.contains(&f.as_str()))
-        {
-            return bad(
-                "train.features",
-                format!(
-                    "`{f}` is not a feature column ({})",
-                    FEATURE_COLUMNS.join(", ")
-                ),
-            );
-        }
-        if !t.features.iter().any(|f| f == "close") {
-            return bad("train.features", "must include `close`, the target".into());
-        }
-        if t.seq_len < 2 {
-            return bad("train.seq_len", "must be at least 2".into());
-        }
-        if t.hidden < 1 || t.layers < 1 {
-            return bad(
-                "train.hidden",
-                "hidden and layers must be at least 1".into(),
-            );
-        }
-        if t.epochs == 0 || t.batch_size == 0 {
-            return bad(
-                "train.epochs",
-                "epochs and batch_size must be at least 1".into(),
-            );
-        }
-        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
-            return bad("train.learning_rate", "must be a positive number".into());
-        }
-        if !(t.val_fraction > 0.0 && t.val_fraction <= 0.5) {
-            return bad("train.val_fraction", "must be in (0, 0.5]".into());
-        }
-        if !["auto", "cpu", "cuda"].contains(&t.device.as_str()) {
-            return bad(
-                "train.device",
-                format!("`{}` is not auto, cpu or cuda", t.device),
-            );
-        }
+        self.train.check()?;
         if self.supervision.window_secs == 0 {
             return bad("supervision.window_secs", "must be at least 1".into());
         }

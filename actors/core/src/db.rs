@@ -319,6 +319,77 @@ impl Db {
         Ok(rows)
     }
 
+    /// How many `aggregated_data` rows a ticker-interval has.
+    pub async fn count_aggregated(&self, ticker: &str, interval: Interval) -> Result<i64> {
+        let sql = self
+            .sql("SELECT COUNT(*) FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2");
+        let ctx = format!("count aggregated_data {ticker} {interval}");
+        let n: i64 = match self {
+            Db::Postgres(p) => sqlx::query_scalar(&sql)
+                .bind(ticker)
+                .bind(interval.as_str())
+                .fetch_one(p)
+                .await
+                .map_err(Error::db(ctx))?,
+            Db::Sqlite(p) => sqlx::query_scalar(&sql)
+                .bind(ticker)
+                .bind(interval.as_str())
+                .fetch_one(p)
+                .await
+                .map_err(Error::db(ctx))?,
+        };
+        Ok(n)
+    }
+
+    /// Every column of a ticker-interval's rows after `after` (all of them
+    /// with `None`), in time order: what a forecaster's history is built from.
+    pub async fn read_aggregated_after(
+        &self,
+        ticker: &str,
+        interval: Interval,
+        after: Option<DateTime<Utc>>,
+    ) -> Result<Vec<AggRow>> {
+        let ctx = format!("read aggregated_data {ticker} {interval}");
+        // Before any market data (and inside PostgreSQL's timestamp range).
+        let after = after.unwrap_or_else(|| {
+            DateTime::from_timestamp(-5_364_662_400, 0).expect("1800-01-01 is a valid time")
+        });
+        let sql = self.sql(&format!(
+            "SELECT ts, {} FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2 AND ts > $3 ORDER BY ts",
+            col_list()
+        ));
+        let n = FEATURE_COLUMNS.len();
+        let rows = match self {
+            Db::Postgres(p) => sqlx::query(&sql)
+                .bind(ticker)
+                .bind(interval.as_str())
+                .bind(after)
+                .fetch_all(p)
+                .await
+                .map_err(Error::db(ctx))?
+                .iter()
+                .map(|r| AggRow {
+                    ts: r.get(0),
+                    values: (1..=n).map(|i| r.get::<Option<f64>, _>(i)).collect(),
+                })
+                .collect(),
+            Db::Sqlite(p) => sqlx::query(&sql)
+                .bind(ticker)
+                .bind(interval.as_str())
+                .bind(after)
+                .fetch_all(p)
+                .await
+                .map_err(Error::db(ctx))?
+                .iter()
+                .map(|r| AggRow {
+                    ts: r.get(0),
+                    values: (1..=n).map(|i| r.get::<Option<f64>, _>(i)).collect(),
+                })
+                .collect(),
+        };
+        Ok(rows)
+    }
+
     /// The next free version number of a ticker-interval's models.
     pub async fn next_model_version(&self, ticker: &str, interval: Interval) -> Result<i64> {
         let sql = self.sql("SELECT COALESCE(MAX(version), 0) + 1 FROM model_versions WHERE ticker = $1 AND \"interval\" = $2");

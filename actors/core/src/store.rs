@@ -38,6 +38,10 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>>;
     /// Removes an object (absent is fine).
     async fn delete(&self, bucket: &str, key: &str) -> Result<()>;
+    /// Copies an object inside a bucket, atomically at the destination (a
+    /// rename on disk, a server-side CopyObject on S3): readers of `to` see
+    /// the old object or the whole copy.
+    async fn copy(&self, bucket: &str, from: &str, to: &str) -> Result<()>;
     /// A URI for an object, for logs and the model registry.
     fn uri(&self, bucket: &str, key: &str) -> String;
 }
@@ -162,6 +166,14 @@ impl ObjectStore for LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(path, e)),
         }
+    }
+
+    async fn copy(&self, bucket: &str, from: &str, to: &str) -> Result<()> {
+        let src = self.path(bucket, from)?;
+        let data = tokio::fs::read(&src)
+            .await
+            .map_err(|e| Error::io(&src, e))?;
+        self.put(bucket, to, Bytes::from(data)).await
     }
 
     fn uri(&self, bucket: &str, key: &str) -> String {
@@ -360,6 +372,21 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
+    async fn copy(&self, bucket: &str, from: &str, to: &str) -> Result<()> {
+        check_key(bucket, from)?;
+        check_key(bucket, to)?;
+        let b = self.bucket(bucket);
+        self.client
+            .copy_object()
+            .bucket(&b)
+            .key(to)
+            .copy_source(format!("{b}/{from}"))
+            .send()
+            .await
+            .map_err(|e| s3_err("copy", &b, to, aws_sdk_s3::error::DisplayErrorContext(&e)))?;
+        Ok(())
+    }
+
     fn uri(&self, bucket: &str, key: &str) -> String {
         format!("s3://{}/{key}", self.bucket(bucket))
     }
@@ -388,5 +415,8 @@ mod tests {
         assert!(s.put("models", "../x", Bytes::new()).await.is_err());
         s.delete("models", "a/b").await.unwrap();
         assert_eq!(s.list("models", "").await.unwrap(), vec!["a/c"]);
+        s.copy("models", "a/c", "b/c").await.unwrap();
+        assert_eq!(&s.get("models", "b/c").await.unwrap().unwrap()[..], b"y");
+        assert!(s.copy("models", "a/none", "b/d").await.is_err());
     }
 }

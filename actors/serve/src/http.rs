@@ -2,6 +2,13 @@
 //! - `GET /ml/forecast?ticker=AAPL&interval=1d&n_steps=10` → forecasts, JSON;
 //!   404 with a JSON error for an unknown ticker, 400 for bad parameters,
 //!   503 while a model loads.
+//! - `POST /ml/train?ticker=AAPL&interval=1d&epochs=30[&model=gru]` → `202
+//!   {"job": ID}`: a job queued at the coordinator like any other; 400 for
+//!   bad parameters, 404 for a ticker without aggregated data, 503 when the
+//!   coordinator cannot be reached.
+//! - `GET /ml/train/{id}` → the job's state: `queued`, `running` (with the
+//!   last finished epoch and its losses), `done` (with the version and the
+//!   test metrics) or `failed` (with the reason); 404 for an unknown id.
 //! - `GET /ml/models` → what is served, with metrics beside the naive baseline.
 //! - `GET /health` → `ok`; `GET /metrics` → Prometheus counters.
 
@@ -10,15 +17,19 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use ractor::{call_t, ActorRef};
 use serde_json::json;
+use tickmesh_core::config::ModelKind;
 use tickmesh_core::types::{validate_ticker, Interval};
+use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
+use tickmesh_proto::v1::{GetJobRequest, StartTrainingRequest};
 use tokio::net::TcpListener;
+use tonic::transport::Channel;
 
 use crate::registry::RegistryMsg;
 use crate::ServeError;
@@ -27,6 +38,8 @@ use crate::ServeError;
 pub struct HttpState {
     pub registry: ActorRef<RegistryMsg>,
     pub max_steps: usize,
+    /// The coordinator's gRPC endpoint, for `/ml/train`.
+    coordinator: Option<CoordinatorClient<Channel>>,
     counters: Arc<Counters>,
 }
 
@@ -42,8 +55,19 @@ impl HttpState {
         HttpState {
             registry,
             max_steps,
+            coordinator: None,
             counters: Arc::default(),
         }
+    }
+
+    /// Sends `/ml/train` requests to the coordinator at `addr` (`host:port`).
+    pub fn with_coordinator(mut self, addr: &str) -> Result<Self, String> {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("coordinator address `{addr}`: {e}"))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy();
+        self.coordinator = Some(CoordinatorClient::new(channel));
+        Ok(self)
     }
 }
 
@@ -61,14 +85,13 @@ impl IntoResponse for ServeError {
     }
 }
 
-fn params(
-    q: &HashMap<String, String>,
-    max_steps: usize,
-) -> Result<(String, Interval, usize), ServeError> {
+/// The `ticker` (validated as sent, then upper-cased in ASCII) and
+/// `interval` (default `1d`) parameters.
+fn ticker_interval(q: &HashMap<String, String>) -> Result<(String, Interval), ServeError> {
     let ticker = q
         .get("ticker")
         .ok_or_else(|| ServeError::BadRequest("missing query parameter `ticker`".into()))?
-        .to_uppercase();
+        .to_ascii_uppercase();
     validate_ticker(&ticker).map_err(|e| ServeError::BadRequest(e.to_string()))?;
     let interval: Interval = q
         .get("interval")
@@ -76,6 +99,14 @@ fn params(
         .unwrap_or("1d")
         .parse()
         .map_err(|e: tickmesh_core::Error| ServeError::BadRequest(e.to_string()))?;
+    Ok((ticker, interval))
+}
+
+fn params(
+    q: &HashMap<String, String>,
+    max_steps: usize,
+) -> Result<(String, Interval, usize), ServeError> {
+    let (ticker, interval) = ticker_interval(q)?;
     let n_steps = match q.get("n_steps") {
         None => 10,
         Some(s) => s.parse::<usize>().map_err(|_| {
@@ -125,6 +156,129 @@ async fn forecast(
     }
 }
 
+/// The parameters of `POST /ml/train`: ticker, interval, epochs (0: the
+/// trainers' config) and model kind (`None`: the trainers' config).
+fn train_params(
+    q: &HashMap<String, String>,
+) -> Result<(String, Interval, u32, Option<ModelKind>), ServeError> {
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["ticker", "interval", "epochs", "model"].contains(&k.as_str()))
+    {
+        return Err(ServeError::BadRequest(format!(
+            "unknown query parameter `{k}` (ticker, interval, epochs, model)"
+        )));
+    }
+    let (ticker, interval) = ticker_interval(q)?;
+    let epochs = match q.get("epochs") {
+        None => 0,
+        Some(s) => match s.parse::<u32>() {
+            Ok(e) if (1..=10_000).contains(&e) => e,
+            _ => {
+                return Err(ServeError::BadRequest(format!(
+                    "`epochs` = `{s}` must be a whole number in 1..=10000"
+                )))
+            }
+        },
+    };
+    let model = q
+        .get("model")
+        .map(|m| m.parse::<ModelKind>())
+        .transpose()
+        .map_err(|e| ServeError::BadRequest(e.to_string()))?;
+    Ok((ticker, interval, epochs, model))
+}
+
+fn coordinator(st: &HttpState) -> Result<CoordinatorClient<Channel>, ServeError> {
+    st.coordinator.clone().ok_or_else(|| {
+        ServeError::Unavailable("this node has no coordinator to send training jobs to".into())
+    })
+}
+
+fn grpc_error(e: tonic::Status) -> ServeError {
+    match e.code() {
+        tonic::Code::InvalidArgument => ServeError::BadRequest(e.message().to_string()),
+        tonic::Code::NotFound => ServeError::NotFound(e.message().to_string()),
+        _ => ServeError::Unavailable(format!("coordinator: {}", e.message())),
+    }
+}
+
+async fn train(State(st): State<HttpState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let result = async {
+        let (ticker, interval, epochs, model) = train_params(&q)?;
+        let reply = coordinator(&st)?
+            .start_training(StartTrainingRequest {
+                tickers: vec![ticker],
+                interval: interval.to_string(),
+                model: model.map(|m| m.to_string()).unwrap_or_default(),
+                epochs,
+            })
+            .await
+            .map_err(grpc_error)?
+            .into_inner();
+        if let Some(r) = reply.refused.first() {
+            return Err(ServeError::NotFound(r.clone()));
+        }
+        reply
+            .job_ids
+            .first()
+            .cloned()
+            .ok_or_else(|| ServeError::Unavailable("the coordinator queued no job".into()))
+    }
+    .await;
+    match result {
+        Ok(job) => (StatusCode::ACCEPTED, Json(json!({ "job": job }))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn train_status(State(st): State<HttpState>, Path(id): Path<String>) -> Response {
+    let result = async {
+        if id.is_empty() || id.len() > 128 {
+            return Err(ServeError::BadRequest(
+                "a job id is 1-128 characters".into(),
+            ));
+        }
+        let j = coordinator(&st)?
+            .get_job(GetJobRequest { job_id: id })
+            .await
+            .map_err(grpc_error)?
+            .into_inner();
+        let mut body = json!({
+            "job": j.job_id,
+            "ticker": j.ticker,
+            "interval": j.interval,
+            "state": j.state,
+            "model": if j.model.is_empty() { None } else { Some(&j.model) },
+            "node": if j.node.is_empty() { None } else { Some(&j.node) },
+        });
+        let extra = match j.state.as_str() {
+            "running" => json!({
+                "epoch": j.train_epoch,
+                "epochs": j.epochs,
+                "train_loss": (j.train_epoch > 0).then_some(j.train_loss),
+                "val_loss": (j.train_epoch > 0).then_some(j.val_loss),
+            }),
+            "done" => json!({
+                "version": j.version,
+                "metrics": serde_json::from_str::<serde_json::Value>(&j.metrics_json)
+                    .unwrap_or(serde_json::Value::Null),
+            }),
+            "failed" => json!({ "reason": j.reason }),
+            _ => json!({}),
+        };
+        if let (Some(b), serde_json::Value::Object(e)) = (body.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        Ok(body)
+    }
+    .await;
+    match result {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn models(State(st): State<HttpState>) -> Response {
     match call_t!(st.registry, RegistryMsg::List, 10_000) {
         Ok(list) => Json(json!({ "models": list })).into_response(),
@@ -145,6 +299,8 @@ async fn metrics(State(st): State<HttpState>) -> String {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/ml/forecast", get(forecast))
+        .route("/ml/train", post(train))
+        .route("/ml/train/{id}", get(train_status))
         .route("/ml/models", get(models))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))

@@ -1,10 +1,12 @@
-//! tickmesh-serve: the serve role. Links libtorch (through tch, via tickmesh-train).
+//! tickmesh-serve: the serve role. Links libtorch (through tch, via
+//! tickmesh-model); depends on neither the train nor the aggregate role.
 //!
 //! - [`predictor`]: `PredictorActor`, one per (ticker, interval): loads a
 //!   verified checkpoint off the request path and swaps it in atomically.
 //! - [`registry`]: `PredictorSupervisor`, routes requests to predictors and
 //!   spawns them as model versions arrive.
-//! - [`http`]: the axum API (`/ml/forecast`, `/ml/models`, `/health`, `/metrics`).
+//! - [`http`]: the axum API (`/ml/forecast`, `/ml/train`, `/ml/models`,
+//!   `/health`, `/metrics`).
 //! - [`watch`]: follows the coordinator's model stream.
 
 pub mod http;

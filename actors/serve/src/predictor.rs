@@ -3,18 +3,22 @@
 //! the checkpoint, verify its sha256, build the model) and comes back as
 //! `Swap`, so requests keep being answered by the current version until the
 //! new one is ready; a checkpoint that fails verification is refused and the
-//! current version keeps serving. Forecasts run on blocking threads.
+//! current version keeps serving. Forecasts run on blocking threads, from a
+//! history kept per predictor: the stored `aggregated_data` rows folded into
+//! the indicator state, brought up to date with the rows stored since the
+//! last request (see `tickmesh_model::forecast`).
 
 use std::sync::{Arc, Mutex};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
+use tickmesh_core::config::ModelKind;
 use tickmesh_core::db::Db;
 use tickmesh_core::store::SharedStore;
-use tickmesh_core::types::{Bar, Interval};
-use tickmesh_train::checkpoint::{self, Meta};
-use tickmesh_train::fit::EvalReport;
-use tickmesh_train::forecast::{ForecastPoint, Forecaster, WARMUP_BARS};
+use tickmesh_core::types::Interval;
+use tickmesh_model::checkpoint::{self, Meta};
+use tickmesh_model::forecast::{ForecastPoint, Forecaster, History};
+use tickmesh_model::metrics::EvalReport;
 use tracing::{info, warn};
 
 use crate::registry::RegistryMsg;
@@ -33,8 +37,11 @@ pub struct ModelInfo {
     pub ticker: String,
     pub interval: Interval,
     pub version: i64,
-    pub kind: String,
+    pub kind: ModelKind,
+    pub features: Vec<String>,
+    pub seq_len: usize,
     pub trained_at: chrono::DateTime<chrono::Utc>,
+    /// On the test split, beside the naive forecast.
     pub metrics: EvalReport,
     pub device: String,
 }
@@ -77,9 +84,13 @@ pub struct PredictorArgs {
     pub registry: ActorRef<RegistryMsg>,
 }
 
+/// The stored rows folded so far (for the served model's `seq_len`).
+type HistoryCache = Arc<tokio::sync::Mutex<Option<History>>>;
+
 pub struct PredictorState {
     args: PredictorArgs,
     current: Option<(Arc<Mutex<Forecaster>>, ModelInfo)>,
+    history: HistoryCache,
 }
 
 fn info_of(meta: &Meta) -> ModelInfo {
@@ -87,7 +98,9 @@ fn info_of(meta: &Meta) -> ModelInfo {
         ticker: meta.ticker.clone(),
         interval: meta.interval,
         version: meta.version,
-        kind: meta.kind.clone(),
+        kind: meta.kind,
+        features: meta.features.clone(),
+        seq_len: meta.seq_len,
         trained_at: meta.trained_at,
         metrics: meta.metrics,
         device: meta.device.clone(),
@@ -107,6 +120,7 @@ impl Actor for PredictorActor {
         Ok(PredictorState {
             args,
             current: None,
+            history: HistoryCache::default(),
         })
     }
 
@@ -141,7 +155,12 @@ impl Actor for PredictorActor {
                             Forecaster::load(meta, &weights, device)
                         })
                         .await
-                        .expect("model load panicked")
+                        .map_err(|e| {
+                            tickmesh_core::Error::invalid(
+                                "checkpoint",
+                                format!("model load panicked: {e}"),
+                            )
+                        })?
                     }
                     .await;
                     match loaded {
@@ -177,8 +196,9 @@ impl Actor for PredictorActor {
                     return Ok(());
                 };
                 let a = st.args.clone();
+                let cache = st.history.clone();
                 tokio::spawn(async move {
-                    let _ = reply.send(forecast(&a, model, info, n_steps).await);
+                    let _ = reply.send(forecast(&a, model, info, cache, n_steps).await);
                 });
             }
         }
@@ -190,50 +210,49 @@ async fn forecast(
     a: &PredictorArgs,
     model: Arc<Mutex<Forecaster>>,
     info: ModelInfo,
+    cache: HistoryCache,
     n_steps: usize,
 ) -> Result<ForecastResponse, ServeError> {
-    let seq_len = model.lock().expect("forecaster lock").meta.seq_len;
-    let cols: Vec<String> = ["open", "high", "low", "close", "volume"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let rows =
-        a.db.read_aggregated(&a.ticker, a.interval, &cols, Some(seq_len + WARMUP_BARS))
-            .await
-            .map_err(|e| ServeError::Unavailable(e.to_string()))?;
-    let bars: Vec<Bar> = rows
-        .iter()
-        .filter_map(|r| {
-            let v = |i: usize| r.values[i];
-            Some(Bar {
-                t: r.ts,
-                o: v(0)?,
-                h: v(1)?,
-                l: v(2)?,
-                c: v(3)?,
-                v: v(4)? as u64,
-                n: 0,
-                vw: v(3)?,
-            })
-        })
-        .collect();
-    let last = *bars
-        .last()
-        .ok_or_else(|| ServeError::NotFound(format!("no data for {} {}", a.ticker, a.interval)))?;
+    let unavailable = |e: tickmesh_core::Error| ServeError::Unavailable(e.to_string());
+    let history = {
+        let mut c = cache.lock().await;
+        if c.as_ref().map(History::keep) != Some(info.seq_len) {
+            *c = Some(History::new(info.seq_len));
+        }
+        let h = c.as_mut().expect("set above");
+        let after = h.last().map(|(t, _)| t);
+        let rows =
+            a.db.read_aggregated_after(&a.ticker, a.interval, after)
+                .await
+                .map_err(unavailable)?;
+        for r in &rows {
+            if let Err(e) = h.push_stored(r) {
+                *c = None;
+                return Err(unavailable(e));
+            }
+        }
+        h.clone()
+    };
+    let Some((last_ts, last)) = history.last() else {
+        return Err(ServeError::NotFound(format!(
+            "no data for {} {}",
+            a.ticker, a.interval
+        )));
+    };
     let points = tokio::task::spawn_blocking(move || {
         model
             .lock()
-            .expect("forecaster lock")
-            .forecast(&bars, n_steps)
+            .unwrap_or_else(|e| e.into_inner())
+            .forecast(&history, n_steps)
     })
     .await
-    .expect("forecast panicked")
-    .map_err(|e| ServeError::Unavailable(e.to_string()))?;
+    .map_err(|e| ServeError::Unavailable(format!("forecast panicked: {e}")))?
+    .map_err(unavailable)?;
     Ok(ForecastResponse {
         ticker: a.ticker.clone(),
         interval: a.interval,
         model: info,
-        last_ts: last.t,
+        last_ts,
         last_close: last.c,
         forecasts: points,
     })

@@ -1,8 +1,11 @@
 //! `TrainerPool`: the train role's node agent. Registers the node with the
 //! coordinator over gRPC, heartbeats, watches its assignment stream, hands
 //! each job to the `TrainerActor` of its (ticker, interval) (spawned linked
-//! on first use), and reports every finished checkpoint back with the job's
-//! epoch. A trainer that crashes is dropped and respawned on its next job.
+//! on first use), forwards each finished training epoch as progress, and
+//! reports every outcome back with the job's assignment epoch: a checkpoint,
+//! or a failure with its reason (so the job never stays active). A trainer
+//! that crashes is dropped, its job reported failed, and it is respawned on
+//! its next job.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,9 +13,11 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tickmesh_core::config::Role;
 use tickmesh_core::types::Interval;
+use tickmesh_model::fit::EpochProgress;
 use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
 use tickmesh_proto::v1::{
-    CheckpointReport, HeartbeatRequest, RegisterNodeRequest, WatchAssignmentsRequest,
+    CheckpointReport, HeartbeatRequest, JobFailure, JobProgress, RegisterNodeRequest,
+    WatchAssignmentsRequest,
 };
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
@@ -25,6 +30,8 @@ pub struct TrainerPool;
 pub enum PoolMsg {
     /// The coordinator assigned a job (from the watch stream).
     Assigned(Job),
+    /// A trainer finished a training epoch of a job.
+    Progress { job: Job, progress: EpochProgress },
     /// A trainer finished a job (from the trainer).
     Finished {
         job: Job,
@@ -47,7 +54,7 @@ pub struct TrainerPoolArgs {
 pub struct TrainerPoolState {
     args: TrainerPoolArgs,
     client: CoordinatorClient<Channel>,
-    trainers: HashMap<(String, Interval), ActorRef<TrainerMsg>>,
+    trainers: HashMap<(String, Interval), (ActorRef<TrainerMsg>, Option<Job>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -91,24 +98,18 @@ impl Actor for TrainerPool {
             })
             .await?
             .into_inner();
-        info!(node = %args.node, coordinator = %args.coordinator, device = %crate::device_name(args.trainer.device), "trainer pool registered");
+        info!(node = %args.node, coordinator = %args.coordinator, device = %tickmesh_model::device_name(args.trainer.device), "trainer pool registered");
         let me = myself.clone();
         let watch = tokio::spawn(async move {
             loop {
                 match stream.message().await {
-                    Ok(Some(a)) => match a.interval.parse::<Interval>() {
-                        Ok(interval) => {
-                            let job = Job {
-                                ticker: a.ticker,
-                                interval,
-                                epoch: a.epoch,
-                                version: a.version,
-                            };
+                    Ok(Some(a)) => match job_of(a) {
+                        Ok(job) => {
                             if me.cast(PoolMsg::Assigned(job)).is_err() {
                                 return;
                             }
                         }
-                        Err(e) => warn!(error = %e, "assignment with a bad interval ignored"),
+                        Err(e) => warn!(error = %e, "assignment ignored"),
                     },
                     Ok(None) => {
                         error!("the coordinator closed the assignment stream");
@@ -167,7 +168,7 @@ impl Actor for TrainerPool {
                 info!(ticker = %job.ticker, interval = %job.interval, epoch = job.epoch, version = job.version, "job assigned");
                 let key = (job.ticker.clone(), job.interval);
                 let trainer = match state.trainers.get(&key) {
-                    Some(t) => t.clone(),
+                    Some((t, _)) => t.clone(),
                     None => {
                         let (t, _) = Actor::spawn_linked(
                             None,
@@ -176,13 +177,37 @@ impl Actor for TrainerPool {
                             myself.get_cell(),
                         )
                         .await?;
-                        state.trainers.insert(key, t.clone());
                         t
                     }
                 };
+                state
+                    .trainers
+                    .insert(key, (trainer.clone(), Some(job.clone())));
                 trainer.cast(TrainerMsg::Train { job, pool: myself })?;
             }
+            PoolMsg::Progress { job, progress: p } => {
+                let mut client = state.client.clone();
+                let msg = JobProgress {
+                    node: state.args.node.clone(),
+                    job_id: job.id.clone(),
+                    epoch: job.epoch,
+                    train_epoch: p.epoch as u32,
+                    epochs: p.epochs as u32,
+                    train_loss: p.train_loss,
+                    val_loss: p.val_loss,
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = client.report_progress(msg).await {
+                        warn!(error = %e, "progress report failed");
+                    }
+                });
+            }
             PoolMsg::Finished { job, outcome } => {
+                if let Some((_, running)) =
+                    state.trainers.get_mut(&(job.ticker.clone(), job.interval))
+                {
+                    *running = None;
+                }
                 let report = match outcome {
                     Ok(o) => CheckpointReport {
                         node: state.args.node.clone(),
@@ -191,12 +216,14 @@ impl Actor for TrainerPool {
                         epoch: job.epoch,
                         version: job.version,
                         uri: o.uri,
-                        sha256: o.sha256,
-                        kind: o.kind,
+                        sha256: o.digest,
+                        kind: o.kind.to_string(),
                         metrics_json: serde_json::to_string(&o.metrics)?,
+                        job_id: job.id.clone(),
                     },
                     Err(e) => {
                         error!(ticker = %job.ticker, interval = %job.interval, error = %e, "training failed");
+                        report_failure(state, &job, e).await?;
                         return Ok(());
                     }
                 };
@@ -219,8 +246,58 @@ impl Actor for TrainerPool {
     ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
             error!(error = %err, "trainer crashed; it is respawned on its next job");
-            state.trainers.retain(|_, t| t.get_id() != cell.get_id());
+            let key = state
+                .trainers
+                .iter()
+                .find(|(_, (t, _))| t.get_id() == cell.get_id())
+                .map(|(k, _)| k.clone());
+            if let Some((_, Some(job))) = key.and_then(|k| state.trainers.remove(&k)) {
+                report_failure(state, &job, format!("the trainer crashed: {err}")).await?;
+            }
         }
         Ok(())
     }
+}
+
+/// A job from an assignment.
+fn job_of(a: tickmesh_proto::v1::Assignment) -> Result<Job, String> {
+    let interval = a.interval.parse::<Interval>().map_err(|e| e.to_string())?;
+    let model = match a.model.as_str() {
+        "" => None,
+        m => Some(m.parse().map_err(|e: tickmesh_core::Error| e.to_string())?),
+    };
+    Ok(Job {
+        id: a.job_id,
+        ticker: a.ticker,
+        interval,
+        epoch: a.epoch,
+        version: a.version,
+        model,
+        epochs: (a.epochs > 0).then_some(a.epochs as usize),
+    })
+}
+
+/// Tells the coordinator a job failed, so it is not left active.
+async fn report_failure(
+    state: &mut TrainerPoolState,
+    job: &Job,
+    reason: String,
+) -> Result<(), ActorProcessingErr> {
+    let ack = state
+        .client
+        .report_failure(JobFailure {
+            node: state.args.node.clone(),
+            ticker: job.ticker.clone(),
+            interval: job.interval.to_string(),
+            epoch: job.epoch,
+            version: job.version,
+            job_id: job.id.clone(),
+            reason,
+        })
+        .await?
+        .into_inner();
+    if !ack.accepted {
+        warn!(ticker = %job.ticker, interval = %job.interval, reason = %ack.reason, "failure report refused");
+    }
+    Ok(())
 }

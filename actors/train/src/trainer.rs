@@ -1,41 +1,62 @@
 //! `TrainerActor`: one per (ticker, interval). Receives `Train` with a job
-//! (ticker, interval, epoch, version), reads the ticker's rows from
-//! `aggregated_data`, fits the model on a blocking thread (never on the
-//! reactor), writes the checkpoint to the object store and sends the
-//! outcome back to its `TrainerPool`.
+//! (ticker, interval, assignment epoch, version, overrides), reads the
+//! ticker's rows from `aggregated_data`, fits the model on a blocking thread
+//! (never on the reactor), sending each finished epoch to its pool as
+//! `Progress`, publishes the checkpoint to the object store and sends the
+//! outcome, success or failure, back to its `TrainerPool` as `Finished`.
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tickmesh_core::config::TrainConfig;
+use tickmesh_core::config::{ModelKind, TrainConfig};
 use tickmesh_core::db::Db;
-use tickmesh_core::store::{sha256_hex, SharedStore};
+use tickmesh_core::store::SharedStore;
 use tickmesh_core::types::Interval;
 use tickmesh_core::{Error, Result};
+use tickmesh_model::checkpoint::{self, Files, Meta};
+use tickmesh_model::dataset::Dataset;
+use tickmesh_model::fit::{fit, EpochProgress};
+use tickmesh_model::metrics::EvalReport;
 use tokio::sync::Semaphore;
 use tracing::info;
 
-use crate::checkpoint::{self, DataRange, Meta};
-use crate::dataset::TARGET;
-use crate::fit::{fit, EvalReport};
 use crate::pool::PoolMsg;
 
 /// A training job as assigned by the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
+    pub id: String,
     pub ticker: String,
     pub interval: Interval,
+    /// The assignment epoch (fencing).
     pub epoch: i64,
     pub version: i64,
+    /// Overrides of the node's `[train]` config.
+    pub model: Option<ModelKind>,
+    pub epochs: Option<usize>,
+}
+
+impl Job {
+    /// The node's training config with this job's overrides.
+    pub fn config(&self, base: &TrainConfig) -> TrainConfig {
+        let mut cfg = base.clone();
+        if let Some(m) = self.model {
+            cfg.model = m;
+        }
+        if let Some(e) = self.epochs {
+            cfg.epochs = e;
+        }
+        cfg
+    }
 }
 
 /// What a finished job produced.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
     pub uri: String,
-    pub sha256: String,
-    pub kind: String,
+    /// The checkpoint digest (weights and meta.json).
+    pub digest: String,
+    pub kind: ModelKind,
     pub metrics: EvalReport,
 }
 
@@ -43,7 +64,7 @@ pub struct TrainerActor;
 
 /// Messages of [`TrainerActor`].
 pub enum TrainerMsg {
-    /// Train this job; the outcome goes to `pool` as `PoolMsg::Finished`.
+    /// Train this job; progress and the outcome go to `pool`.
     Train { job: Job, pool: ActorRef<PoolMsg> },
 }
 
@@ -82,7 +103,16 @@ impl Actor for TrainerActor {
             TrainerMsg::Train { job, pool } => {
                 let outcome = {
                     let _slot = state.slots.clone().acquire_owned().await?;
-                    train_job(state, &job).await.map_err(|e| e.to_string())
+                    let p = pool.clone();
+                    let j = job.clone();
+                    train_job(state, &job, move |e| {
+                        let _ = p.cast(PoolMsg::Progress {
+                            job: j.clone(),
+                            progress: e,
+                        });
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
                 };
                 pool.cast(PoolMsg::Finished { job, outcome })?;
             }
@@ -91,11 +121,16 @@ impl Actor for TrainerActor {
     }
 }
 
-/// Runs one job end to end: rows → fit → checkpoint.
-pub async fn train_job(args: &TrainerArgs, job: &Job) -> Result<TrainOutcome> {
+/// Runs one job end to end: rows → fit → checkpoint, published.
+pub async fn train_job(
+    args: &TrainerArgs,
+    job: &Job,
+    progress: impl FnMut(EpochProgress) + Send + 'static,
+) -> Result<TrainOutcome> {
+    let cfg = job.config(&args.train);
     let rows = args
         .db
-        .read_aggregated(&job.ticker, job.interval, &args.train.features, None)
+        .read_aggregated(&job.ticker, job.interval, &cfg.features, None)
         .await?;
     if rows.is_empty() {
         return Err(Error::NotFound(format!(
@@ -103,59 +138,46 @@ pub async fn train_job(args: &TrainerArgs, job: &Job) -> Result<TrainOutcome> {
             job.ticker, job.interval
         )));
     }
-    let cfg = args.train.clone();
     let device = args.device;
-    let ticker = job.ticker.clone();
-    let interval = job.interval;
+    let (ticker, interval, version) = (job.ticker.clone(), job.interval, job.version);
     let started = std::time::Instant::now();
-    let (fitted, weights) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let fitted = fit(&rows, &cfg, device, |p| {
-            info!(ticker = %ticker, %interval, epoch = p.epoch, epochs = p.epochs, train_loss = p.train_loss, val_loss = p.val_loss, "epoch");
-        })?;
+    let c = cfg.clone();
+    let (meta, files) = tokio::task::spawn_blocking(move || -> Result<(Meta, Files)> {
+        let ds = Dataset::build(
+            &rows,
+            &c.features,
+            c.seq_len,
+            c.val_fraction,
+            c.test_fraction,
+        )?;
+        let fitted = fit(ds, &c, device, progress)?;
         let weights = checkpoint::weights_bytes(&fitted.vs)?;
-        Ok((fitted, weights))
+        let meta = Meta::of(&fitted, &c, &ticker, interval, version, &weights);
+        let files = Files::new(&meta, weights, &fitted.test_points)?;
+        Ok((meta, files))
     })
     .await
-    .expect("training task panicked")?;
-    let ds = &fitted.dataset;
-    let meta = Meta {
-        kind: args.train.model.clone(),
-        ticker: job.ticker.clone(),
-        interval: job.interval,
-        version: job.version,
-        features: args.train.features.clone(),
-        target: TARGET.into(),
-        target_scale: ds.target_scale,
-        seq_len: args.train.seq_len,
-        hidden: args.train.hidden,
-        layers: args.train.layers,
-        scaler: ds.scaler.clone(),
-        hyperparameters: args.train.clone(),
-        metrics: fitted.eval,
-        data: DataRange {
-            from: ds.ts[0],
-            to: *ds.ts.last().expect("dataset is not empty"),
-            rows: ds.rows.len(),
-        },
-        epochs_run: fitted.epochs_run,
-        best_epoch: fitted.best_epoch,
-        sha256: sha256_hex(&weights),
-        device: crate::device_name(fitted.device),
-        trained_at: Utc::now(),
-    };
-    let uri = checkpoint::write(args.store.as_ref(), &meta, weights, &fitted.validation).await?;
-    let m = &fitted.eval;
+    .map_err(|e| Error::invalid("training", format!("the training thread panicked: {e}")))??;
+    let published = checkpoint::publish(
+        args.store.as_ref(),
+        &job.ticker,
+        job.interval,
+        job.version,
+        &files,
+    )
+    .await?;
+    let m = &meta.metrics;
     info!(
-        ticker = %job.ticker, interval = %job.interval, version = job.version,
+        ticker = %job.ticker, interval = %job.interval, version = job.version, kind = %meta.kind,
         secs = started.elapsed().as_secs_f64(),
         rmse = m.model.rmse, naive_rmse = m.naive.rmse,
         directional_accuracy = m.model.directional_accuracy.unwrap_or_default(),
-        %uri, "checkpoint written"
+        uri = %published.uri, "checkpoint published"
     );
     Ok(TrainOutcome {
-        uri,
-        sha256: meta.sha256,
+        uri: published.uri,
+        digest: published.digest,
         kind: meta.kind,
-        metrics: fitted.eval,
+        metrics: meta.metrics,
     })
 }

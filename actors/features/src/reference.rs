@@ -1,7 +1,11 @@
-//! Technical indicators over a series, oldest first. Each returns one value
-//! per input point, `None` while the indicator warms up. Conventions (those
-//! of TA-Lib): EMAs are seeded with the SMA of their first `n` points; RSI
-//! uses Wilder's smoothing seeded with the mean of the first `n` changes.
+//! The indicators as whole-series functions, oldest first: an independent
+//! formulation kept (for tests only) as the oracle the incremental
+//! [`crate::IndicatorState`] is checked against, bit for bit. Each returns one
+//! value per input point, `None` while the indicator warms up. EMAs are
+//! seeded with the SMA of their first `n` points; RSI uses Wilder's smoothing
+//! seeded with the mean of the first `n` changes. These are not claimed to
+//! be TA-Lib's conventions: MACD seeding, OBV's start and a flat RSI window
+//! differ from TA-Lib (see the aggregation issue).
 
 /// Simple moving average over `n` points.
 pub fn sma(x: &[f64], n: usize) -> Vec<Option<f64>> {

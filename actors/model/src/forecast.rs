@@ -1,0 +1,276 @@
+//! Recursive multi-step forecasts whose inputs equal the training inputs.
+//!
+//! A [`History`] is built from the stored `aggregated_data` rows of a
+//! ticker-interval (every column): it folds the indicator state over all of
+//! them, so it holds the state at the last stored bar, and keeps the last
+//! stored rows for the first input window. Each forecast step predicts the
+//! next log return, turns it into the next close, appends that as a bar
+//! (open = previous close, high/low = the two closes, volume = the previous
+//! volume) and advances the same state by it, never recomputing indicators
+//! over a truncated history. Timestamps follow the trading calendar.
+
+use std::collections::VecDeque;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+use tch::{nn, Device, Tensor};
+use tickmesh_core::calendar;
+use tickmesh_core::db::AggRow;
+use tickmesh_core::types::Interval;
+use tickmesh_core::{Error, Result};
+use tickmesh_features::{column_index, FeatureRow, IndicatorState, Ohlcv, N_COLUMNS};
+
+use crate::arch::SeqModel;
+use crate::checkpoint::{load_model, Meta};
+use crate::dataset::Encoder;
+
+/// One forecast point.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ForecastPoint {
+    pub ts: DateTime<Utc>,
+    pub close: f64,
+}
+
+/// The timestamp of the bar after `t` on `interval`.
+pub fn next_timestamp(t: DateTime<Utc>, interval: Interval) -> DateTime<Utc> {
+    let next_open = |after: chrono::NaiveDate| {
+        let mut d = after.succ_opt().expect("date in range");
+        loop {
+            if let Some((open, _)) = calendar::session(d) {
+                return open;
+            }
+            d = d.succ_opt().expect("date in range");
+        }
+    };
+    let date = calendar::ny_date(t);
+    match interval.minutes() {
+        None => next_open(date),
+        Some(m) => {
+            let n = t + Duration::minutes(m);
+            match calendar::session(date) {
+                Some((_, close)) if n < close => n,
+                _ => next_open(date),
+            }
+        }
+    }
+}
+
+/// The indicator state at the last bar, and the last rows (every column).
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    state: IndicatorState,
+    rows: VecDeque<(DateTime<Utc>, FeatureRow)>,
+    keep: usize,
+    last: Option<(DateTime<Utc>, Ohlcv)>,
+}
+
+impl History {
+    /// An empty history keeping the last `keep` rows.
+    pub fn new(keep: usize) -> Self {
+        History {
+            state: IndicatorState::new(),
+            rows: VecDeque::with_capacity(keep + 1),
+            keep,
+            last: None,
+        }
+    }
+
+    /// Appends a stored row (all [`tickmesh_core::config::FEATURE_COLUMNS`]
+    /// in order): the state advances by its OHLCV, the row is kept as stored.
+    pub fn push_stored(&mut self, row: &AggRow) -> Result<()> {
+        let bar = Ohlcv::of_row(&row.values).ok_or_else(|| {
+            Error::invalid(
+                "forecast history",
+                format!(
+                    "the row at {} lacks open, high, low, close or volume",
+                    row.ts
+                ),
+            )
+        })?;
+        if row.values.len() != N_COLUMNS {
+            return Err(Error::invalid(
+                "forecast history",
+                format!(
+                    "rows need all {N_COLUMNS} feature columns, got {}",
+                    row.values.len()
+                ),
+            ));
+        }
+        if self.last.is_some_and(|(t, _)| row.ts <= t) {
+            return Err(Error::invalid(
+                "forecast history",
+                format!("rows out of order at {}", row.ts),
+            ));
+        }
+        self.state.step(bar);
+        let mut values: FeatureRow = [None; N_COLUMNS];
+        values.copy_from_slice(&row.values);
+        self.keep_row(row.ts, values, bar);
+        Ok(())
+    }
+
+    /// Appends a new bar: the state computes its row.
+    pub fn push_bar(&mut self, ts: DateTime<Utc>, bar: Ohlcv) {
+        let values = self.state.step(bar);
+        self.keep_row(ts, values, bar);
+    }
+
+    fn keep_row(&mut self, ts: DateTime<Utc>, values: FeatureRow, bar: Ohlcv) {
+        self.rows.push_back((ts, values));
+        while self.rows.len() > self.keep {
+            self.rows.pop_front();
+        }
+        self.last = Some((ts, bar));
+    }
+
+    /// How many rows it keeps.
+    pub fn keep(&self) -> usize {
+        self.keep
+    }
+
+    /// The last bar's time and OHLCV.
+    pub fn last(&self) -> Option<(DateTime<Utc>, Ohlcv)> {
+        self.last
+    }
+
+    /// How many bars the state has seen.
+    pub fn bars(&self) -> u64 {
+        self.state.bars()
+    }
+
+    /// The last row kept (every column).
+    pub fn last_row(&self) -> Option<&FeatureRow> {
+        self.rows.back().map(|(_, r)| r)
+    }
+}
+
+/// A loaded model, ready to forecast.
+pub struct Forecaster {
+    pub meta: Meta,
+    model: Box<dyn SeqModel>,
+    _vs: nn::VarStore,
+    columns: Vec<usize>,
+    encoder: Encoder,
+    device: Device,
+}
+
+impl Forecaster {
+    pub fn load(meta: Meta, weights: &[u8], device: Device) -> Result<Self> {
+        let encoder = meta.encoder()?;
+        let columns = meta
+            .features
+            .iter()
+            .map(|f| column_index(f).expect("checked by Meta::encoder"))
+            .collect();
+        let (vs, model) = load_model(&meta, weights, device)?;
+        Ok(Forecaster {
+            meta,
+            model,
+            _vs: vs,
+            columns,
+            encoder,
+            device,
+        })
+    }
+
+    /// A history sized for this model.
+    pub fn history(&self) -> History {
+        History::new(self.meta.seq_len)
+    }
+
+    /// A history of the stored rows (all columns, oldest first).
+    pub fn history_of(&self, rows: &[AggRow]) -> Result<History> {
+        let mut h = self.history();
+        for r in rows {
+            h.push_stored(r)?;
+        }
+        Ok(h)
+    }
+
+    /// The encoded input window at the end of `h`, `[seq_len * features]`.
+    pub fn window(&self, h: &History) -> Result<Vec<f32>> {
+        let seq = self.meta.seq_len;
+        if h.rows.len() < seq {
+            return Err(Error::invalid(
+                "forecast",
+                format!("{} bars of history, the model needs {seq}", h.rows.len()),
+            ));
+        }
+        let mut window = Vec::with_capacity(seq);
+        for (ts, r) in h.rows.iter().skip(h.rows.len() - seq) {
+            let row = self
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(j, &c)| {
+                    r[c].filter(|v| v.is_finite()).ok_or_else(|| {
+                        Error::invalid(
+                            "forecast",
+                            format!(
+                                "feature `{}` is undefined at {ts} (not enough history)",
+                                self.meta.features[j]
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<f64>>>()?;
+            window.push(row);
+        }
+        let mut x = Vec::with_capacity(seq * self.columns.len());
+        self.encoder.encode_window(&window, &mut x);
+        Ok(x)
+    }
+
+    /// Forecasts `n_steps` closes after the end of `h` (which is left as it is).
+    pub fn forecast(&self, h: &History, n_steps: usize) -> Result<Vec<ForecastPoint>> {
+        let mut h = h.clone();
+        let mut out = Vec::with_capacity(n_steps);
+        for _ in 0..n_steps {
+            let x = self.window(&h)?;
+            let xt = Tensor::from_slice(&x)
+                .reshape([1, self.meta.seq_len as i64, self.columns.len() as i64])
+                .to_device(self.device);
+            let z = tch::no_grad(|| self.model.forward(&xt)).double_value(&[0]);
+            let (t, last) = h.last().expect("a window implies a last bar");
+            let close = self.encoder.target_scale.close_after(last.c, z);
+            let ts = next_timestamp(t, self.meta.interval);
+            h.push_bar(
+                ts,
+                Ohlcv {
+                    o: last.c,
+                    h: last.c.max(close),
+                    l: last.c.min(close),
+                    c: close,
+                    v: last.v,
+                },
+            );
+            out.push(ForecastPoint { ts, close });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_timestamps_follow_the_calendar() {
+        // Wed 2024-07-03 09:30 EDT; July 4th is closed: the next daily bar opens on Friday the 5th.
+        let t: DateTime<Utc> = "2024-07-03T13:30:00Z".parse().unwrap();
+        assert_eq!(
+            next_timestamp(t, Interval::D1).to_rfc3339(),
+            "2024-07-05T13:30:00+00:00"
+        );
+        let t: DateTime<Utc> = "2024-07-02T19:59:00Z".parse().unwrap(); // 15:59 EDT
+        assert_eq!(
+            next_timestamp(t, Interval::M1).to_rfc3339(),
+            "2024-07-03T13:30:00+00:00"
+        );
+        let t: DateTime<Utc> = "2024-07-02T14:00:00Z".parse().unwrap();
+        assert_eq!(
+            next_timestamp(t, Interval::M5).to_rfc3339(),
+            "2024-07-02T14:05:00+00:00"
+        );
+    }
+}
