@@ -147,7 +147,28 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Lin
         .map_err(|_| anyhow!("the embedded font is invalid"))?;
     let root = BitMapBackend::new(path, (900, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let all = series.iter().flat_map(|s| s.points.iter().copied());
+    draw_lines(&root, title, x_desc, y_desc, series, &[])?;
+    root.present()
+        .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// Draws one line panel into `area`; `marks` are labelled points.
+fn draw_lines<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Line],
+    marks: &[(&str, (f64, f64))],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let all = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .chain(marks.iter().map(|m| m.1));
     let (x0, x1, y0, y1) = all.fold(
         (
             f64::INFINITY,
@@ -158,20 +179,29 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Lin
         |(a, b, c, d), (x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)),
     );
     if !(x0.is_finite() && y0.is_finite()) {
-        return Err(anyhow!("{}: nothing to draw", path.display()));
+        return Err(anyhow!("{title}: nothing to draw"));
     }
-    let pad = ((y1 - y0) * 0.08).max(1e-9);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
+    let pad = ((y1 - y0) * 0.1).max(y1.abs() * 1e-4).max(1e-9);
+    let decimals = match y1 - y0 {
+        r if r >= 10.0 => 1,
+        r if r >= 0.1 => 3,
+        _ => 5,
+    };
+    let y_fmt = move |y: &f64| format!("{:.*}", decimals, y);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
-        .y_label_area_size(70)
+        .y_label_area_size(80)
         .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
         .map_err(|e| anyhow!("{e}"))?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
+        .x_labels(((x1 - x0) as usize + 1).clamp(2, 10))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&y_fmt)
         .label_style(("sans-serif", 13))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
@@ -183,6 +213,13 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Lin
             .label(s.label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
     }
+    for (label, p) in marks {
+        chart
+            .draw_series(std::iter::once(Circle::new(*p, 6, BLACK.filled())))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(*label)
+            .legend(|(x, y)| Circle::new((x + 9, y), 5, BLACK.filled()));
+    }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -191,14 +228,15 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Lin
         .label_font(("sans-serif", 13))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    root.present()
-        .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
     Ok(())
 }
 
-/// `loss.png`: train and validation loss per epoch (validation from epoch 0,
-/// the untrained model), the kept epoch marked.
+/// `loss.png`: two panels (their scales differ): train loss per epoch, and
+/// validation loss per epoch from epoch 0 (the untrained model) with the
+/// kept epoch marked.
 pub fn loss_chart(path: &Path, f: &tickmesh_model::fit::Fitted) -> Result<()> {
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow!("the embedded font is invalid"))?;
     let train: Vec<(f64, f64)> = f
         .history
         .iter()
@@ -207,12 +245,24 @@ pub fn loss_chart(path: &Path, f: &tickmesh_model::fit::Fitted) -> Result<()> {
     let val: Vec<(f64, f64)> = std::iter::once((0.0, f.initial_val_loss))
         .chain(f.history.iter().map(|p| (p.epoch as f64, p.val_loss)))
         .collect();
-    let best = vec![
-        (f.best_epoch as f64, f.best_val_loss),
-        (f.best_epoch as f64, f.best_val_loss),
-    ];
+    let root = BitMapBackend::new(path, (900, 720)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let (top, bottom) = root.split_vertically(360);
+    draw_lines(
+        &top,
+        "train loss (MSE of the standardized next return)",
+        "epoch",
+        "train loss",
+        &[Line {
+            label: "train",
+            color: BLUE,
+            width: 2,
+            points: train,
+        }],
+        &[],
+    )?;
     let title = format!(
-        "loss (MSE of the standardized return): best epoch {} of {}{}",
+        "validation loss: best epoch {} of {}{}",
         f.best_epoch,
         f.epochs_run,
         if f.stopped_early {
@@ -221,32 +271,22 @@ pub fn loss_chart(path: &Path, f: &tickmesh_model::fit::Fitted) -> Result<()> {
             ""
         }
     );
-    lines(
-        path,
+    draw_lines(
+        &bottom,
         &title,
-        "epoch",
-        "loss",
-        &[
-            Line {
-                label: "train",
-                color: BLUE,
-                width: 2,
-                points: train,
-            },
-            Line {
-                label: "validation",
-                color: RED,
-                width: 2,
-                points: val,
-            },
-            Line {
-                label: "kept (best validation)",
-                color: BLACK,
-                width: 6,
-                points: best,
-            },
-        ],
-    )
+        "epoch (0: untrained)",
+        "validation loss",
+        &[Line {
+            label: "validation",
+            color: RED,
+            width: 2,
+            points: val,
+        }],
+        &[("kept", (f.best_epoch as f64, f.best_val_loss))],
+    )?;
+    root.present()
+        .map_err(|e| anyhow!("write {}: {e}", path.display()))?;
+    Ok(())
 }
 
 /// `test.png`: actual closes over the test split, the model's one-step

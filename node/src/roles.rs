@@ -153,6 +153,15 @@ pub async fn start(
         node.aggregator = Some(agg);
     }
 
+    if cfg.train.device == "cuda"
+        && (roles.contains(&Role::Train) || roles.contains(&Role::Serve))
+        && !tch::Cuda::is_available()
+    {
+        return Err(anyhow!(
+            "train.device = \"cuda\" but no CUDA device is available to this libtorch (run `tickmesh doctor`); use \"auto\" or \"cpu\""
+        ));
+    }
+    // One CUDA device per node (cuda:0); `jobs_per_gpu` jobs share it.
     let device = tickmesh_model::device(&cfg.train.device);
     if roles.contains(&Role::Train) {
         let nc = cfg.nodes.iter().find(|n| n.name == name);
@@ -244,15 +253,17 @@ impl Node {
         }
     }
 
-    /// Stops every role and server.
+    /// Stops every role, in the reverse of the order they started (the
+    /// trainers and predictors before the coordinator they follow), then the
+    /// servers.
     pub async fn stop(self) {
-        let _ = self.shutdown.send(true);
-        for (_, cell, _) in &self.actors {
+        for (_, cell, _) in self.actors.iter().rev() {
             cell.stop(None);
         }
-        for (_, _, h) in self.actors {
+        for (_, _, h) in self.actors.into_iter().rev() {
             let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
         }
+        let _ = self.shutdown.send(true);
         for t in self.tasks {
             t.abort();
         }

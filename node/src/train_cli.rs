@@ -261,7 +261,7 @@ pub async fn train(opts: TrainOptions) -> Result<Trained> {
         cfg.test_fraction,
     )
     .map_err(|e| usage(format!("{} {}: {e}", opts.ticker, opts.interval)))?;
-    let device = tickmesh_model::device(&cfg.device);
+    let device = checked_device(&cfg.device)?;
     eprintln!(
         "training {} {} ({}, {} features, seq_len {}) on {}: {} train / {} validation / {} test windows",
         opts.ticker,
@@ -316,6 +316,17 @@ pub async fn train(opts: TrainOptions) -> Result<Trained> {
         fitted,
         dir: opts.out,
     })
+}
+
+/// The device of a `device` setting; `cuda` without a usable CUDA device is
+/// a [`UsageError`] (libtorch would abort on the first tensor).
+pub fn checked_device(setting: &str) -> Result<tch::Device> {
+    if setting == "cuda" && !tch::Cuda::is_available() {
+        return Err(usage(
+            "--device cuda: no CUDA device is available to this libtorch (`tickmesh doctor` says why)",
+        ));
+    }
+    Ok(tickmesh_model::device(setting))
 }
 
 /// Options of `tickmesh evaluate`.
@@ -412,11 +423,20 @@ pub fn doctor() -> Doctor {
             .map(PathBuf::from)
     };
     let dir = lib_of("libtorch_cpu.so").and_then(|p| p.parent().map(Path::to_path_buf));
+    // The pip wheel has torch/version.py; a libtorch zip has build-version.
     let version = dir.as_ref().and_then(|d| {
-        let text = std::fs::read_to_string(d.join("../version.py")).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("__version__ = "))
-            .map(|v| v.trim().trim_matches('\'').trim_matches('"').to_string())
+        let from_py = std::fs::read_to_string(d.join("../version.py"))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("__version__ = "))
+                    .map(|v| v.trim().trim_matches('\'').trim_matches('"').to_string())
+            });
+        from_py.or_else(|| {
+            std::fs::read_to_string(d.join("../build-version"))
+                .ok()
+                .map(|v| v.trim().to_string())
+        })
     });
     Doctor {
         cuda_library_present: dir

@@ -61,7 +61,10 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
         }
     };
 
-    // A job that cannot train fails with the reason, and is not stuck.
+    // A job that cannot train fails with the reason, and is not stuck: the
+    // TINY job of start_model trains first and fails; this one waits behind
+    // it (same ticker), then fails too, and the APIT job behind it in the
+    // queue runs to the end.
     let (s, v) = post("ticker=TINY&interval=15m&epochs=2").await;
     assert_eq!(s, 202, "{v}");
     let tiny = v["job"].as_str().unwrap().to_string();
@@ -79,6 +82,16 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
         failed["reason"].as_str().unwrap().contains("too few rows"),
         "{failed}"
     );
+
+    // A later job for the failed ticker is not blocked by the failure either.
+    let (s, v) = post("ticker=TINY&interval=15m&epochs=1").await;
+    assert_eq!(s, 202, "{v}");
+    let again = v["job"].as_str().unwrap().to_string();
+    let failed = job_until(&client, &format!("http://{http}/ml/train/{again}"), |v| {
+        v["state"] != "queued" && v["state"] != "running"
+    })
+    .await;
+    assert_eq!(failed["state"], "failed", "{failed}");
 
     let status_url = format!("http://{http}/ml/train/{id}");
     let running = job_until(&client, &status_url, |v| {
@@ -127,6 +140,51 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
     };
     assert_eq!(body["model"]["kind"], "gru");
     assert_eq!(body["forecasts"].as_array().unwrap().len(), 3);
+
+    // The predictor's history follows aggregated_data: a revised last row is
+    // picked up (the history is rebuilt), and so is a new row (appended).
+    let mut rows =
+        a.db.read_aggregated_after("APIT", Interval::M15, None)
+            .await
+            .unwrap();
+    let last = rows.last_mut().unwrap();
+    let revised = last.values[3].unwrap() * 1.01;
+    last.values[3] = Some(revised);
+    last.values[1] = Some(last.values[1].unwrap().max(revised));
+    let mut next = last.clone();
+    a.db.load_aggregated("APIT", Interval::M15, &rows)
+        .await
+        .unwrap();
+    let get = |url: String| {
+        let c = client.clone();
+        async move {
+            c.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let b = get(url.clone()).await;
+    assert_eq!(b["last_close"].as_f64(), Some(revised), "{b}");
+    next.ts = tickmesh_model::forecast::next_timestamp(next.ts, Interval::M15);
+    next.values[3] = Some(revised * 1.02);
+    next.values[1] = Some(revised * 1.02);
+    a.db.load_aggregated("APIT", Interval::M15, &[next.clone()])
+        .await
+        .unwrap();
+    let b = get(url.clone()).await;
+    assert_eq!(b["last_close"].as_f64(), Some(revised * 1.02), "{b}");
+    assert_eq!(
+        b["last_ts"]
+            .as_str()
+            .unwrap()
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap(),
+        next.ts
+    );
 
     // Bad parameters: 400 with a JSON error; an unknown ticker or job: 404.
     for q in [

@@ -13,8 +13,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$here"
+. scripts/env.sh   # libtorch on LD_LIBRARY_PATH, the torch venv's python on PATH
 if [ -z "${TICKMESH_BIN:-}" ]; then
-  . scripts/env.sh
   cargo build --release --locked -p tickmesh --bin tickmesh >&2
   TICKMESH_BIN="$CARGO_TARGET_DIR/release/tickmesh"
 fi
@@ -34,9 +34,14 @@ import json, sys
 ours = {j["kind"]: j for j in map(json.loads, open(sys.argv[1]))}
 peer = {j["kind"]: j for j in map(json.loads, open(sys.argv[2]))}
 print(f"{'kind':<16}{'device':<8}{'threads':>8}{'windows':>9}{'epochs':>7}{'tickmesh/s':>13}{'pytorch/s':>12}{'ratio':>8}")
+missing = sorted(set(ours) ^ set(peer))
+if missing:
+    sys.exit(f"bench: no result for {missing} on one side")
 for k, o in ours.items():
     p = peer[k]
     print(f"{k:<16}{o['device']:<8}{o['threads']:>8}{o['train_samples']:>9}{o['epochs']:>7}"
           f"{o['samples_per_sec']:>13.0f}{p['samples_per_sec']:>12.0f}{o['samples_per_sec']/p['samples_per_sec']:>7.2f}x")
-print(f"(ratio = tickmesh samples/s / PyTorch samples/s; torch {p['torch']})")
+torch_version = next(iter(peer.values()))["torch"] if peer else "?"
+print(f"(ratio = tickmesh samples/s / PyTorch samples/s, both timing the epochs with their validation passes;"
+      f" the peer also runs one untimed warm-up step; torch {torch_version})")
 PY

@@ -239,6 +239,8 @@ impl Actor for CoordinatorActor {
                 gpus,
             } => {
                 info!(%node, ?roles, cpus, gpus, "node registered");
+                // A node that registers again restarted: what it was running is lost.
+                requeue_jobs_of(st, &node, "registered again (restarted)");
                 st.nodes.insert(
                     node,
                     Node {
@@ -269,8 +271,18 @@ impl Actor for CoordinatorActor {
                 assign_pending(st).await?;
             }
             CoordinatorMsg::WatchModels { tx } => {
-                for m in st.args.db.champions().await? {
-                    let _ = tx.send(Ok(update_of(&m))).await;
+                match st.args.db.champions().await {
+                    Ok(champions) => {
+                        for m in champions {
+                            let _ = tx.send(Ok(update_of(&m))).await;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!("model registry: {e}"))))
+                            .await;
+                        return Ok(());
+                    }
                 }
                 st.watchers.push(tx);
             }
@@ -281,7 +293,7 @@ impl Actor for CoordinatorActor {
                 epochs,
                 reply,
             } => {
-                let started = start_jobs(st, tickers, interval, model, epochs).await?;
+                let started = start_jobs(st, tickers, interval, model, epochs).await;
                 info!(%interval, queued = started.queued, refused = started.refused.len(), "training requested");
                 assign_pending(st).await?;
                 if let Some(r) = reply {
@@ -294,6 +306,10 @@ impl Actor for CoordinatorActor {
                     .values()
                     .any(|a| a.job == p.job_id && a.epoch == p.epoch && a.node == p.node);
                 if let Some(j) = st.jobs.get_mut(&p.job_id).filter(|_| current) {
+                    // Epoch 0: the trainer took a slot and started.
+                    if j.state == JobState::Queued {
+                        j.set(JobState::Running);
+                    }
                     j.status.train_epoch = p.train_epoch;
                     j.status.epochs = p.epochs;
                     j.status.train_loss = p.train_loss;
@@ -341,23 +357,8 @@ impl Actor for CoordinatorActor {
                     .map(|(k, _)| k.clone())
                     .collect();
                 for node in lost {
-                    warn!(%node, "node lost (no heartbeat within the lease); reassigning its jobs");
                     st.nodes.remove(&node);
-                    let jobs: Vec<_> = st
-                        .active
-                        .iter()
-                        .filter(|(_, j)| j.node == node)
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    for k in jobs {
-                        if let Some(a) = st.active.remove(&k) {
-                            if let Some(j) = st.jobs.get_mut(&a.job) {
-                                j.set(JobState::Queued);
-                                j.status.node.clear();
-                            }
-                            st.pending.push_front(a.job);
-                        }
-                    }
+                    requeue_jobs_of(st, &node, "lost (no heartbeat within the lease)");
                 }
                 st.watchers.retain(|w| !w.is_closed());
                 assign_pending(st).await?;
@@ -401,7 +402,7 @@ async fn start_jobs(
     interval: Interval,
     model: Option<ModelKind>,
     epochs: Option<usize>,
-) -> Result<Started, ActorProcessingErr> {
+) -> Started {
     let mut out = Started::default();
     for ticker in tickers {
         let same = st.pending.iter().find(|id| {
@@ -422,11 +423,19 @@ async fn start_jobs(
             ));
             continue;
         }
-        if st.args.db.count_aggregated(&ticker, interval).await? == 0 {
-            out.refused.push(format!(
-                "{ticker}: unknown ticker: no aggregated_data rows for interval {interval}"
-            ));
-            continue;
+        match st.args.db.count_aggregated(&ticker, interval).await {
+            Ok(0) => {
+                out.refused.push(format!(
+                    "{ticker}: unknown ticker: no aggregated_data rows for interval {interval}"
+                ));
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                out.refused
+                    .push(format!("{ticker}: the database is unavailable: {e}"));
+                continue;
+            }
         }
         let id = format!(
             "{ticker}-{interval}-{:x}-{:04x}",
@@ -456,7 +465,7 @@ async fn start_jobs(
         out.job_ids.push(id);
         out.queued += 1;
     }
-    Ok(out)
+    out
 }
 
 /// Marks a job finished and forgets the oldest finished ones beyond the cap.
@@ -495,18 +504,28 @@ async fn assign_pending(st: &mut CoordinatorState) -> Result<(), ActorProcessing
             .min_by_key(|(name, n)| (n.gpus == 0, n.load, (*name).clone()))
             .map(|(name, _)| name.clone());
         let Some(node) = best else { break };
-        st.pending.remove(i);
-        let epoch = st.args.db.assignment_epoch(&ticker, interval).await? + 1;
-        let version = st.args.db.next_model_version(&ticker, interval).await?;
-        let lease_until =
-            Utc::now() + chrono::Duration::from_std(st.args.lease).unwrap_or_default();
-        st.args
-            .db
-            .upsert_assignment(&ticker, interval, &node, epoch, lease_until)
-            .await?;
+        // The database first: a failure leaves the job queued (retried on the next tick).
+        let fenced = async {
+            let epoch = st.args.db.assignment_epoch(&ticker, interval).await? + 1;
+            let version = st.args.db.next_model_version(&ticker, interval).await?;
+            let lease_until =
+                Utc::now() + chrono::Duration::from_std(st.args.lease).unwrap_or_default();
+            st.args
+                .db
+                .upsert_assignment(&ticker, interval, &node, epoch, lease_until)
+                .await?;
+            Ok::<_, tickmesh_core::Error>((epoch, version))
+        }
+        .await;
+        let (epoch, version) = match fenced {
+            Ok(v) => v,
+            Err(e) => {
+                error!(%ticker, %interval, job = %id, error = %e, "cannot record the assignment; the job stays queued");
+                break;
+            }
+        };
         let n = st.nodes.get_mut(&node).expect("chosen node exists");
         let tx = n.assignments.clone().expect("chosen node watches");
-        n.load += 1;
         let a = Assignment {
             ticker: ticker.clone(),
             interval: interval.to_string(),
@@ -516,15 +535,24 @@ async fn assign_pending(st: &mut CoordinatorState) -> Result<(), ActorProcessing
             model: job.model.map(|m| m.to_string()).unwrap_or_default(),
             epochs: job.epochs.unwrap_or(0) as u32,
         };
-        if tx.send(Ok(a)).await.is_err() {
-            n.assignments = None;
-            n.load -= 1;
-            st.pending.insert(i, id);
-            continue;
+        // Never wait on a node's stream inside the actor: a full or closed
+        // stream leaves the job queued for the next tick.
+        match tx.try_send(Ok(a)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                n.assignments = None;
+                continue;
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(%node, "assignment stream full; the job waits");
+                break;
+            }
         }
+        n.load += 1;
+        st.pending.remove(i);
         info!(%ticker, %interval, %node, epoch, version, job = %id, "job assigned");
+        // Running once the trainer reports that it started (progress, epoch 0).
         if let Some(j) = st.jobs.get_mut(&id) {
-            j.set(JobState::Running);
             j.status.node = node.clone();
             j.status.version = version;
         }
@@ -539,6 +567,27 @@ async fn assign_pending(st: &mut CoordinatorState) -> Result<(), ActorProcessing
         );
     }
     Ok(())
+}
+
+/// Puts the active jobs of `node` back in the queue (they get a new epoch
+/// when assigned again, so a late report from the old assignment is refused).
+fn requeue_jobs_of(st: &mut CoordinatorState, node: &str, why: &str) {
+    let keys: Vec<_> = st
+        .active
+        .iter()
+        .filter(|(_, j)| j.node == node)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in keys {
+        if let Some(a) = st.active.remove(&k) {
+            warn!(%node, ticker = %k.0, interval = %k.1, job = %a.job, "node {why}; job requeued");
+            if let Some(j) = st.jobs.get_mut(&a.job) {
+                j.set(JobState::Queued);
+                j.status.node.clear();
+            }
+            st.pending.push_front(a.job);
+        }
+    }
 }
 
 /// Ends an active job as failed (the report must come from its current assignment).
@@ -603,11 +652,19 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
         status: "champion".into(),
         created_at: Utc::now(),
     };
-    st.args
-        .db
-        .insert_model_version(&m)
-        .await
-        .map_err(|e| e.to_string())?;
+    if let Err(e) = st.args.db.insert_model_version(&m).await {
+        // End the job rather than leave it active with nothing to report it.
+        let reason = format!("the model registry refused version {}: {e}", r.version);
+        st.active.remove(&key);
+        if let Some(n) = st.nodes.get_mut(&r.node) {
+            n.load = n.load.saturating_sub(1);
+        }
+        if let Some(j) = st.jobs.get_mut(&job.job) {
+            j.status.reason = reason.clone();
+        }
+        finish(st, &job.job, JobState::Failed);
+        return Err(reason);
+    }
     st.active.remove(&key);
     if let Some(n) = st.nodes.get_mut(&r.node) {
         n.load = n.load.saturating_sub(1);

@@ -418,7 +418,7 @@ impl Db {
     /// ticker-interval becomes `retired` when `m.status` is `champion`.
     pub async fn insert_model_version(&self, m: &ModelVersion) -> Result<()> {
         let retire = self.sql("UPDATE model_versions SET status = 'retired' WHERE ticker = $1 AND \"interval\" = $2 AND status = 'champion'");
-        let insert = self.sql("INSERT INTO model_versions (ticker, \"interval\", version, kind, uri, sha256, metrics, status, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (ticker, \"interval\", version) DO UPDATE SET uri = EXCLUDED.uri, sha256 = EXCLUDED.sha256, metrics = EXCLUDED.metrics, status = EXCLUDED.status");
+        let insert = self.sql("INSERT INTO model_versions (ticker, \"interval\", version, kind, uri, sha256, metrics, status, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (ticker, \"interval\", version) DO UPDATE SET kind = EXCLUDED.kind, uri = EXCLUDED.uri, sha256 = EXCLUDED.sha256, metrics = EXCLUDED.metrics, status = EXCLUDED.status");
         let ctx = format!(
             "insert model_versions {} {} v{}",
             m.ticker, m.interval, m.version

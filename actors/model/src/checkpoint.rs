@@ -69,7 +69,9 @@ pub struct Meta {
     pub kernel_size: i64,
     /// Fitted on the training split only.
     pub scaler: MinMaxScaler,
-    pub hyperparameters: TrainConfig,
+    /// The `[train]` config the model was trained with, as JSON (kept as
+    /// written, so later config keys never make an old checkpoint unreadable).
+    pub hyperparameters: serde_json::Value,
     /// On the test split, beside the naive forecast.
     pub metrics: EvalReport,
     pub splits: SplitSizes,
@@ -111,7 +113,7 @@ impl Meta {
             conv_channels: fitted.arch.conv_channels,
             kernel_size: fitted.arch.kernel_size,
             scaler: ds.encoder.scaler.clone(),
-            hyperparameters: cfg.clone(),
+            hyperparameters: serde_json::to_value(cfg).unwrap_or_default(),
             metrics: fitted.eval,
             splits: SplitSizes {
                 train: ds.splits.train.len(),
@@ -173,6 +175,22 @@ impl Meta {
         }
         if self.seq_len < 2 || self.hidden < 1 || self.layers < 1 {
             return bad("seq_len, hidden and layers must be positive".into());
+        }
+        if self.conv_channels < 1 || self.kernel_size < 1 || self.kernel_size % 2 == 0 {
+            return bad("conv_channels must be positive and kernel_size odd".into());
+        }
+        let ts = self.target_scale;
+        if !(ts.mean.is_finite() && ts.std.is_finite() && ts.std > 0.0) {
+            return bad("the target scale must be finite with a positive std".into());
+        }
+        if self
+            .scaler
+            .min
+            .iter()
+            .chain(&self.scaler.max)
+            .any(|v| !v.is_finite())
+        {
+            return bad("the scaler has non-finite values".into());
         }
         Ok(Encoder {
             encodings: self.features.iter().map(|f| encoding_of(f)).collect(),
@@ -344,7 +362,7 @@ pub fn verify(
         let got = digest(weights, meta_json);
         if got != want {
             return Err(bad(format!(
-                "meta.json does not match the registered checkpoint digest (got {got}, registered {want}): meta.json was changed after the checkpoint was written"
+                "meta.json does not match the registered checkpoint digest (got {got}, registered {want}): meta.json, or both files, differ from the checkpoint that was registered"
             )));
         }
     }

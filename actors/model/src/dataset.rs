@@ -10,8 +10,9 @@
 //! The split is chronological: the first samples train, the next
 //! `val_fraction` validate (early stopping selects on them) and the last
 //! `test_fraction` test (the reported metrics; nothing selects on them).
-//! The scalers are fitted on the rows the training samples see, never on
-//! validation or test rows.
+//! The scalers are fitted on the rows only the training samples read as
+//! inputs (`[0, n_train + seq_len - 1)`), never on a row a validation or
+//! test window reads; the target scale on the training samples' returns.
 
 use std::ops::Range;
 
@@ -159,6 +160,21 @@ pub struct Dataset {
 const MIN_TRAIN: usize = 20;
 const MIN_HELD_OUT: usize = 5;
 
+/// The fewest windows that split into at least `MIN_TRAIN` training and
+/// `MIN_HELD_OUT` validation and test windows.
+fn needed(val_fraction: f64, test_fraction: f64) -> usize {
+    (MIN_TRAIN + 2 * MIN_HELD_OUT..)
+        .find(|&n| {
+            let f = n as f64;
+            let (v, t) = (
+                (f * val_fraction).round() as usize,
+                (f * test_fraction).round() as usize,
+            );
+            v >= MIN_HELD_OUT && t >= MIN_HELD_OUT && n.saturating_sub(v + t) >= MIN_TRAIN
+        })
+        .expect("fractions below 1 leave room to train")
+}
+
 /// Keeps the rows whose every value is present and finite.
 fn complete(rows: &[AggRow]) -> (Vec<DateTime<Utc>>, Vec<Vec<f64>>) {
     rows.iter()
@@ -192,24 +208,23 @@ impl Dataset {
         let n = rows.len().saturating_sub(seq_len);
         let n_test = ((n as f64) * test_fraction).round() as usize;
         let n_val = ((n as f64) * val_fraction).round() as usize;
-        if n < MIN_TRAIN + 2 * MIN_HELD_OUT || n_test < MIN_HELD_OUT || n_val < MIN_HELD_OUT {
+        let n_train = n.saturating_sub(n_val + n_test);
+        if n_train < MIN_TRAIN || n_test < MIN_HELD_OUT || n_val < MIN_HELD_OUT {
             return Err(Error::invalid(
                 "training data",
                 format!(
                     "too few rows: {} complete rows give {n} windows of seq_len {seq_len}; at least {} windows are needed ({MIN_TRAIN} to train, {MIN_HELD_OUT} to validate, {MIN_HELD_OUT} to test)",
                     rows.len(),
-                    ((MIN_HELD_OUT as f64 / val_fraction.min(test_fraction)).ceil() as usize)
-                        .max(MIN_TRAIN + 2 * MIN_HELD_OUT)
+                    needed(val_fraction, test_fraction)
                 ),
             ));
         }
-        let n_train = n - n_val - n_test;
         let splits = Splits {
             train: 0..n_train,
             validation: n_train..n_train + n_val,
             test: n_train + n_val..n,
         };
-        let scaler = MinMaxScaler::fit(&rows[..n_train + seq_len]);
+        let scaler = MinMaxScaler::fit(&rows[..n_train + seq_len - 1]);
         let ret = |i: usize| (rows[i + seq_len][target] / rows[i + seq_len - 1][target]).ln();
         let train: Vec<f64> = (0..n_train).map(ret).collect();
         let mean = train.iter().sum::<f64>() / n_train as f64;
@@ -342,8 +357,8 @@ mod tests {
         assert_eq!(d.splits.test, 114..127);
         assert_eq!(d.splits.validation, 89..114);
         assert_eq!(d.splits.train, 0..89);
-        // Training samples see rows up to 89 + 10 - 1 = 98: rsi 3 + 98 = 101.
-        assert_eq!(d.encoder.scaler.max[1], 101.0);
+        // Training samples read rows up to 89 + 10 - 2 = 97 as inputs: rsi 3 + 97 = 100.
+        assert_eq!(d.encoder.scaler.max[1], 100.0);
         assert_eq!(d.encoder.scaler.min[1], 3.0);
         let x = d.window(0);
         assert_eq!(x.len(), 20);

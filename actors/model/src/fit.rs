@@ -227,6 +227,12 @@ pub fn fit(
     let mut vs = vs;
     vs.copy(&best).map_err(terr)?;
     let (eval, test_points) = evaluate(model.as_ref(), &ds, ds.splits.test.clone(), device);
+    if !eval.is_finite() {
+        return Err(Error::invalid(
+            "training",
+            "the test metrics are not finite (the model predicts NaN or infinite returns); lower train.learning_rate",
+        ));
+    }
     Ok(Fitted {
         vs,
         model,

@@ -2,8 +2,7 @@
 //! forecast (the next close equals the last one).
 //!
 //! Directional accuracy counts only samples whose actual close moved: a flat
-//! move (next close equal to the last, to the cent and below) is neither up
-//! nor down, so it is left out and counted in `flat_moves`. Among the moves,
+//! move (next close exactly equal to the last) is neither up nor down, so it is left out and counted in `flat_moves`. Among the moves,
 //! a prediction is right when it moved the same way; a prediction of no move
 //! is never right. The naive forecast never moves, so it has no directional
 //! accuracy.
@@ -33,13 +32,14 @@ pub struct Metrics {
     pub samples: usize,
 }
 
-/// The model's error divided by the naive forecast's (below 1: better than naive).
+/// The model's error divided by the naive forecast's (below 1: better than
+/// naive); `None` where the naive error is 0 (a series that never moved).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Ratios {
-    pub mae: f64,
-    pub mse: f64,
-    pub rmse: f64,
-    pub mape: f64,
+    pub mae: Option<f64>,
+    pub mse: Option<f64>,
+    pub rmse: Option<f64>,
+    pub mape: Option<f64>,
 }
 
 /// Model metrics with the naive baseline beside them.
@@ -82,16 +82,8 @@ fn metrics(s: &[Scored], pred: impl Fn(&Scored) -> f64, directional: bool) -> Me
     }
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
-    if b == 0.0 {
-        if a == 0.0 {
-            1.0
-        } else {
-            f64::INFINITY
-        }
-    } else {
-        a / b
-    }
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| a / b)
 }
 
 impl EvalReport {
@@ -111,30 +103,42 @@ impl EvalReport {
         }
     }
 
+    /// Whether every number is finite (JSON has no NaN or infinity).
+    pub fn is_finite(&self) -> bool {
+        let r = &self.ratio_to_naive;
+        [self.model, self.naive].iter().all(|m| {
+            [m.mae, m.mse, m.rmse, m.mape].iter().all(|v| v.is_finite())
+                && m.directional_accuracy.is_none_or(f64::is_finite)
+        }) && [r.mae, r.mse, r.rmse, r.mape]
+            .iter()
+            .all(|v| v.is_none_or(f64::is_finite))
+    }
+
     /// The metrics as a text table, the naive baseline and the ratio beside the model.
     pub fn table(&self) -> String {
         let (m, n, r) = (&self.model, &self.naive, &self.ratio_to_naive);
         let da = |d: Option<f64>| d.map_or("-".to_string(), |d| format!("{:.1}%", d * 100.0));
+        let q = |d: Option<f64>| d.map_or("-".to_string(), |d| format!("{d:.4}"));
         format!(
             "metric        model        naive        model/naive\n\
-             MAE    {:>12.6} {:>12.6} {:>12.4}\n\
-             MSE    {:>12.6} {:>12.6} {:>12.4}\n\
-             RMSE   {:>12.6} {:>12.6} {:>12.4}\n\
-             MAPE % {:>12.4} {:>12.4} {:>12.4}\n\
+             MAE    {:>12.6} {:>12.6} {:>12}\n\
+             MSE    {:>12.6} {:>12.6} {:>12}\n\
+             RMSE   {:>12.6} {:>12.6} {:>12}\n\
+             MAPE % {:>12.4} {:>12.4} {:>12}\n\
              DirAcc {:>12} {:>12} {:>12}\n\
              samples {} (flat moves, left out of DirAcc: {})\n",
             m.mae,
             n.mae,
-            r.mae,
+            q(r.mae),
             m.mse,
             n.mse,
-            r.mse,
+            q(r.mse),
             m.rmse,
             n.rmse,
-            r.rmse,
+            q(r.rmse),
             m.mape,
             n.mape,
-            r.mape,
+            q(r.mape),
             da(m.directional_accuracy),
             da(n.directional_accuracy),
             "",
@@ -185,7 +189,16 @@ mod tests {
         assert!((r.naive.mse - 6.0 / 4.0).abs() < 1e-12);
         let mape = 100.0 * (0.5 / 11.0 + 1.2 / 9.0 + 0.1 / 10.0 + 2.0 / 12.0) / 4.0;
         assert!((r.model.mape - mape).abs() < 1e-9);
-        assert!((r.ratio_to_naive.mae - r.model.mae / r.naive.mae).abs() < 1e-15);
+        assert!((r.ratio_to_naive.mae.unwrap() - r.model.mae / r.naive.mae).abs() < 1e-15);
         assert!(r.table().contains("model/naive"));
+        assert!(r.is_finite());
+        // A series that never moved: no ratio, and still valid JSON.
+        let flat = EvalReport::of(&[Scored {
+            actual: 5.0,
+            predicted: 5.1,
+            last: 5.0,
+        }]);
+        assert_eq!(flat.ratio_to_naive.rmse, None);
+        assert!(flat.is_finite());
     }
 }

@@ -217,7 +217,11 @@ async fn train(State(st): State<HttpState>, Query(q): Query<HashMap<String, Stri
             .map_err(grpc_error)?
             .into_inner();
         if let Some(r) = reply.refused.first() {
-            return Err(ServeError::NotFound(r.clone()));
+            return Err(if r.contains("unknown ticker") {
+                ServeError::NotFound(r.clone())
+            } else {
+                ServeError::Unavailable(r.clone())
+            });
         }
         reply
             .job_ids

@@ -87,6 +87,47 @@ pub struct PredictorArgs {
 /// The stored rows folded so far (for the served model's `seq_len`).
 type HistoryCache = Arc<tokio::sync::Mutex<Option<History>>>;
 
+/// Brings a cached history up to date with `aggregated_data`: the rows from
+/// the cached last bar on are read again; when that bar was rewritten (a
+/// re-aggregation revised it) or the row count says earlier rows changed,
+/// the history is rebuilt from every stored row.
+async fn refresh(
+    a: &PredictorArgs,
+    cache: &mut Option<History>,
+    seq_len: usize,
+) -> tickmesh_core::Result<()> {
+    if let Some(h) = cache.as_mut().filter(|h| h.keep() == seq_len) {
+        if let (Some((t, _)), Some(kept)) = (h.last(), h.last_row().copied()) {
+            let rows =
+                a.db.read_aggregated_after(
+                    &a.ticker,
+                    a.interval,
+                    Some(t - chrono::Duration::microseconds(1)),
+                )
+                .await?;
+            let same_last = rows
+                .first()
+                .is_some_and(|r| r.ts == t && r.values.as_slice() == kept.as_slice());
+            let stored = a.db.count_aggregated(&a.ticker, a.interval).await?;
+            if same_last && stored as u64 == h.bars() + rows.len() as u64 - 1 {
+                for r in &rows[1..] {
+                    h.push_stored(r)?;
+                }
+                return Ok(());
+            }
+        }
+    }
+    let rows =
+        a.db.read_aggregated_after(&a.ticker, a.interval, None)
+            .await?;
+    let mut h = History::new(seq_len);
+    for r in &rows {
+        h.push_stored(r)?;
+    }
+    *cache = Some(h);
+    Ok(())
+}
+
 pub struct PredictorState {
     args: PredictorArgs,
     current: Option<(Arc<Mutex<Forecaster>>, ModelInfo)>,
@@ -184,7 +225,9 @@ impl Actor for PredictorActor {
                     return Ok(());
                 }
                 info!(ticker = %info.ticker, interval = %info.interval, version = info.version, "model swapped in");
-                st.args.registry.cast(RegistryMsg::Serving(info.clone()))?;
+                st.args
+                    .registry
+                    .cast(RegistryMsg::Serving(Box::new(info.clone())))?;
                 st.current = Some((Arc::new(Mutex::new(*f)), info));
             }
             PredictorMsg::Forecast { n_steps, reply } => {
@@ -216,22 +259,12 @@ async fn forecast(
     let unavailable = |e: tickmesh_core::Error| ServeError::Unavailable(e.to_string());
     let history = {
         let mut c = cache.lock().await;
-        if c.as_ref().map(History::keep) != Some(info.seq_len) {
-            *c = Some(History::new(info.seq_len));
+        let fresh = refresh(a, &mut c, info.seq_len).await;
+        if let Err(e) = fresh {
+            *c = None;
+            return Err(unavailable(e));
         }
-        let h = c.as_mut().expect("set above");
-        let after = h.last().map(|(t, _)| t);
-        let rows =
-            a.db.read_aggregated_after(&a.ticker, a.interval, after)
-                .await
-                .map_err(unavailable)?;
-        for r in &rows {
-            if let Err(e) = h.push_stored(r) {
-                *c = None;
-                return Err(unavailable(e));
-            }
-        }
-        h.clone()
+        c.clone().expect("refreshed")
     };
     let Some((last_ts, last)) = history.last() else {
         return Err(ServeError::NotFound(format!(

@@ -28,7 +28,7 @@ pub enum RegistryMsg {
         version: VersionRef,
     },
     /// A predictor now serves this version.
-    Serving(ModelInfo),
+    Serving(Box<ModelInfo>),
     /// Route a forecast request.
     Forecast {
         ticker: String,
@@ -113,7 +113,7 @@ impl Actor for PredictorSupervisor {
             }
             RegistryMsg::Serving(info) => {
                 st.serving
-                    .insert((info.ticker.clone(), info.interval), info);
+                    .insert((info.ticker.clone(), info.interval), *info);
             }
             RegistryMsg::Forecast {
                 ticker,

@@ -186,6 +186,14 @@ impl Actor for TrainerPool {
                 trainer.cast(TrainerMsg::Train { job, pool: myself })?;
             }
             PoolMsg::Progress { job, progress: p } => {
+                if p.epoch == 0 {
+                    // The trainer took a slot and started this job.
+                    if let Some((_, running)) =
+                        state.trainers.get_mut(&(job.ticker.clone(), job.interval))
+                    {
+                        *running = Some(job.clone());
+                    }
+                }
                 let mut client = state.client.clone();
                 let msg = JobProgress {
                     node: state.args.node.clone(),
@@ -223,16 +231,28 @@ impl Actor for TrainerPool {
                     },
                     Err(e) => {
                         error!(ticker = %job.ticker, interval = %job.interval, error = %e, "training failed");
-                        report_failure(state, &job, e).await?;
+                        report_failure(state, &job, e);
                         return Ok(());
                     }
                 };
-                let ack = state.client.report_checkpoint(report).await?.into_inner();
-                if ack.accepted {
-                    info!(ticker = %job.ticker, interval = %job.interval, version = job.version, "checkpoint accepted");
-                } else {
-                    warn!(ticker = %job.ticker, interval = %job.interval, reason = %ack.reason, "checkpoint refused");
-                }
+                let client = state.client.clone();
+                tokio::spawn(async move {
+                    let (ticker, interval) = (report.ticker.clone(), report.interval.clone());
+                    let r = with_retries("checkpoint report", || {
+                        let (mut c, r) = (client.clone(), report.clone());
+                        async move { c.report_checkpoint(r).await }
+                    })
+                    .await;
+                    match r {
+                        Some(ack) if ack.accepted => {
+                            info!(%ticker, %interval, version = report.version, "checkpoint accepted")
+                        }
+                        Some(ack) => {
+                            warn!(%ticker, %interval, reason = %ack.reason, "checkpoint refused")
+                        }
+                        None => {}
+                    }
+                });
             }
         }
         Ok(())
@@ -252,7 +272,7 @@ impl Actor for TrainerPool {
                 .find(|(_, (t, _))| t.get_id() == cell.get_id())
                 .map(|(k, _)| k.clone());
             if let Some((_, Some(job))) = key.and_then(|k| state.trainers.remove(&k)) {
-                report_failure(state, &job, format!("the trainer crashed: {err}")).await?;
+                report_failure(state, &job, format!("the trainer crashed: {err}"));
             }
         }
         Ok(())
@@ -277,27 +297,52 @@ fn job_of(a: tickmesh_proto::v1::Assignment) -> Result<Job, String> {
     })
 }
 
-/// Tells the coordinator a job failed, so it is not left active.
-async fn report_failure(
-    state: &mut TrainerPoolState,
-    job: &Job,
-    reason: String,
-) -> Result<(), ActorProcessingErr> {
-    let ack = state
-        .client
-        .report_failure(JobFailure {
-            node: state.args.node.clone(),
-            ticker: job.ticker.clone(),
-            interval: job.interval.to_string(),
-            epoch: job.epoch,
-            version: job.version,
-            job_id: job.id.clone(),
-            reason,
-        })
-        .await?
-        .into_inner();
-    if !ack.accepted {
-        warn!(ticker = %job.ticker, interval = %job.interval, reason = %ack.reason, "failure report refused");
+/// Calls the coordinator up to 5 times with backoff (0.5 s doubling);
+/// `None` (and an error logged) when every try failed: the coordinator then
+/// reassigns the job when its lease runs out.
+async fn with_retries<T, F, Fut>(what: &str, mut call: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut backoff = Duration::from_millis(500);
+    for attempt in 1..=5 {
+        match call().await {
+            Ok(r) => return Some(r.into_inner()),
+            Err(e) if attempt == 5 => {
+                error!(error = %e, "{what} failed {attempt} times; the coordinator's lease will reassign the job");
+            }
+            Err(e) => {
+                warn!(error = %e, attempt, "{what} failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
     }
-    Ok(())
+    None
+}
+
+/// Tells the coordinator a job failed, so it is not left active (in the
+/// background, with retries: the pool never stops on a failed call).
+fn report_failure(state: &TrainerPoolState, job: &Job, reason: String) {
+    let failure = JobFailure {
+        node: state.args.node.clone(),
+        ticker: job.ticker.clone(),
+        interval: job.interval.to_string(),
+        epoch: job.epoch,
+        version: job.version,
+        job_id: job.id.clone(),
+        reason,
+    };
+    let client = state.client.clone();
+    tokio::spawn(async move {
+        let ack = with_retries("failure report", || {
+            let (mut c, f) = (client.clone(), failure.clone());
+            async move { c.report_failure(f).await }
+        })
+        .await;
+        if let Some(ack) = ack.filter(|a| !a.accepted) {
+            warn!(ticker = %failure.ticker, interval = %failure.interval, reason = %ack.reason, "failure report refused");
+        }
+    });
 }

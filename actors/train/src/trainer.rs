@@ -1,8 +1,9 @@
 //! `TrainerActor`: one per (ticker, interval). Receives `Train` with a job
-//! (ticker, interval, assignment epoch, version, overrides), reads the
-//! ticker's rows from `aggregated_data`, fits the model on a blocking thread
-//! (never on the reactor), sending each finished epoch to its pool as
-//! `Progress`, publishes the checkpoint to the object store and sends the
+//! (ticker, interval, assignment epoch, version, overrides), waits for a
+//! slot of its node, tells its pool it started (`Progress` of epoch 0),
+//! reads the ticker's rows from `aggregated_data`, fits the model on a
+//! blocking thread (never on the reactor), sending each finished epoch to
+//! its pool as `Progress`, publishes the checkpoint to the object store and sends the
 //! outcome, success or failure, back to its `TrainerPool` as `Finished`.
 
 use std::sync::Arc;
@@ -103,6 +104,17 @@ impl Actor for TrainerActor {
             TrainerMsg::Train { job, pool } => {
                 let outcome = {
                     let _slot = state.slots.clone().acquire_owned().await?;
+                    // Epoch 0: started (the job leaves "queued" at the coordinator).
+                    pool.cast(PoolMsg::Progress {
+                        job: job.clone(),
+                        progress: EpochProgress {
+                            epoch: 0,
+                            epochs: job.config(&state.train).epochs,
+                            train_loss: 0.0,
+                            val_loss: 0.0,
+                            best_epoch: 0,
+                        },
+                    })?;
                     let p = pool.clone();
                     let j = job.clone();
                     train_job(state, &job, move |e| {
