@@ -364,3 +364,63 @@ fn the_binary_loads_libtorch_cuda_when_libtorch_has_it() {
         );
     }
 }
+
+/// `--from-db` trains from `aggregated_data` (here the embedded SQLite of a
+/// config file); a ticker without rows is one line and exit code 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trains_from_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("cluster.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[cluster]\nbackend = \"embedded\"\n[embedded]\ndata_dir = \"{}\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let cfg = tickmesh_core::config::ClusterConfig::load(&toml, &std::collections::HashMap::new())
+        .unwrap();
+    let a = tickmesh_core::Adapters::connect(&cfg).await.unwrap();
+    a.db.load_aggregated("AAPL", Interval::D1, &aapl_rows())
+        .await
+        .unwrap();
+    drop(a);
+    let out = dir.path().join("ck");
+    let o = tickmesh(&[
+        "train",
+        "--from-db",
+        "--config",
+        toml.to_str().unwrap(),
+        "--ticker",
+        "AAPL",
+        "--epochs",
+        "2",
+        "--model",
+        "cnn_lstm",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(m["model"]["rmse"].as_f64().unwrap() > 0.0, "{m}");
+    let (meta, _) = checkpoint::read_dir(&out).unwrap();
+    assert_eq!(meta.kind, ModelKind::CnnLstm);
+    assert_eq!(
+        meta.data.rows,
+        aapl_rows().len() - 19,
+        "rows from the database, warm-up dropped"
+    );
+
+    let o = tickmesh(&[
+        "train",
+        "--from-db",
+        "--config",
+        toml.to_str().unwrap(),
+        "--ticker",
+        "NOPE",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown ticker NOPE"));
+}
