@@ -61,10 +61,35 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
         }
     };
 
-    // A job that cannot train fails with the reason, and is not stuck: the
-    // TINY job of start_model trains first and fails; this one waits behind
-    // it (same ticker), then fails too, and the APIT job behind it in the
-    // queue runs to the end.
+    // The first version (from start_model) is served before the API is
+    // tried, so the versions below are known: the API's job makes v2.
+    let models = format!("http://{http}/ml/models");
+    let started = Instant::now();
+    loop {
+        let v: Value = client
+            .get(&models)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["ticker"] == "APIT")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "APIT v1 never served: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A job that cannot train fails with the reason, and is not stuck.
     let (s, v) = post("ticker=TINY&interval=15m&epochs=2").await;
     assert_eq!(s, 202, "{v}");
     let tiny = v["job"].as_str().unwrap().to_string();
@@ -111,7 +136,7 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
     assert_eq!(done["ticker"], "APIT");
     assert_eq!(done["model"], "gru");
     let version = done["version"].as_i64().unwrap();
-    assert!(version >= 1, "{done}");
+    assert_eq!(version, 2, "{done}");
     assert!(
         done["metrics"]["model"]["rmse"].as_f64().unwrap() > 0.0,
         "{done}"

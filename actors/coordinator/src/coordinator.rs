@@ -317,35 +317,14 @@ impl Actor for CoordinatorActor {
                 }
             }
             CoordinatorMsg::Failure { failure, reply } => {
-                let ack = match fail_job(st, failure) {
-                    Ok(()) => CheckpointAck {
-                        accepted: true,
-                        reason: String::new(),
-                    },
-                    Err(reason) => CheckpointAck {
-                        accepted: false,
-                        reason,
-                    },
-                };
-                let _ = reply.send(ack);
+                let _ = reply.send(ack(fail_job(st, failure)));
                 assign_pending(st).await?;
             }
             CoordinatorMsg::GetJob { id, reply } => {
                 let _ = reply.send(st.jobs.get(&id).map(|j| j.status.clone()));
             }
             CoordinatorMsg::Report { report, reply } => {
-                let ack = accept_report(st, report).await;
-                let ack = match ack {
-                    Ok(()) => CheckpointAck {
-                        accepted: true,
-                        reason: String::new(),
-                    },
-                    Err(reason) => CheckpointAck {
-                        accepted: false,
-                        reason,
-                    },
-                };
-                let _ = reply.send(ack);
+                let _ = reply.send(ack(accept_report(st, report).await));
                 assign_pending(st).await?;
             }
             CoordinatorMsg::Tick => {
@@ -382,6 +361,20 @@ async fn spawn_consumer(
     };
     let (c, _) = Actor::spawn_linked(None, StartModelConsumer, ca, myself.get_cell()).await?;
     Ok(Some(c.get_cell()))
+}
+
+/// The answer to a report: accepted, or refused with the reason.
+fn ack(r: Result<(), String>) -> CheckpointAck {
+    match r {
+        Ok(()) => CheckpointAck {
+            accepted: true,
+            reason: String::new(),
+        },
+        Err(reason) => CheckpointAck {
+            accepted: false,
+            reason,
+        },
+    }
 }
 
 fn update_of(m: &ModelVersion) -> ModelUpdate {
