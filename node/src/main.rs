@@ -100,14 +100,8 @@ enum Cmd {
         /// Feature columns, close first is customary (default: the config's).
         #[arg(long, value_delimiter = ',')]
         features: Option<Vec<String>>,
-        #[arg(long, default_value = "data/raw")]
-        data_dir: PathBuf,
-        /// Train from aggregated_data in the database of --config instead of CSV files.
-        #[arg(long)]
-        from_db: bool,
-        /// Hyperparameters ([train]) and, with --from-db, the database.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataArgs,
         /// Checkpoint directory (default: data/models/{TICKER}_{interval}_{model}).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -126,12 +120,8 @@ enum Cmd {
         from: Option<NaiveDate>,
         #[arg(long)]
         to: Option<NaiveDate>,
-        #[arg(long, default_value = "data/raw")]
-        data_dir: PathBuf,
-        #[arg(long)]
-        from_db: bool,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataArgs,
         #[arg(long)]
         json: bool,
     },
@@ -169,6 +159,33 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AdminCmd,
     },
+}
+
+/// Where `train` and `evaluate` read bars from.
+#[derive(clap::Args)]
+struct DataArgs {
+    /// Directory of `{TICKER}_{interval}_*.csv` files.
+    #[arg(long, default_value = "data/raw")]
+    data_dir: PathBuf,
+    /// Read aggregated_data from the database of --config instead of CSV files.
+    #[arg(long)]
+    from_db: bool,
+    /// Hyperparameters ([train]) and, with --from-db, the database.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The config (the file's, or the defaults) and the source it names.
+    fn resolve(self) -> Result<(ClusterConfig, Source)> {
+        let cfg = train_cli::load_config(self.config.as_deref())?;
+        let source = if self.from_db {
+            Source::Db(Box::new(cfg.clone()))
+        } else {
+            Source::Csv(self.data_dir)
+        };
+        Ok((cfg, source))
+    }
 }
 
 #[derive(Subcommand)]
@@ -288,25 +305,18 @@ async fn run(cli: Cli) -> Result<()> {
             epochs,
             model,
             features,
-            data_dir,
-            from_db,
-            config,
+            data,
             out,
             device,
             json,
         } => {
-            let cfg = train_cli::load_config(config.as_deref())?;
+            let (cfg, source) = data.resolve()?;
             let mut train = cfg.train.clone();
             if let Some(d) = device {
                 train.device = d;
             }
             train_cli::apply_overrides(&mut train, model.as_deref(), features.as_deref(), epochs)?;
             let out = out.unwrap_or_else(|| train_cli::default_out(&ticker, interval, train.model));
-            let source = if from_db {
-                Source::Db(Box::new(cfg))
-            } else {
-                Source::Csv(data_dir)
-            };
             let t = train_cli::train(train_cli::TrainOptions {
                 ticker,
                 interval,
@@ -355,16 +365,10 @@ async fn run(cli: Cli) -> Result<()> {
             checkpoint,
             from,
             to,
-            data_dir,
-            from_db,
-            config,
+            data,
             json,
         } => {
-            let source = if from_db {
-                Source::Db(Box::new(train_cli::load_config(config.as_deref())?))
-            } else {
-                Source::Csv(data_dir)
-            };
+            let (_, source) = data.resolve()?;
             let (meta, report, first, last) = train_cli::evaluate(train_cli::EvaluateOptions {
                 checkpoint,
                 source,
