@@ -267,14 +267,14 @@ impl Db {
         }
     }
 
-    /// Reads `columns` of one ticker-interval in time order; with `last`,
-    /// only the most recent `last` rows.
+    /// Reads `columns` of one ticker-interval in time order; with `after`,
+    /// only the rows after that time.
     pub async fn read_aggregated(
         &self,
         ticker: &str,
         interval: Interval,
         columns: &[String],
-        last: Option<usize>,
+        after: Option<DateTime<Utc>>,
     ) -> Result<Vec<AggRow>> {
         if let Some(c) = columns
             .iter()
@@ -286,36 +286,40 @@ impl Db {
             ));
         }
         let ctx = format!("read aggregated_data {ticker} {interval}");
-        let cols = columns.join(", ");
-        let limit = last.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
+        // Before any market data (and inside PostgreSQL's timestamp range).
+        let after = after.unwrap_or_else(|| {
+            DateTime::from_timestamp(-5_364_662_400, 0).expect("1800-01-01 is a valid time")
+        });
         let sql = self.sql(&format!(
-            "SELECT ts, {cols} FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2 ORDER BY ts DESC{limit}"
+            "SELECT ts, {} FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2 AND ts > $3 ORDER BY ts",
+            columns.join(", ")
         ));
         let decode = |ts: DateTime<Utc>, get: &dyn Fn(usize) -> Option<f64>| AggRow {
             ts,
             values: (0..columns.len()).map(|i| get(i + 1)).collect(),
         };
-        let mut rows: Vec<AggRow> = match self {
+        let rows = match self {
             Db::Postgres(p) => sqlx::query(&sql)
                 .bind(ticker)
                 .bind(interval.as_str())
+                .bind(after)
                 .fetch_all(p)
                 .await
-                .map_err(Error::db(ctx.clone()))?
+                .map_err(Error::db(ctx))?
                 .iter()
                 .map(|r| decode(r.get(0), &|i| r.get::<Option<f64>, _>(i)))
                 .collect(),
             Db::Sqlite(p) => sqlx::query(&sql)
                 .bind(ticker)
                 .bind(interval.as_str())
+                .bind(after)
                 .fetch_all(p)
                 .await
-                .map_err(Error::db(ctx.clone()))?
+                .map_err(Error::db(ctx))?
                 .iter()
                 .map(|r| decode(r.get(0), &|i| r.get::<Option<f64>, _>(i)))
                 .collect(),
         };
-        rows.reverse();
         Ok(rows)
     }
 
@@ -349,45 +353,8 @@ impl Db {
         interval: Interval,
         after: Option<DateTime<Utc>>,
     ) -> Result<Vec<AggRow>> {
-        let ctx = format!("read aggregated_data {ticker} {interval}");
-        // Before any market data (and inside PostgreSQL's timestamp range).
-        let after = after.unwrap_or_else(|| {
-            DateTime::from_timestamp(-5_364_662_400, 0).expect("1800-01-01 is a valid time")
-        });
-        let sql = self.sql(&format!(
-            "SELECT ts, {} FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2 AND ts > $3 ORDER BY ts",
-            col_list()
-        ));
-        let n = FEATURE_COLUMNS.len();
-        let rows = match self {
-            Db::Postgres(p) => sqlx::query(&sql)
-                .bind(ticker)
-                .bind(interval.as_str())
-                .bind(after)
-                .fetch_all(p)
-                .await
-                .map_err(Error::db(ctx))?
-                .iter()
-                .map(|r| AggRow {
-                    ts: r.get(0),
-                    values: (1..=n).map(|i| r.get::<Option<f64>, _>(i)).collect(),
-                })
-                .collect(),
-            Db::Sqlite(p) => sqlx::query(&sql)
-                .bind(ticker)
-                .bind(interval.as_str())
-                .bind(after)
-                .fetch_all(p)
-                .await
-                .map_err(Error::db(ctx))?
-                .iter()
-                .map(|r| AggRow {
-                    ts: r.get(0),
-                    values: (1..=n).map(|i| r.get::<Option<f64>, _>(i)).collect(),
-                })
-                .collect(),
-        };
-        Ok(rows)
+        let all: Vec<String> = FEATURE_COLUMNS.iter().map(|c| c.to_string()).collect();
+        self.read_aggregated(ticker, interval, &all, after).await
     }
 
     /// The next free version number of a ticker-interval's models.
