@@ -27,6 +27,7 @@ use tickmesh_ingest::metrics::IngestMetrics;
 use tickmesh_ingest::supervisor::{IngestSupervisor, IngestSupervisorArgs};
 use tickmesh_serve::http::HttpState;
 use tickmesh_serve::registry::{PredictorSupervisor, RegistryArgs, RegistryMsg};
+use tickmesh_train::lease::Leases;
 use tickmesh_train::pool::{TrainerPool, TrainerPoolArgs};
 use tickmesh_train::trainer::TrainerArgs;
 use tokio::net::TcpListener;
@@ -92,6 +93,9 @@ pub async fn start(
                 db: adapters.db.clone(),
                 heartbeat: Duration::from_secs(cfg.coordinator.heartbeat_secs),
                 lease: Duration::from_secs(cfg.coordinator.lease_secs),
+                max_attempts: cfg.coordinator.max_attempts,
+                retry_backoff: Duration::from_millis(cfg.coordinator.retry_backoff_ms),
+                max_open_jobs: cfg.coordinator.max_open_jobs,
                 intake: Some((adapters.bus.clone(), adapters.publisher.clone())),
                 budget: RestartBudget::new(cfg.supervision.clone()),
             },
@@ -104,10 +108,13 @@ pub async fn start(
         coordinator_addr = addr.to_string();
         node.bound.coordinator = Some(addr);
         let heartbeat = Duration::from_secs(cfg.coordinator.heartbeat_secs);
+        let lease = Duration::from_secs(cfg.coordinator.lease_secs);
         let a = actor.clone();
         let sd = shutdown_signal(&shutdown_rx);
         node.tasks.push(tokio::spawn(async move {
-            if let Err(e) = tickmesh_coordinator::grpc::serve(listener, a, heartbeat, sd).await {
+            if let Err(e) =
+                tickmesh_coordinator::grpc::serve(listener, a, heartbeat, lease, sd).await
+            {
                 tracing::error!(error = %e, "coordinator gRPC server failed");
             }
         }));
@@ -153,29 +160,40 @@ pub async fn start(
         node.aggregator = Some(agg);
     }
 
-    if cfg.train.device == "cuda"
+    let nc = cfg.nodes.iter().find(|n| n.name == name);
+    let device_setting = nc
+        .and_then(|n| n.device.clone())
+        .unwrap_or_else(|| cfg.train.device.clone());
+    if device_setting.starts_with("cuda")
         && (roles.contains(&Role::Train) || roles.contains(&Role::Serve))
         && !tch::Cuda::is_available()
     {
         return Err(anyhow!(
-            "train.device = \"cuda\" but no CUDA device is available to this libtorch (run `tickmesh doctor`); use \"auto\" or \"cpu\""
+            "node {name}: device \"{device_setting}\" but no CUDA device is available to this libtorch (run `tickmesh doctor`); use \"auto\" or \"cpu\""
         ));
     }
-    // One CUDA device per node (cuda:0); `jobs_per_gpu` jobs share it.
-    let device = tickmesh_model::device(&cfg.train.device);
+    let device = tickmesh_model::device(&device_setting);
+    if let tch::Device::Cuda(i) = device {
+        let n = tch::Cuda::device_count() as usize;
+        if i >= n {
+            return Err(anyhow!(
+                "node {name}: device cuda:{i} but this machine has {n} CUDA device(s)"
+            ));
+        }
+    }
     if roles.contains(&Role::Train) {
-        let nc = cfg.nodes.iter().find(|n| n.name == name);
         let cpus = nc.and_then(|n| n.cpus).unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1)
         });
         let gpus = nc.map(|n| n.gpus).unwrap_or(0);
-        let parallel = if device.is_cuda() {
-            cfg.train.jobs_per_gpu
+        // Slots: the node's `jobs`, else `jobs_per_gpu` per GPU on CUDA, else `cpu_jobs`.
+        let parallel = nc.and_then(|n| n.jobs).unwrap_or(if device.is_cuda() {
+            cfg.train.jobs_per_gpu * gpus.max(1) as usize
         } else {
             cfg.train.cpu_jobs
-        };
+        });
         let (pool, h) = Actor::spawn(
             None,
             TrainerPool,
@@ -184,12 +202,14 @@ pub async fn start(
                 coordinator: coordinator_addr.clone(),
                 cpus,
                 gpus,
+                slots: parallel as u32,
                 trainer: TrainerArgs {
                     db: adapters.db.clone(),
                     store: adapters.store.clone(),
                     train: cfg.train.clone(),
                     device,
                     slots: Arc::new(Semaphore::new(parallel)),
+                    leases: Leases::default(),
                 },
             },
         )
@@ -248,6 +268,8 @@ impl Node {
         tokio::select! {
             r = tokio::signal::ctrl_c() => Ok(r?),
             (_, i, _) = futures::future::select_all(handles) => {
+                // That handle has completed: stop() must not await it again.
+                self.actors.remove(i);
                 Err(anyhow!("role `{}` stopped; the node exits", names[i]))
             }
         }

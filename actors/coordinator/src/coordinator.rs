@@ -1,30 +1,48 @@
-//! `CoordinatorActor`: receives node registrations, heartbeats, start
-//! signals, progress, checkpoint and failure reports (from the gRPC service
-//! and the `start_model` consumer). Each start request becomes one job per
-//! ticker with an id (`GetJob` reports its state: queued, running with the
-//! last epoch's losses, done with the version and metrics, failed with the
-//! reason). It assigns each job to one trainer node (GPU nodes first, then
-//! the least loaded) under a new epoch; a job whose (ticker, interval) is
-//! already being trained waits without holding up the jobs behind it. It
-//! records checkpoints as champions in `model_versions` and pushes each new
-//! version to every predictor watching. A report stamped with an epoch other
-//! than the job's current one is refused; a failure report ends the job and
-//! frees its node. A node whose heartbeats stop for
-//! `lease_secs` is dropped and its jobs are reassigned with a higher epoch.
-//! It supervises its `StartModelConsumer`: a consumer that fails (the bus is
-//! down) is restarted after a backoff while the restart budget lasts; then
-//! the coordinator stops, and its node exits non-zero.
+//! `CoordinatorActor`: receives node registrations and heartbeats, start
+//! requests (gRPC and the `start_model` consumer), progress, checkpoint and
+//! failure reports; sends assignments to trainer nodes and model versions
+//! to predictors.
+//!
+//! Jobs live in the database (`jobs`, see [`JobRow`]) and are written there
+//! before anything acts on them, so a restarted coordinator reloads every
+//! queued and assigned job:
+//!
+//! - **Start.** One job per ticker with aggregated data; a request for a
+//!   (ticker, interval) that already has a queued or assigned job gets that
+//!   job's id (requests coalesce). At most `max_open_jobs` are open.
+//! - **Assignment.** A queued job whose backoff has passed goes to the
+//!   trainer node with the most free slots (GPU nodes first) under the next
+//!   assignment epoch of its (ticker, interval) and a version that no other
+//!   attempt has used, so each attempt writes its own checkpoint key. A job
+//!   never waits behind another: each (ticker, interval) has one open job.
+//! - **Leases.** An assignment holds a lease of `lease_secs`; the trainer's
+//!   heartbeat renews the leases of the jobs it still holds and is told which
+//!   ones are no longer its own (revoked). A lease that runs out, a failure
+//!   report, or a node that comes back without the job ends the attempt: the
+//!   job is queued again after a jittered, doubling backoff while attempts
+//!   remain (`max_attempts`), then marked failed with the reason. The next
+//!   attempt resumes from the job's last snapshot.
+//! - **Fencing.** Progress, checkpoint and failure reports must name the
+//!   job's current node, epoch (and version); anything else is refused. A
+//!   node name is held by one process (its incarnation) while it is alive.
+//! - **Models.** An accepted checkpoint is registered as champion in
+//!   `model_versions` and sent to every predictor watching; a watcher that
+//!   cannot keep up is dropped (it reconnects and gets the champions again).
+//!
+//! It supervises its `StartModelConsumer`: a failed consumer is restarted
+//! after a backoff (a timer, never a sleep in the handler) while the restart
+//! budget lasts; then the coordinator stops, and its node exits non-zero.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tickmesh_core::bus::{BusConfig, SharedPublisher};
 use tickmesh_core::config::ModelKind;
-use tickmesh_core::db::{Db, ModelVersion};
+use tickmesh_core::db::{Db, JobRow, ModelVersion};
 use tickmesh_core::supervision::{stopped_child, RestartBudget};
-use tickmesh_core::types::Interval;
+use tickmesh_core::types::{model_prefix, Interval};
 use tickmesh_proto::v1::{
     Assignment, CheckpointAck, CheckpointReport, JobFailure, JobProgress, JobStatus, ModelUpdate,
 };
@@ -39,19 +57,51 @@ pub type ModelTx = mpsc::Sender<Result<ModelUpdate, Status>>;
 
 pub struct CoordinatorActor;
 
+/// A node's registration.
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    pub node: String,
+    pub roles: Vec<String>,
+    pub cpus: u32,
+    pub gpus: u32,
+    /// Training jobs it runs at once.
+    pub slots: u32,
+    /// Random per process start.
+    pub incarnation: u64,
+    /// `(job id, epoch)` of the jobs it still runs (after a reconnect).
+    pub running: Vec<(String, i64)>,
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeartbeatOutcome {
+    /// False: register again (the coordinator does not know this node).
+    pub registered: bool,
+    /// Held jobs that are not this node's any more.
+    pub revoked: Vec<String>,
+}
+
 /// Messages of [`CoordinatorActor`].
 pub enum CoordinatorMsg {
-    /// A node announces itself.
+    /// A node announces itself; refused while a live process holds the name.
     Register {
-        node: String,
-        roles: Vec<String>,
-        cpus: u32,
-        gpus: u32,
+        reg: Registration,
+        reply: RpcReplyPort<Result<(), String>>,
     },
-    /// A node is alive.
-    Heartbeat { node: String },
-    /// A trainer node opens its assignment stream.
-    WatchAssignments { node: String, tx: AssignmentTx },
+    /// A node is alive and asks to renew the leases of the jobs it holds.
+    Heartbeat {
+        node: String,
+        incarnation: u64,
+        held: Vec<(String, i64)>,
+        reply: RpcReplyPort<Result<HeartbeatOutcome, String>>,
+    },
+    /// A registered trainer node opens its assignment stream.
+    WatchAssignments {
+        node: String,
+        incarnation: u64,
+        tx: AssignmentTx,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// A predictor opens its model stream; champions are sent at once.
     WatchModels { tx: ModelTx },
     /// Train these tickers on this interval (with optional overrides of
@@ -68,7 +118,7 @@ pub enum CoordinatorMsg {
         report: CheckpointReport,
         reply: RpcReplyPort<CheckpointAck>,
     },
-    /// A trainer finished a training epoch of a job.
+    /// A trainer finished a training epoch of a job (and maybe saved a snapshot).
     Progress(JobProgress),
     /// A trainer could not finish a job.
     Failure {
@@ -80,8 +130,10 @@ pub enum CoordinatorMsg {
         id: String,
         reply: RpcReplyPort<Option<JobStatus>>,
     },
-    /// Check leases (sent to itself every heartbeat period).
+    /// Check leases and assign (sent to itself every heartbeat period).
     Tick,
+    /// Start the `start_model` consumer again (a timer sends it after the backoff).
+    RestartConsumer,
 }
 
 impl ractor::Message for CoordinatorMsg {}
@@ -91,15 +143,15 @@ impl ractor::Message for CoordinatorMsg {}
 pub struct Started {
     /// Jobs newly queued.
     pub queued: u32,
-    /// One id per accepted ticker (an identical queued job's id is reused).
+    /// One id per accepted ticker (an open job of the same ticker-interval is reused).
     pub job_ids: Vec<String>,
     /// `TICKER: reason` per refused ticker.
     pub refused: Vec<String>,
+    /// The database could not be reached: nothing was decided, ask again later.
+    pub unavailable: bool,
 }
 
-/// Jobs waiting at most; a start request beyond it is refused.
-const MAX_PENDING: usize = 10_000;
-/// Finished jobs remembered for `GetJob`.
+/// Finished jobs kept in memory for `GetJob` (older ones are read from the database).
 const MAX_FINISHED: usize = 10_000;
 
 #[derive(Clone)]
@@ -107,6 +159,9 @@ pub struct CoordinatorArgs {
     pub db: Db,
     pub heartbeat: Duration,
     pub lease: Duration,
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+    pub max_open_jobs: usize,
     /// Where `start_model` comes from; `None` runs without a consumer.
     pub intake: Option<(BusConfig, SharedPublisher)>,
     pub budget: RestartBudget,
@@ -114,69 +169,106 @@ pub struct CoordinatorArgs {
 
 struct Node {
     gpus: u32,
+    slots: usize,
     roles: Vec<String>,
+    incarnation: u64,
     last_seen: Instant,
     assignments: Option<AssignmentTx>,
-    load: usize,
+    /// Open jobs assigned to it.
+    running: HashSet<String>,
 }
 
-#[derive(Debug, Clone)]
-struct ActiveJob {
-    job: String,
-    node: String,
-    epoch: i64,
-    version: i64,
-}
+impl Node {
+    fn free(&self) -> usize {
+        self.slots.saturating_sub(self.running.len())
+    }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum JobState {
-    Queued,
-    Running,
-    Done,
-    Failed,
-}
-
-impl JobState {
-    fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Done => "done",
-            JobState::Failed => "failed",
-        }
+    fn can_take(&self) -> bool {
+        self.roles.iter().any(|r| r == "train")
+            && self.free() > 0
+            && self
+                .assignments
+                .as_ref()
+                .is_some_and(|tx| !tx.is_closed() && tx.capacity() > 0)
     }
 }
 
-#[derive(Debug, Clone)]
-struct JobRecord {
-    ticker: String,
-    interval: Interval,
-    model: Option<ModelKind>,
-    epochs: Option<usize>,
-    state: JobState,
-    status: JobStatus,
-}
-
-impl JobRecord {
-    fn set(&mut self, state: JobState) {
-        self.state = state;
-        self.status.state = state.as_str().into();
-    }
+struct Job {
+    row: JobRow,
+    /// The current attempt's last progress (the trainer started when set).
+    progress: Option<JobProgress>,
+    /// When the current assignment was made or adopted.
+    since: Instant,
 }
 
 pub struct CoordinatorState {
     args: CoordinatorArgs,
     consumer: Option<ActorCell>,
     nodes: HashMap<String, Node>,
-    /// Queued job ids, oldest first.
-    pending: VecDeque<String>,
-    active: HashMap<(String, Interval), ActiveJob>,
-    jobs: HashMap<String, JobRecord>,
+    jobs: HashMap<String, Job>,
+    /// The open (queued or assigned) job of each ticker-interval.
+    open: HashMap<(String, Interval), String>,
+    /// Queued job ids, in the order they were queued.
+    queue: VecDeque<String>,
     finished: VecDeque<String>,
     watchers: Vec<ModelTx>,
 }
 
 impl Actor for CoordinatorActor {
+    type Msg = CoordinatorMsg;
+    type State = CoordinatorState;
+    type Arguments = CoordinatorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: CoordinatorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let rows = args
+            .db
+            .jobs(&["queued", "assigned"], args.max_open_jobs as i64 * 2)
+            .await?;
+        let mut st = CoordinatorState {
+            args,
+            consumer: None,
+            nodes: HashMap::new(),
+            jobs: HashMap::new(),
+            open: HashMap::new(),
+            queue: VecDeque::new(),
+            finished: VecDeque::new(),
+            watchers: Vec::new(),
+        };
+        // Leases of reloaded assignments get a fresh term: their trainers
+        // could not renew while the coordinator was down.
+        let grace = Utc::now() + chrono_of(st.args.lease);
+        let (mut queued, mut assigned) = (0, 0);
+        for mut row in rows {
+            if row.state == "assigned" {
+                row.lease_until = Some(row.lease_until.map_or(grace, |l| l.max(grace)));
+                assigned += 1;
+            } else {
+                st.queue.push_back(row.id.clone());
+                queued += 1;
+            }
+            st.open
+                .insert((row.ticker.clone(), row.interval), row.id.clone());
+            st.jobs.insert(
+                row.id.clone(),
+                Job {
+                    row,
+                    progress: None,
+                    since: Instant::now(),
+                },
+            );
+        }
+        if queued + assigned > 0 {
+            info!(queued, assigned, "jobs reloaded from the database");
+        }
+        myself.send_interval(st.args.heartbeat, || CoordinatorMsg::Tick);
+        st.consumer = spawn_consumer(&myself, &st.args).await?;
+        Ok(st)
+    }
+
     async fn handle_supervisor_evt(
         &self,
         myself: ActorRef<Self::Msg>,
@@ -189,6 +281,7 @@ impl Actor for CoordinatorActor {
         if st.consumer.as_ref().map(|c| c.get_id()) != Some(child) {
             return Ok(());
         }
+        st.consumer = None;
         let Some(backoff) = st.args.budget.allow() else {
             error!(reason = %why, "start_model consumer failed too often; the coordinator stops");
             myself.stop(Some(format!(
@@ -197,95 +290,68 @@ impl Actor for CoordinatorActor {
             return Ok(());
         };
         warn!(reason = %why, backoff_ms = backoff.as_millis() as u64, "start_model consumer failed, restarting");
-        tokio::time::sleep(backoff).await;
-        st.consumer = spawn_consumer(&myself, &st.args).await?;
+        myself.send_after(backoff, || CoordinatorMsg::RestartConsumer);
         Ok(())
-    }
-
-    type Msg = CoordinatorMsg;
-    type State = CoordinatorState;
-    type Arguments = CoordinatorArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: CoordinatorArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        myself.send_interval(args.heartbeat, || CoordinatorMsg::Tick);
-        let consumer = spawn_consumer(&myself, &args).await?;
-        Ok(CoordinatorState {
-            args,
-            consumer,
-            nodes: HashMap::new(),
-            pending: VecDeque::new(),
-            active: HashMap::new(),
-            jobs: HashMap::new(),
-            finished: VecDeque::new(),
-            watchers: Vec::new(),
-        })
     }
 
     async fn handle(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            CoordinatorMsg::Register {
+            CoordinatorMsg::Register { reg, reply } => {
+                let r = register(st, reg).await;
+                let _ = reply.send(r);
+                assign_pending(st).await;
+            }
+            CoordinatorMsg::Heartbeat {
                 node,
-                roles,
-                cpus,
-                gpus,
+                incarnation,
+                held,
+                reply,
             } => {
-                info!(%node, ?roles, cpus, gpus, "node registered");
-                // A node that registers again restarted: what it was running is lost.
-                requeue_jobs_of(st, &node, "registered again (restarted)");
-                st.nodes.insert(
-                    node,
-                    Node {
-                        gpus,
-                        roles,
-                        last_seen: Instant::now(),
-                        assignments: None,
-                        load: 0,
-                    },
-                );
+                let _ = reply.send(heartbeat(st, &node, incarnation, held).await);
             }
-            CoordinatorMsg::Heartbeat { node } => {
-                if let Some(n) = st.nodes.get_mut(&node) {
-                    n.last_seen = Instant::now();
-                }
+            CoordinatorMsg::WatchAssignments {
+                node,
+                incarnation,
+                tx,
+                reply,
+            } => {
+                let r = match st.nodes.get_mut(&node) {
+                    Some(n) if n.incarnation == incarnation => {
+                        n.assignments = Some(tx);
+                        n.last_seen = Instant::now();
+                        info!(%node, "trainer watching assignments");
+                        Ok(())
+                    }
+                    Some(_) => Err(format!(
+                        "node `{node}` is registered by another process (incarnation differs)"
+                    )),
+                    None => Err(format!("node `{node}` is not registered")),
+                };
+                let _ = reply.send(r);
+                assign_pending(st).await;
             }
-            CoordinatorMsg::WatchAssignments { node, tx } => {
-                let n = st.nodes.entry(node.clone()).or_insert_with(|| Node {
-                    gpus: 0,
-                    roles: vec!["train".into()],
-                    last_seen: Instant::now(),
-                    assignments: None,
-                    load: 0,
-                });
-                n.assignments = Some(tx);
-                n.last_seen = Instant::now();
-                info!(%node, "trainer watching assignments");
-                assign_pending(st).await?;
-            }
-            CoordinatorMsg::WatchModels { tx } => {
-                match st.args.db.champions().await {
-                    Ok(champions) => {
+            CoordinatorMsg::WatchModels { tx } => match st.args.db.champions().await {
+                Ok(champions) => {
+                    // Sent by a task: a slow reader never holds up the actor.
+                    let first = tx.clone();
+                    tokio::spawn(async move {
                         for m in champions {
-                            let _ = tx.send(Ok(update_of(&m))).await;
+                            if first.send(Ok(update_of(&m))).await.is_err() {
+                                return;
+                            }
                         }
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(format!("model registry: {e}"))))
-                            .await;
-                        return Ok(());
-                    }
+                    });
+                    st.watchers.push(tx);
                 }
-                st.watchers.push(tx);
-            }
+                Err(e) => {
+                    let _ = tx.try_send(Err(Status::unavailable(format!("model registry: {e}"))));
+                }
+            },
             CoordinatorMsg::Start {
                 tickers,
                 interval,
@@ -295,56 +361,55 @@ impl Actor for CoordinatorActor {
             } => {
                 let started = start_jobs(st, tickers, interval, model, epochs).await;
                 info!(%interval, queued = started.queued, refused = started.refused.len(), "training requested");
-                assign_pending(st).await?;
+                assign_pending(st).await;
                 if let Some(r) = reply {
                     let _ = r.send(started);
                 }
             }
-            CoordinatorMsg::Progress(p) => {
-                let current = st
-                    .active
-                    .values()
-                    .any(|a| a.job == p.job_id && a.epoch == p.epoch && a.node == p.node);
-                if let Some(j) = st.jobs.get_mut(&p.job_id).filter(|_| current) {
-                    // Epoch 0: the trainer took a slot and started.
-                    if j.state == JobState::Queued {
-                        j.set(JobState::Running);
-                    }
-                    j.status.train_epoch = p.train_epoch;
-                    j.status.epochs = p.epochs;
-                    j.status.train_loss = p.train_loss;
-                    j.status.val_loss = p.val_loss;
-                }
-            }
+            CoordinatorMsg::Progress(p) => progress(st, p).await,
             CoordinatorMsg::Failure { failure, reply } => {
-                let _ = reply.send(ack(fail_job(st, failure)));
-                assign_pending(st).await?;
+                let _ = reply.send(ack(fail_attempt(st, failure).await));
+                assign_pending(st).await;
             }
             CoordinatorMsg::GetJob { id, reply } => {
-                let _ = reply.send(st.jobs.get(&id).map(|j| j.status.clone()));
+                let status = match st.jobs.get(&id) {
+                    Some(j) => Some(status_of(j)),
+                    None => match st.args.db.job(&id).await {
+                        Ok(row) => row.map(|row| {
+                            status_of(&Job {
+                                row,
+                                progress: None,
+                                since: Instant::now(),
+                            })
+                        }),
+                        Err(e) => {
+                            warn!(job = %id, error = %e, "cannot read the job");
+                            None
+                        }
+                    },
+                };
+                let _ = reply.send(status);
             }
             CoordinatorMsg::Report { report, reply } => {
                 let _ = reply.send(ack(accept_report(st, report).await));
-                assign_pending(st).await?;
+                assign_pending(st).await;
             }
             CoordinatorMsg::Tick => {
-                let lease = st.args.lease;
-                let lost: Vec<String> = st
-                    .nodes
-                    .iter()
-                    .filter(|(_, n)| n.last_seen.elapsed() > lease)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for node in lost {
-                    st.nodes.remove(&node);
-                    requeue_jobs_of(st, &node, "lost (no heartbeat within the lease)");
+                tick(st).await;
+                assign_pending(st).await;
+            }
+            CoordinatorMsg::RestartConsumer => {
+                if st.consumer.is_none() {
+                    st.consumer = spawn_consumer(&myself, &st.args).await?;
                 }
-                st.watchers.retain(|w| !w.is_closed());
-                assign_pending(st).await?;
             }
         }
         Ok(())
     }
+}
+
+fn chrono_of(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::seconds(30))
 }
 
 async fn spawn_consumer(
@@ -388,7 +453,192 @@ fn update_of(m: &ModelVersion) -> ModelUpdate {
     }
 }
 
-/// Queues one job per ticker that has aggregated data.
+/// The API view of a job: `queued` until the trainer of the current attempt
+/// reports that it started, then `running`; `done` or `failed`.
+fn status_of(j: &Job) -> JobStatus {
+    let r = &j.row;
+    let state = match r.state.as_str() {
+        "assigned" if j.progress.is_some() => "running",
+        "assigned" | "queued" => "queued",
+        s => s,
+    };
+    let p = j.progress.clone().unwrap_or_default();
+    JobStatus {
+        job_id: r.id.clone(),
+        ticker: r.ticker.clone(),
+        interval: r.interval.to_string(),
+        state: state.into(),
+        model: r.model.clone().unwrap_or_default(),
+        node: r.node.clone().unwrap_or_default(),
+        train_epoch: p.train_epoch,
+        epochs: if p.epochs > 0 {
+            p.epochs
+        } else {
+            r.epochs.unwrap_or(0) as u32
+        },
+        train_loss: p.train_loss,
+        val_loss: p.val_loss,
+        version: if r.state == "done" { r.version } else { 0 },
+        metrics_json: r.metrics.clone(),
+        reason: r.reason.clone(),
+        attempts: r.attempts as u32,
+        epoch: r.epoch,
+    }
+}
+
+async fn register(st: &mut CoordinatorState, reg: Registration) -> Result<(), String> {
+    if let Some(n) = st.nodes.get(&reg.node) {
+        if n.incarnation != reg.incarnation && n.last_seen.elapsed() < st.args.lease {
+            warn!(node = %reg.node, "registration refused: a live process holds the name");
+            return Err(format!(
+                "node `{}` is already registered by a live process (another incarnation); a restarted node is accepted once the old one's lease ({} s) has passed",
+                reg.node,
+                st.args.lease.as_secs()
+            ));
+        }
+    }
+    let held: HashMap<String, i64> = reg.running.iter().cloned().collect();
+    // What the coordinator has assigned to this name: adopted when the node
+    // still runs it under the same epoch, ended otherwise.
+    let mine: Vec<String> = st
+        .jobs
+        .values()
+        .filter(|j| j.row.state == "assigned" && j.row.node.as_deref() == Some(&reg.node))
+        .map(|j| j.row.id.clone())
+        .collect();
+    let mut running = HashSet::new();
+    for id in mine {
+        let epoch = st.jobs[&id].row.epoch;
+        if held.get(&id) == Some(&epoch) {
+            running.insert(id);
+        } else {
+            end_attempt(
+                st,
+                &id,
+                format!("node {} came back without the job", reg.node),
+            )
+            .await;
+        }
+    }
+    info!(node = %reg.node, roles = ?reg.roles, cpus = reg.cpus, gpus = reg.gpus, slots = reg.slots, adopted = running.len(), "node registered");
+    let ids: Vec<String> = running.iter().cloned().collect();
+    st.nodes.insert(
+        reg.node.clone(),
+        Node {
+            gpus: reg.gpus,
+            slots: reg.slots.max(1) as usize,
+            roles: reg.roles,
+            incarnation: reg.incarnation,
+            last_seen: Instant::now(),
+            assignments: None,
+            running,
+        },
+    );
+    renew(st, &reg.node, &ids).await
+}
+
+/// Extends the leases of `ids` (jobs of `node`), in the database first.
+async fn renew(st: &mut CoordinatorState, node: &str, ids: &[String]) -> Result<(), String> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let until = Utc::now() + chrono_of(st.args.lease);
+    st.args
+        .db
+        .renew_leases(node, ids, until)
+        .await
+        .map_err(|e| format!("cannot renew leases: {e}"))?;
+    for id in ids {
+        if let Some(j) = st.jobs.get_mut(id) {
+            j.row.lease_until = Some(until);
+        }
+    }
+    Ok(())
+}
+
+async fn heartbeat(
+    st: &mut CoordinatorState,
+    node: &str,
+    incarnation: u64,
+    held: Vec<(String, i64)>,
+) -> Result<HeartbeatOutcome, String> {
+    match st.nodes.get_mut(node) {
+        Some(n) if n.incarnation == incarnation => n.last_seen = Instant::now(),
+        _ => {
+            return Ok(HeartbeatOutcome {
+                registered: false,
+                revoked: Vec::new(),
+            })
+        }
+    }
+    let mut renewed = Vec::new();
+    let mut revoked = Vec::new();
+    for (id, epoch) in &held {
+        let current = st.jobs.get(id).is_some_and(|j| {
+            j.row.state == "assigned"
+                && j.row.node.as_deref() == Some(node)
+                && j.row.epoch == *epoch
+        });
+        if current {
+            renewed.push(id.clone());
+        } else {
+            revoked.push(id.clone());
+        }
+    }
+    // Jobs assigned to the node that it does not hold (after a grace for
+    // assignments still in flight) are lost.
+    let grace = st.args.heartbeat * 2;
+    let held_ids: HashSet<&String> = held.iter().map(|(id, _)| id).collect();
+    let lost: Vec<String> = st.nodes[node]
+        .running
+        .iter()
+        .filter(|id| !held_ids.contains(id))
+        .filter(|id| st.jobs.get(*id).is_some_and(|j| j.since.elapsed() > grace))
+        .cloned()
+        .collect();
+    for id in lost {
+        end_attempt(st, &id, format!("node {node} no longer holds the job")).await;
+    }
+    renew(st, node, &renewed).await?;
+    Ok(HeartbeatOutcome {
+        registered: true,
+        revoked,
+    })
+}
+
+/// Ends leases that ran out and forgets nodes that stopped heartbeating.
+async fn tick(st: &mut CoordinatorState) {
+    let now = Utc::now();
+    let expired: Vec<String> = st
+        .jobs
+        .values()
+        .filter(|j| j.row.state == "assigned" && j.row.lease_until.is_none_or(|l| l < now))
+        .map(|j| j.row.id.clone())
+        .collect();
+    for id in expired {
+        let node = st.jobs[&id].row.node.clone().unwrap_or_default();
+        end_attempt(
+            st,
+            &id,
+            format!(
+                "the lease on node {node} ran out ({} s without renewal)",
+                st.args.lease.as_secs()
+            ),
+        )
+        .await;
+    }
+    let lease = st.args.lease;
+    st.nodes.retain(|name, n| {
+        let alive = n.last_seen.elapsed() <= lease;
+        if !alive {
+            warn!(node = %name, "node lost (no heartbeat within the lease)");
+        }
+        alive
+    });
+    st.watchers.retain(|w| !w.is_closed());
+}
+
+/// Queues one job per ticker that has aggregated data (or reuses the open one).
 async fn start_jobs(
     st: &mut CoordinatorState,
     tickers: Vec<String>,
@@ -397,74 +647,189 @@ async fn start_jobs(
     epochs: Option<usize>,
 ) -> Started {
     let mut out = Started::default();
-    for ticker in tickers {
-        let same = st.pending.iter().find(|id| {
-            st.jobs.get(*id).is_some_and(|j| {
-                j.ticker == ticker
-                    && j.interval == interval
-                    && j.model == model
-                    && j.epochs == epochs
-            })
-        });
-        if let Some(id) = same {
-            out.job_ids.push(id.clone());
-            continue;
+    let mut fresh = Vec::new();
+    for t in tickers {
+        match st.open.get(&(t.clone(), interval)) {
+            Some(id) => out.job_ids.push(id.clone()),
+            None if !fresh.contains(&t) => fresh.push(t),
+            None => {}
         }
-        if st.pending.len() >= MAX_PENDING {
+    }
+    if fresh.is_empty() {
+        return out;
+    }
+    let known = match st.args.db.tickers_with_data(interval, &fresh).await {
+        Ok(k) => k,
+        Err(e) => {
+            out.unavailable = true;
+            out.refused.extend(
+                fresh
+                    .iter()
+                    .map(|t| format!("{t}: the database is unavailable: {e}")),
+            );
+            return out;
+        }
+    };
+    for ticker in fresh {
+        if !known.contains(&ticker) {
             out.refused.push(format!(
-                "{ticker}: the queue is full ({MAX_PENDING} jobs waiting)"
+                "{ticker}: unknown ticker: no aggregated_data rows for interval {interval}"
             ));
             continue;
         }
-        match st.args.db.count_aggregated(&ticker, interval).await {
-            Ok(0) => {
-                out.refused.push(format!(
-                    "{ticker}: unknown ticker: no aggregated_data rows for interval {interval}"
-                ));
-                continue;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                out.refused
-                    .push(format!("{ticker}: the database is unavailable: {e}"));
-                continue;
-            }
+        if st.open.len() >= st.args.max_open_jobs {
+            out.refused.push(format!(
+                "{ticker}: too many open jobs ({} queued or running; coordinator.max_open_jobs)",
+                st.open.len()
+            ));
+            continue;
         }
         let id = format!(
             "{ticker}-{interval}-{:x}-{:04x}",
             Utc::now().timestamp_micros(),
             rand::random::<u16>()
         );
+        let row = JobRow::queued(
+            id.clone(),
+            ticker.clone(),
+            interval,
+            model.map(|m| m.to_string()),
+            epochs.map(|e| e as i64),
+        );
+        if let Err(e) = st.args.db.upsert_job(&row).await {
+            out.unavailable = true;
+            out.refused
+                .push(format!("{ticker}: the database is unavailable: {e}"));
+            continue;
+        }
+        st.open.insert((ticker, interval), id.clone());
+        st.queue.push_back(id.clone());
         st.jobs.insert(
             id.clone(),
-            JobRecord {
-                ticker: ticker.clone(),
-                interval,
-                model,
-                epochs,
-                state: JobState::Queued,
-                status: JobStatus {
-                    job_id: id.clone(),
-                    ticker,
-                    interval: interval.to_string(),
-                    state: JobState::Queued.as_str().into(),
-                    model: model.map(|m| m.to_string()).unwrap_or_default(),
-                    epochs: epochs.unwrap_or(0) as u32,
-                    ..Default::default()
-                },
+            Job {
+                row,
+                progress: None,
+                since: Instant::now(),
             },
         );
-        st.pending.push_back(id.clone());
         out.job_ids.push(id);
         out.queued += 1;
     }
     out
 }
 
-/// Marks a job finished and forgets the oldest finished ones beyond the cap.
-fn finish(st: &mut CoordinatorState, id: &str, state: JobState) {
-    if let Some(j) = st.jobs.get_mut(id) {
-        j.set(state);
+/// The trainer node with the most free slots, GPU nodes first.
+fn pick_node(st: &CoordinatorState) -> Option<String> {
+    st.nodes
+        .iter()
+        .filter(|(_, n)| n.can_take())
+        .min_by_key(|(name, n)| (n.gpus == 0, std::cmp::Reverse(n.free()), (*name).clone()))
+        .map(|(name, _)| name.clone())
+}
+
+/// Hands queued jobs whose backoff has passed to trainer nodes while any
+/// has a free slot.
+async fn assign_pending(st: &mut CoordinatorState) {
+    let now = Utc::now();
+    let mut i = 0;
+    while i < st.queue.len() {
+        let id = st.queue[i].clone();
+        let Some(job) = st.jobs.get(&id).filter(|j| j.row.state == "queued") else {
+            st.queue.remove(i);
+            continue;
+        };
+        if job.row.not_before > now {
+            i += 1;
+            continue;
+        }
+        let Some(node) = pick_node(st) else { break };
+        let mut row = job.row.clone();
+        let lease_until = now + chrono_of(st.args.lease);
+        if let Err(e) = st.args.db.assign_job(&mut row, &node, lease_until).await {
+            error!(job = %id, %node, error = %e, "cannot record the assignment; the job stays queued");
+            break;
+        }
+        let a = Assignment {
+            ticker: row.ticker.clone(),
+            interval: row.interval.to_string(),
+            epoch: row.epoch,
+            version: row.version,
+            job_id: id.clone(),
+            model: row.model.clone().unwrap_or_default(),
+            epochs: row.epochs.unwrap_or(0) as u32,
+            resume_key: row.snapshot_key.clone(),
+            attempt: row.attempts as u32,
+        };
+        st.queue.remove(i);
+        let n = st.nodes.get_mut(&node).expect("picked node exists");
+        n.running.insert(id.clone());
+        let sent = n
+            .assignments
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(Ok(a)).is_ok());
+        info!(ticker = %row.ticker, interval = %row.interval, %node, epoch = row.epoch, version = row.version, attempt = row.attempts, resume = !row.snapshot_key.is_empty(), job = %id, "job assigned");
+        let job = st.jobs.get_mut(&id).expect("job exists");
+        job.row = row;
+        job.progress = None;
+        job.since = Instant::now();
+        if !sent {
+            // The stream closed between the check and the send.
+            if let Some(n) = st.nodes.get_mut(&node) {
+                n.assignments = None;
+            }
+            end_attempt(st, &id, format!("node {node}'s assignment stream closed")).await;
+        }
+    }
+}
+
+/// Ends the current attempt of an assigned job: queued again after a
+/// backoff while attempts remain, failed otherwise. Written to the database
+/// first.
+async fn end_attempt(st: &mut CoordinatorState, id: &str, reason: String) {
+    let Some(job) = st.jobs.get(id) else { return };
+    let mut row = job.row.clone();
+    if let Some(node) = row.node.as_ref().and_then(|n| st.nodes.get_mut(n)) {
+        node.running.remove(id);
+    }
+    let now = Utc::now();
+    row.lease_until = None;
+    row.updated_at = now;
+    row.reason = reason.clone();
+    if row.attempts >= st.args.max_attempts as i64 {
+        row.state = "failed".into();
+        row.reason = format!("failed after {} attempts; the last: {reason}", row.attempts);
+        warn!(job = %id, ticker = %row.ticker, interval = %row.interval, reason = %row.reason, "job failed");
+    } else {
+        let base = st.args.retry_backoff.as_millis() as u64;
+        let backoff = base.saturating_mul(1 << (row.attempts.max(1) - 1).min(10));
+        let jitter = rand::random::<u64>() % (backoff / 2 + 1);
+        row.state = "queued".into();
+        row.not_before = now + chrono::Duration::milliseconds((backoff + jitter) as i64);
+        warn!(job = %id, ticker = %row.ticker, interval = %row.interval, attempt = row.attempts, retry_in_ms = backoff + jitter, %reason, "attempt ended; the job is queued again");
+    }
+    if let Err(e) = st.args.db.upsert_job(&row).await {
+        // The lease runs out again after a restart and the job is retried.
+        error!(job = %id, error = %e, "cannot record the end of the attempt");
+    }
+    let finished = row.state == "failed";
+    let job = st.jobs.get_mut(id).expect("job exists");
+    job.row = row;
+    job.progress = None;
+    if finished {
+        finish(st, id);
+    } else {
+        st.queue.push_back(id.to_string());
+    }
+}
+
+/// Closes a finished job: it no longer holds its ticker-interval, and the
+/// oldest finished jobs beyond the cap are forgotten (the database keeps them).
+fn finish(st: &mut CoordinatorState, id: &str) {
+    if let Some(j) = st.jobs.get(id) {
+        let key = (j.row.ticker.clone(), j.row.interval);
+        if st.open.get(&key).map(String::as_str) == Some(id) {
+            st.open.remove(&key);
+        }
         st.finished.push_back(id.to_string());
     }
     while st.finished.len() > MAX_FINISHED {
@@ -474,164 +839,69 @@ fn finish(st: &mut CoordinatorState, id: &str, state: JobState) {
     }
 }
 
-/// Hands pending jobs to trainer nodes while any can take one. A job whose
-/// (ticker, interval) is being trained stays queued; the jobs behind it go on.
-async fn assign_pending(st: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
-    let mut i = 0;
-    while i < st.pending.len() {
-        let id = st.pending[i].clone();
-        let Some(job) = st.jobs.get(&id).cloned() else {
-            st.pending.remove(i);
-            continue;
-        };
-        let (ticker, interval) = (job.ticker.clone(), job.interval);
-        if st.active.contains_key(&(ticker.clone(), interval)) {
-            i += 1;
-            continue;
-        }
-        let best = st
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.assignments.as_ref().is_some_and(|tx| !tx.is_closed()))
-            .filter(|(_, n)| n.roles.iter().any(|r| r == "train"))
-            .min_by_key(|(name, n)| (n.gpus == 0, n.load, (*name).clone()))
-            .map(|(name, _)| name.clone());
-        let Some(node) = best else { break };
-        // The database first: a failure leaves the job queued (retried on the next tick).
-        let fenced = async {
-            let epoch = st.args.db.assignment_epoch(&ticker, interval).await? + 1;
-            let version = st.args.db.next_model_version(&ticker, interval).await?;
-            let lease_until =
-                Utc::now() + chrono::Duration::from_std(st.args.lease).unwrap_or_default();
-            st.args
-                .db
-                .upsert_assignment(&ticker, interval, &node, epoch, lease_until)
-                .await?;
-            Ok::<_, tickmesh_core::Error>((epoch, version))
-        }
-        .await;
-        let (epoch, version) = match fenced {
-            Ok(v) => v,
-            Err(e) => {
-                error!(%ticker, %interval, job = %id, error = %e, "cannot record the assignment; the job stays queued");
-                break;
-            }
-        };
-        let n = st.nodes.get_mut(&node).expect("chosen node exists");
-        let tx = n.assignments.clone().expect("chosen node watches");
-        let a = Assignment {
-            ticker: ticker.clone(),
-            interval: interval.to_string(),
-            epoch,
-            version,
-            job_id: id.clone(),
-            model: job.model.map(|m| m.to_string()).unwrap_or_default(),
-            epochs: job.epochs.unwrap_or(0) as u32,
-        };
-        // Never wait on a node's stream inside the actor: a full or closed
-        // stream leaves the job queued for the next tick.
-        match tx.try_send(Ok(a)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                n.assignments = None;
-                continue;
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                warn!(%node, "assignment stream full; the job waits");
-                break;
-            }
-        }
-        n.load += 1;
-        st.pending.remove(i);
-        info!(%ticker, %interval, %node, epoch, version, job = %id, "job assigned");
-        // Running once the trainer reports that it started (progress, epoch 0).
-        if let Some(j) = st.jobs.get_mut(&id) {
-            j.status.node = node.clone();
-            j.status.version = version;
-        }
-        st.active.insert(
-            (ticker, interval),
-            ActiveJob {
-                job: id,
-                node,
-                epoch,
-                version,
-            },
-        );
-    }
-    Ok(())
-}
-
-/// Puts the active jobs of `node` back in the queue (they get a new epoch
-/// when assigned again, so a late report from the old assignment is refused).
-fn requeue_jobs_of(st: &mut CoordinatorState, node: &str, why: &str) {
-    let keys: Vec<_> = st
-        .active
-        .iter()
-        .filter(|(_, j)| j.node == node)
-        .map(|(k, _)| k.clone())
-        .collect();
-    for k in keys {
-        if let Some(a) = st.active.remove(&k) {
-            warn!(%node, ticker = %k.0, interval = %k.1, job = %a.job, "node {why}; job requeued");
-            if let Some(j) = st.jobs.get_mut(&a.job) {
-                j.set(JobState::Queued);
-                j.status.node.clear();
-            }
-            st.pending.push_front(a.job);
-        }
-    }
-}
-
-/// Ends an active job as failed (the report must come from its current assignment).
-fn fail_job(st: &mut CoordinatorState, f: JobFailure) -> Result<(), String> {
-    let interval: Interval = f
-        .interval
-        .parse()
-        .map_err(|e: tickmesh_core::Error| e.to_string())?;
-    let key = (f.ticker.clone(), interval);
-    let job = st
-        .active
-        .get(&key)
-        .cloned()
-        .ok_or_else(|| format!("no active job for {} {interval}", f.ticker))?;
-    if job.epoch != f.epoch || job.node != f.node || job.job != f.job_id {
+/// The job a report names, when it is the job's current assignment.
+fn current<'a>(
+    st: &'a CoordinatorState,
+    id: &str,
+    node: &str,
+    epoch: i64,
+) -> Result<&'a Job, String> {
+    let j = st
+        .jobs
+        .get(id)
+        .ok_or_else(|| format!("unknown job `{id}`"))?;
+    if j.row.state != "assigned" || j.row.node.as_deref() != Some(node) || j.row.epoch != epoch {
         return Err(format!(
-            "stale failure report for {} {interval}: epoch {} from {} (current: epoch {} on {})",
-            f.ticker, f.epoch, f.node, job.epoch, job.node
+            "stale report for job {id} ({} {}): epoch {epoch} from {node}; the job is {} (epoch {} on {})",
+            j.row.ticker,
+            j.row.interval,
+            j.row.state,
+            j.row.epoch,
+            j.row.node.as_deref().unwrap_or("-")
         ));
     }
-    st.active.remove(&key);
-    if let Some(n) = st.nodes.get_mut(&f.node) {
-        n.load = n.load.saturating_sub(1);
+    Ok(j)
+}
+
+async fn progress(st: &mut CoordinatorState, p: JobProgress) {
+    let Ok(j) = current(st, &p.job_id, &p.node, p.epoch) else {
+        return;
+    };
+    let before = j.row.snapshot_key.clone();
+    let mut row = j.row.clone();
+    if !p.snapshot_key.is_empty() && p.snapshot_key != row.snapshot_key {
+        row.snapshot_key = p.snapshot_key.clone();
+        row.updated_at = Utc::now();
+        if let Err(e) = st.args.db.upsert_job(&row).await {
+            warn!(job = %p.job_id, error = %e, "cannot record the snapshot; a retry starts from the previous one");
+            row.snapshot_key = before;
+        }
     }
-    warn!(ticker = %f.ticker, %interval, job = %f.job_id, reason = %f.reason, "job failed");
-    if let Some(j) = st.jobs.get_mut(&job.job) {
-        j.status.reason = f.reason;
-    }
-    finish(st, &job.job, JobState::Failed);
+    let j = st.jobs.get_mut(&p.job_id).expect("current job exists");
+    j.row = row;
+    j.progress = Some(p);
+}
+
+async fn fail_attempt(st: &mut CoordinatorState, f: JobFailure) -> Result<(), String> {
+    current(st, &f.job_id, &f.node, f.epoch)?;
+    end_attempt(st, &f.job_id, f.reason).await;
     Ok(())
 }
 
 async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result<(), String> {
-    let interval: Interval = r
-        .interval
-        .parse()
-        .map_err(|e: tickmesh_core::Error| e.to_string())?;
-    let key = (r.ticker.clone(), interval);
-    let job = st
-        .active
-        .get(&key)
-        .cloned()
-        .ok_or_else(|| format!("no active job for {} {interval}", r.ticker))?;
-    if job.epoch != r.epoch
-        || job.node != r.node
-        || job.version != r.version
-        || (!r.job_id.is_empty() && job.job != r.job_id)
-    {
+    let mut row = current(st, &r.job_id, &r.node, r.epoch)?.row.clone();
+    let interval = row.interval;
+    if r.version != row.version || r.ticker != row.ticker || r.interval != interval.as_str() {
         return Err(format!(
-            "stale report for {} {interval}: epoch {} from {} (current: epoch {} on {})",
-            r.ticker, r.epoch, r.node, job.epoch, job.node
+            "report for job {} names {} {} v{}; the attempt writes {} {interval} v{}",
+            r.job_id, r.ticker, r.interval, r.version, row.ticker, row.version
+        ));
+    }
+    let key = format!("/{}", model_prefix(&r.ticker, interval, r.version));
+    if !r.uri.ends_with(&key) {
+        return Err(format!(
+            "checkpoint uri `{}` is not the attempt's key (…{key})",
+            r.uri
         ));
     }
     let m = ModelVersion {
@@ -646,35 +916,36 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
         created_at: Utc::now(),
     };
     if let Err(e) = st.args.db.insert_model_version(&m).await {
-        // End the job rather than leave it active with nothing to report it.
         let reason = format!("the model registry refused version {}: {e}", r.version);
-        st.active.remove(&key);
-        if let Some(n) = st.nodes.get_mut(&r.node) {
-            n.load = n.load.saturating_sub(1);
-        }
-        if let Some(j) = st.jobs.get_mut(&job.job) {
-            j.status.reason = reason.clone();
-        }
-        finish(st, &job.job, JobState::Failed);
+        end_attempt(st, &r.job_id, reason.clone()).await;
         return Err(reason);
     }
-    st.active.remove(&key);
     if let Some(n) = st.nodes.get_mut(&r.node) {
-        n.load = n.load.saturating_sub(1);
+        n.running.remove(&r.job_id);
     }
-    if let Some(j) = st.jobs.get_mut(&job.job) {
-        j.status.metrics_json = r.metrics_json.clone();
-        j.status.model = r.kind.clone();
+    row.state = "done".into();
+    row.lease_until = None;
+    row.metrics = r.metrics_json.clone();
+    row.reason.clear();
+    row.updated_at = Utc::now();
+    if row.model.is_none() {
+        row.model = Some(r.kind.clone());
     }
-    finish(st, &job.job, JobState::Done);
-    info!(ticker = %r.ticker, %interval, version = r.version, "model version registered as champion");
+    if let Err(e) = st.args.db.upsert_job(&row).await {
+        // The model is registered; the job row catches up on the next write.
+        error!(job = %r.job_id, error = %e, "cannot record that the job is done");
+    }
+    st.jobs.get_mut(&r.job_id).expect("current job exists").row = row;
+    finish(st, &r.job_id);
+    info!(ticker = %r.ticker, %interval, version = r.version, job = %r.job_id, "model version registered as champion");
     let update = update_of(&m);
-    let mut live = Vec::with_capacity(st.watchers.len());
-    for w in st.watchers.drain(..) {
-        if w.send(Ok(update.clone())).await.is_ok() {
-            live.push(w);
-        }
-    }
-    st.watchers = live;
+    st.watchers
+        .retain(|w| match w.try_send(Ok(update.clone())) {
+            Ok(()) => true,
+            Err(_) => {
+                warn!("a model watcher is not keeping up; dropped (it reconnects)");
+                false
+            }
+        });
     Ok(())
 }

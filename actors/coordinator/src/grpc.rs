@@ -14,13 +14,18 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::CoordinatorMsg;
+use crate::coordinator::{CoordinatorMsg, Registration};
 
 const CALL_TIMEOUT_MS: u64 = 30_000;
+/// Jobs one node may list as running or held.
+const MAX_HELD: usize = 10_000;
+/// Tickers in one start request.
+pub const MAX_TICKERS_PER_REQUEST: usize = 10_000;
 
 pub struct CoordinatorService {
     actor: ActorRef<CoordinatorMsg>,
     heartbeat: Duration,
+    lease: Duration,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -37,16 +42,31 @@ impl Coordinator for CoordinatorService {
         if r.node.is_empty() {
             return Err(Status::invalid_argument("node name is empty"));
         }
-        self.actor
-            .cast(CoordinatorMsg::Register {
-                node: r.node,
-                roles: r.roles,
-                cpus: r.cpus,
-                gpus: r.gpus,
-            })
-            .map_err(unavailable)?;
+        if r.running.len() > MAX_HELD {
+            return Err(Status::invalid_argument(format!(
+                "{} running jobs listed; at most {MAX_HELD}",
+                r.running.len()
+            )));
+        }
+        let reg = Registration {
+            node: r.node,
+            roles: r.roles,
+            cpus: r.cpus,
+            gpus: r.gpus,
+            slots: r.slots,
+            incarnation: r.incarnation,
+            running: r.running.into_iter().map(|h| (h.job_id, h.epoch)).collect(),
+        };
+        call_t!(
+            self.actor,
+            |reply| CoordinatorMsg::Register { reg, reply },
+            CALL_TIMEOUT_MS
+        )
+        .map_err(unavailable)?
+        .map_err(Status::already_exists)?;
         Ok(Response::new(RegisterNodeReply {
             heartbeat_secs: self.heartbeat.as_secs(),
+            lease_secs: self.lease.as_secs(),
         }))
     }
 
@@ -54,12 +74,31 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        self.actor
-            .cast(CoordinatorMsg::Heartbeat {
-                node: req.into_inner().node,
-            })
-            .map_err(unavailable)?;
-        Ok(Response::new(HeartbeatReply {}))
+        let r = req.into_inner();
+        if r.held.len() > MAX_HELD {
+            return Err(Status::invalid_argument(format!(
+                "{} held jobs listed; at most {MAX_HELD}",
+                r.held.len()
+            )));
+        }
+        let held = r.held.into_iter().map(|h| (h.job_id, h.epoch)).collect();
+        let out = call_t!(
+            self.actor,
+            |reply| CoordinatorMsg::Heartbeat {
+                node: r.node,
+                incarnation: r.incarnation,
+                held,
+                reply
+            },
+            CALL_TIMEOUT_MS
+        )
+        .map_err(unavailable)?
+        .map_err(Status::unavailable)?;
+        Ok(Response::new(HeartbeatReply {
+            registered: out.registered,
+            revoked: out.revoked,
+            lease_secs: self.lease.as_secs(),
+        }))
     }
 
     type WatchAssignmentsStream = ReceiverStream<Result<Assignment, Status>>;
@@ -68,13 +107,20 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        let r = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        self.actor
-            .cast(CoordinatorMsg::WatchAssignments {
-                node: req.into_inner().node,
+        call_t!(
+            self.actor,
+            |reply| CoordinatorMsg::WatchAssignments {
+                node: r.node,
+                incarnation: r.incarnation,
                 tx,
-            })
-            .map_err(unavailable)?;
+                reply
+            },
+            CALL_TIMEOUT_MS
+        )
+        .map_err(unavailable)?
+        .map_err(Status::failed_precondition)?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -117,6 +163,12 @@ impl Coordinator for CoordinatorService {
         if r.tickers.is_empty() {
             return Err(Status::invalid_argument("no tickers"));
         }
+        if r.tickers.len() > MAX_TICKERS_PER_REQUEST {
+            return Err(Status::invalid_argument(format!(
+                "{} tickers in one request; at most {MAX_TICKERS_PER_REQUEST}",
+                r.tickers.len()
+            )));
+        }
         for t in &r.tickers {
             validate_ticker(t).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
@@ -144,6 +196,9 @@ impl Coordinator for CoordinatorService {
             CALL_TIMEOUT_MS
         )
         .map_err(unavailable)?;
+        if s.unavailable && s.job_ids.is_empty() {
+            return Err(Status::unavailable(s.refused.join("; ")));
+        }
         Ok(Response::new(StartTrainingReply {
             queued: s.queued,
             job_ids: s.job_ids,
@@ -196,6 +251,7 @@ pub async fn serve(
     listener: TcpListener,
     actor: ActorRef<CoordinatorMsg>,
     heartbeat: Duration,
+    lease: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -210,10 +266,14 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(CoordinatorServer::new(CoordinatorService {
-            actor,
-            heartbeat,
-        }))
+        .add_service(
+            CoordinatorServer::new(CoordinatorService {
+                actor,
+                heartbeat,
+                lease,
+            })
+            .max_decoding_message_size(4 << 20),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

@@ -1,6 +1,9 @@
 //! `StartModelConsumer`: receives `start_model` records from the bus, turns
-//! each into `CoordinatorMsg::Start`, then commits. Malformed records go to
-//! `start_model.dlq` with the error in the headers.
+//! each into `CoordinatorMsg::Start` and commits once the coordinator has
+//! recorded the jobs (a coordinator that cannot reach its database fails
+//! this consumer without a commit, so the record is read again after the
+//! restart). Malformed records go to `start_model.dlq` with the error in the
+//! headers.
 
 use std::time::Duration;
 
@@ -59,13 +62,28 @@ impl Actor for StartModelConsumer {
             match StartModel::parse(&rec.payload) {
                 Ok(m) => {
                     info!(interval = %m.interval, tickers = m.tickers.len(), watermark = %m.watermark, "start_model received");
-                    st.args.coordinator.cast(CoordinatorMsg::Start {
-                        tickers: m.tickers,
-                        interval: m.interval,
-                        model: None,
-                        epochs: None,
-                        reply: None,
-                    })?;
+                    let started = ractor::call_t!(
+                        st.args.coordinator,
+                        |reply| CoordinatorMsg::Start {
+                            tickers: m.tickers,
+                            interval: m.interval,
+                            model: None,
+                            epochs: None,
+                            reply: Some(reply),
+                        },
+                        60_000
+                    )?;
+                    if started.unavailable {
+                        return Err(format!(
+                            "start_model at offset {} not recorded: {}",
+                            rec.offset,
+                            started.refused.join("; ")
+                        )
+                        .into());
+                    }
+                    for why in &started.refused {
+                        warn!(offset = rec.offset, refused = %why, "start_model ticker refused");
+                    }
                 }
                 Err(e) => {
                     warn!(offset = rec.offset, error = %e, "malformed start_model sent to the dead-letter topic");

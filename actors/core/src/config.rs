@@ -180,7 +180,15 @@ pub struct CoordinatorConfig {
     /// gRPC listen address of the coordinator (and where nodes reach it).
     pub listen: String,
     pub heartbeat_secs: u64,
+    /// A job's lease: a trainer that has not renewed it for this long stops
+    /// writing, and the coordinator then hands the job to another node.
     pub lease_secs: u64,
+    /// Attempts of a job (failures and lost leases) before it is marked failed.
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled for each further one (with jitter).
+    pub retry_backoff_ms: u64,
+    /// Jobs queued or running at most; a request beyond it is refused.
+    pub max_open_jobs: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -189,6 +197,9 @@ impl Default for CoordinatorConfig {
             listen: "127.0.0.1:50051".into(),
             heartbeat_secs: 5,
             lease_secs: 30,
+            max_attempts: 3,
+            retry_backoff_ms: 1_000,
+            max_open_jobs: 10_000,
         }
     }
 }
@@ -291,6 +302,10 @@ pub struct TrainConfig {
     /// Jobs a trainer node runs at once on the CPU.
     pub cpu_jobs: usize,
     pub seed: i64,
+    /// A cluster trainer saves a resumable snapshot (weights, Adam's moments,
+    /// counters) after every this many epochs, so a job handed to another
+    /// node goes on from there; 0: never.
+    pub snapshot_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -319,6 +334,7 @@ impl Default for TrainConfig {
             jobs_per_gpu: 4,
             cpu_jobs: 1,
             seed: 42,
+            snapshot_every: 5,
         }
     }
 }
@@ -381,8 +397,11 @@ impl TrainConfig {
                 return bad(k, format!("{v} must be in (0, 0.4]"));
             }
         }
-        if !["auto", "cpu", "cuda"].contains(&t.device.as_str()) {
-            return bad("device", format!("`{}` is not auto, cpu or cuda", t.device));
+        if !valid_device(&t.device) {
+            return bad(
+                "device",
+                format!("`{}` is not one of auto, cpu, cuda, cuda:N", t.device),
+            );
         }
         if t.jobs_per_gpu == 0 || t.cpu_jobs == 0 {
             return bad(
@@ -440,6 +459,21 @@ pub struct NodeConfig {
     /// out of the mesh.
     #[serde(default)]
     pub cluster_port: Option<u16>,
+    /// This node's training device (`auto`, `cpu`, `cuda`, `cuda:N`);
+    /// default: `train.device`.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Training jobs this node runs at once; default: `train.jobs_per_gpu`
+    /// per GPU on a CUDA device, else `train.cpu_jobs`.
+    #[serde(default)]
+    pub jobs: Option<usize>,
+}
+
+/// `auto`, `cpu`, `cuda` or `cuda:N`.
+pub fn valid_device(d: &str) -> bool {
+    matches!(d, "auto" | "cpu" | "cuda")
+        || d.strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok())
 }
 
 fn default_host() -> String {
@@ -582,6 +616,12 @@ impl ClusterConfig {
                 "must be longer than coordinator.heartbeat_secs".into(),
             );
         }
+        if self.coordinator.max_attempts == 0 {
+            return bad("coordinator.max_attempts", "must be at least 1".into());
+        }
+        if self.coordinator.max_open_jobs == 0 {
+            return bad("coordinator.max_open_jobs", "must be at least 1".into());
+        }
         if self.serve.max_steps == 0 {
             return bad("serve.max_steps", "must be at least 1".into());
         }
@@ -627,6 +667,17 @@ impl ClusterConfig {
                     &format!("nodes[{i}].roles"),
                     "must list at least one role".into(),
                 );
+            }
+            if let Some(d) = &n.device {
+                if !valid_device(d) {
+                    return bad(
+                        &format!("nodes[{i}].device"),
+                        format!("`{d}` is not one of auto, cpu, cuda, cuda:N"),
+                    );
+                }
+            }
+            if n.jobs == Some(0) {
+                return bad(&format!("nodes[{i}].jobs"), "must be at least 1".into());
             }
         }
         Ok(())

@@ -43,6 +43,110 @@ pub struct ModelVersion {
     pub created_at: DateTime<Utc>,
 }
 
+/// The life of a training job (table `jobs`): `queued` → `assigned` (node,
+/// epoch, version, lease) → `done` | `failed`; a failed attempt or a lost
+/// lease goes back to `queued` (with `not_before`) while attempts remain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub ticker: String,
+    pub interval: Interval,
+    /// Model kind override.
+    pub model: Option<String>,
+    /// Epochs override.
+    pub epochs: Option<i64>,
+    pub state: String,
+    /// The node of the current (or last) assignment.
+    pub node: Option<String>,
+    /// The current (or last) assignment epoch; 0 before the first.
+    pub epoch: i64,
+    /// The version the current (or last) attempt writes; unique per attempt.
+    pub version: i64,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub attempts: i64,
+    /// Not assigned before this time (retry backoff).
+    pub not_before: DateTime<Utc>,
+    /// Why the last attempt failed, or why the job failed.
+    pub reason: String,
+    /// The job's latest snapshot (bucket `models`), for a resumed attempt.
+    pub snapshot_key: String,
+    /// The registered version's metrics (JSON) once done.
+    pub metrics: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl JobRow {
+    /// A new queued job.
+    pub fn queued(
+        id: String,
+        ticker: String,
+        interval: Interval,
+        model: Option<String>,
+        epochs: Option<i64>,
+    ) -> Self {
+        let now = Utc::now();
+        JobRow {
+            id,
+            ticker,
+            interval,
+            model,
+            epochs,
+            state: "queued".into(),
+            node: None,
+            epoch: 0,
+            version: 0,
+            lease_until: None,
+            attempts: 0,
+            not_before: now,
+            reason: String::new(),
+            snapshot_key: String::new(),
+            metrics: String::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Queued or assigned.
+    pub fn is_open(&self) -> bool {
+        self.state == "queued" || self.state == "assigned"
+    }
+}
+
+const JOB_COLUMNS: &str = "id, ticker, \"interval\", model, epochs, state, node, epoch, version, lease_until, attempts, not_before, reason, snapshot_key, metrics, created_at, updated_at";
+
+fn job_of_row<'r, R: Row>(r: &'r R) -> Result<JobRow>
+where
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<DateTime<Utc>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let interval: String = r.get(2);
+    Ok(JobRow {
+        id: r.get(0),
+        ticker: r.get(1),
+        interval: interval.parse()?,
+        model: r.get(3),
+        epochs: r.get(4),
+        state: r.get(5),
+        node: r.get(6),
+        epoch: r.get(7),
+        version: r.get(8),
+        lease_until: r.get(9),
+        attempts: r.get(10),
+        not_before: r.get(11),
+        reason: r.get(12),
+        snapshot_key: r.get(13),
+        metrics: r.get(14),
+        created_at: r.get(15),
+        updated_at: r.get(16),
+    })
+}
+
 /// The database handle.
 #[derive(Debug, Clone)]
 pub enum Db {
@@ -126,6 +230,10 @@ impl Db {
             format!(
                 "CREATE TABLE IF NOT EXISTS assignments (ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, node TEXT NOT NULL, epoch BIGINT NOT NULL, lease_until {ts} NOT NULL, PRIMARY KEY (ticker, \"interval\"))"
             ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, model TEXT, epochs BIGINT, state TEXT NOT NULL, node TEXT, epoch BIGINT NOT NULL, version BIGINT NOT NULL, lease_until {ts}, attempts BIGINT NOT NULL, not_before {ts} NOT NULL, reason TEXT NOT NULL, snapshot_key TEXT NOT NULL, metrics {json} NOT NULL, created_at {ts} NOT NULL, updated_at {ts} NOT NULL)"
+            ),
+            "CREATE INDEX IF NOT EXISTS jobs_open ON jobs (state, created_at)".to_string(),
         ];
         match self {
             Db::Postgres(pool) => {
@@ -508,5 +616,242 @@ impl Db {
         }
         .map_err(Error::db("read assignment epoch"))?;
         Ok(v)
+    }
+
+    /// Writes a job's row (insert or replace).
+    pub async fn upsert_job(&self, j: &JobRow) -> Result<()> {
+        let sql = self.sql(&format!(
+            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) ON CONFLICT (id) DO UPDATE SET model = EXCLUDED.model, epochs = EXCLUDED.epochs, state = EXCLUDED.state, node = EXCLUDED.node, epoch = EXCLUDED.epoch, version = EXCLUDED.version, lease_until = EXCLUDED.lease_until, attempts = EXCLUDED.attempts, not_before = EXCLUDED.not_before, reason = EXCLUDED.reason, snapshot_key = EXCLUDED.snapshot_key, metrics = EXCLUDED.metrics, updated_at = EXCLUDED.updated_at"
+        ));
+        macro_rules! run {
+            ($pool:expr) => {
+                sqlx::query(&sql)
+                    .bind(&j.id)
+                    .bind(&j.ticker)
+                    .bind(j.interval.as_str())
+                    .bind(&j.model)
+                    .bind(j.epochs)
+                    .bind(&j.state)
+                    .bind(&j.node)
+                    .bind(j.epoch)
+                    .bind(j.version)
+                    .bind(j.lease_until)
+                    .bind(j.attempts)
+                    .bind(j.not_before)
+                    .bind(&j.reason)
+                    .bind(&j.snapshot_key)
+                    .bind(&j.metrics)
+                    .bind(j.created_at)
+                    .bind(j.updated_at)
+                    .execute($pool)
+                    .await
+                    .map(|_| ())
+            };
+        }
+        match self {
+            Db::Postgres(p) => run!(p),
+            Db::Sqlite(p) => run!(p),
+        }
+        .map_err(Error::db(format!("write job {}", j.id)))
+    }
+
+    /// Jobs in `states` (every job when empty), oldest first, at most `limit`.
+    pub async fn jobs(&self, states: &[&str], limit: i64) -> Result<Vec<JobRow>> {
+        let filter = if states.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = states
+                .iter()
+                .map(|s| format!("'{}'", s.replace('\'', "")))
+                .collect();
+            format!(" WHERE state IN ({})", list.join(", "))
+        };
+        let sql = self.sql(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs{filter} ORDER BY created_at, id LIMIT $1"
+        ));
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                let rows = sqlx::query(&sql)
+                    .bind(limit)
+                    .fetch_all($pool)
+                    .await
+                    .map_err(Error::db("read jobs"))?;
+                rows.iter().map(job_of_row).collect::<Result<Vec<_>>>()
+            }};
+        }
+        match self {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        }
+    }
+
+    /// One job by id.
+    pub async fn job(&self, id: &str) -> Result<Option<JobRow>> {
+        let sql = self.sql(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                let row = sqlx::query(&sql)
+                    .bind(id)
+                    .fetch_optional($pool)
+                    .await
+                    .map_err(Error::db(format!("read job {id}")))?;
+                row.as_ref().map(job_of_row).transpose()
+            }};
+        }
+        match self {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        }
+    }
+
+    /// Assigns a job to `node` in one transaction: the next assignment epoch
+    /// of its ticker-interval, a version no attempt or model has used, the
+    /// lease, one more attempt; `assignments` records the same. `j` is
+    /// updated to what was written.
+    pub async fn assign_job(
+        &self,
+        j: &mut JobRow,
+        node: &str,
+        lease_until: DateTime<Utc>,
+    ) -> Result<()> {
+        let epoch_sql = self.sql("SELECT COALESCE(MAX(epoch), 0) FROM assignments WHERE ticker = $1 AND \"interval\" = $2");
+        let version_sql = self.sql("SELECT COALESCE(MAX(v), 0) FROM (SELECT MAX(version) AS v FROM model_versions WHERE ticker = $1 AND \"interval\" = $2 UNION ALL SELECT MAX(version) AS v FROM jobs WHERE ticker = $1 AND \"interval\" = $2) AS t");
+        let assign_sql = self.sql("INSERT INTO assignments (ticker, \"interval\", node, epoch, lease_until) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ticker, \"interval\") DO UPDATE SET node = EXCLUDED.node, epoch = EXCLUDED.epoch, lease_until = EXCLUDED.lease_until");
+        let job_sql = self.sql("UPDATE jobs SET state = 'assigned', node = $2, epoch = $3, version = $4, lease_until = $5, attempts = attempts + 1, updated_at = $6 WHERE id = $1 AND state = 'queued'");
+        let ctx = format!("assign job {} to {node}", j.id);
+        let now = Utc::now();
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut tx = $pool.begin().await.map_err(Error::db(ctx.clone()))?;
+                let epoch: i64 = sqlx::query_scalar(&epoch_sql)
+                    .bind(&j.ticker)
+                    .bind(j.interval.as_str())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(Error::db(ctx.clone()))?;
+                let version: i64 = sqlx::query_scalar(&version_sql)
+                    .bind(&j.ticker)
+                    .bind(j.interval.as_str())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(Error::db(ctx.clone()))?;
+                let (epoch, version) = (epoch + 1, version + 1);
+                sqlx::query(&assign_sql)
+                    .bind(&j.ticker)
+                    .bind(j.interval.as_str())
+                    .bind(node)
+                    .bind(epoch)
+                    .bind(lease_until)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::db(ctx.clone()))?;
+                let n = sqlx::query(&job_sql)
+                    .bind(&j.id)
+                    .bind(node)
+                    .bind(epoch)
+                    .bind(version)
+                    .bind(lease_until)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::db(ctx.clone()))?
+                    .rows_affected();
+                if n != 1 {
+                    return Err(Error::Conflict(format!(
+                        "job {} is not queued in the database",
+                        j.id
+                    )));
+                }
+                tx.commit().await.map_err(Error::db(ctx))?;
+                (epoch, version)
+            }};
+        }
+        let (epoch, version) = match self {
+            Db::Postgres(p) => run!(p),
+            Db::Sqlite(p) => run!(p),
+        };
+        j.state = "assigned".into();
+        j.node = Some(node.to_string());
+        j.epoch = epoch;
+        j.version = version;
+        j.lease_until = Some(lease_until);
+        j.attempts += 1;
+        j.updated_at = now;
+        Ok(())
+    }
+
+    /// Extends the leases of `node`'s assigned jobs among `ids` to `until`
+    /// (in `jobs` and `assignments`).
+    pub async fn renew_leases(
+        &self,
+        node: &str,
+        ids: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ctx = format!("renew the leases of {node}");
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut tx = $pool.begin().await.map_err(Error::db(ctx.clone()))?;
+                for id in ids {
+                    let job = self.sql("UPDATE jobs SET lease_until = $1 WHERE id = $2 AND node = $3 AND state = 'assigned'");
+                    sqlx::query(&job)
+                        .bind(until)
+                        .bind(id)
+                        .bind(node)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Error::db(ctx.clone()))?;
+                    let a = self.sql("UPDATE assignments SET lease_until = $1 WHERE node = $2 AND (ticker, \"interval\", epoch) IN (SELECT ticker, \"interval\", epoch FROM jobs WHERE id = $3 AND state = 'assigned')");
+                    sqlx::query(&a)
+                        .bind(until)
+                        .bind(node)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Error::db(ctx.clone()))?;
+                }
+                tx.commit().await.map_err(Error::db(ctx))
+            }};
+        }
+        match self {
+            Db::Postgres(p) => run!(p),
+            Db::Sqlite(p) => run!(p),
+        }
+    }
+
+    /// The tickers among `tickers` that have `aggregated_data` rows for
+    /// `interval` (one query).
+    pub async fn tickers_with_data(
+        &self,
+        interval: Interval,
+        tickers: &[String],
+    ) -> Result<std::collections::HashSet<String>> {
+        let mut out = std::collections::HashSet::new();
+        for chunk in tickers.chunks(500) {
+            let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+            let sql = self.sql(&format!(
+                "SELECT DISTINCT ticker FROM aggregated_data WHERE \"interval\" = $1 AND ticker IN ({})",
+                marks.join(", ")
+            ));
+            macro_rules! fetch {
+                ($pool:expr) => {{
+                    let mut q = sqlx::query_scalar::<_, String>(&sql).bind(interval.as_str());
+                    for t in chunk {
+                        q = q.bind(t);
+                    }
+                    q.fetch_all($pool).await
+                }};
+            }
+            let found = match self {
+                Db::Postgres(p) => fetch!(p),
+                Db::Sqlite(p) => fetch!(p),
+            }
+            .map_err(Error::db("look up tickers in aggregated_data"))?;
+            out.extend(found);
+        }
+        Ok(out)
     }
 }

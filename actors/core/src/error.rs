@@ -51,6 +51,9 @@ pub enum Error {
     /// Something was asked for that does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// The state changed under the caller (a fenced-off write, say).
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl Error {

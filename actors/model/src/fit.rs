@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 use tickmesh_core::config::TrainConfig;
 use tickmesh_core::{Error, Result};
@@ -148,36 +148,289 @@ fn clip_grad_norm(params: &[Tensor], max: f64) {
     })
 }
 
+/// Adam as `torch.optim.Adam` computes it (no weight decay, no amsgrad),
+/// with its moments in tensors we own, so a [`Snapshot`] can carry them.
+struct Adam {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    step: i64,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl Adam {
+    fn new(params: &[Tensor], lr: f64) -> Self {
+        Adam {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 0,
+            m: params.iter().map(Tensor::zeros_like).collect(),
+            v: params.iter().map(Tensor::zeros_like).collect(),
+        }
+    }
+
+    fn zero_grad(params: &[Tensor]) {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.detach_();
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    fn step(&mut self, params: &[Tensor]) {
+        self.step += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        let step_size = self.lr / bc1;
+        let bc2_sqrt = bc2.sqrt();
+        tch::no_grad(|| {
+            for ((p, m), v) in params.iter().zip(&mut self.m).zip(&mut self.v) {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let _ = m.lerp_(&g, 1.0 - self.beta1);
+                let _ = v.g_mul_scalar_(self.beta2);
+                let _ = v.addcmul_(&(&g * (1.0 - self.beta2)), &g);
+                let denom = (v.sqrt() / bc2_sqrt).g_add_scalar_(self.eps);
+                let mut p = p.shallow_clone();
+                let _ = p.addcdiv_(&(&*m * -step_size), &denom);
+            }
+        })
+    }
+}
+
+/// The counters of a fit after some epoch (the tensors are in [`Snapshot`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotState {
+    /// The last finished epoch.
+    pub epoch: usize,
+    pub best_epoch: usize,
+    pub best_val_loss: f64,
+    /// Epochs since the best one (early stopping).
+    pub stale: usize,
+    pub initial_val_loss: f64,
+    pub adam_step: i64,
+    pub history: Vec<EpochProgress>,
+    /// [`fingerprint`] of the data and hyperparameters it was trained on:
+    /// a snapshot only resumes the same fit.
+    pub fingerprint: String,
+    /// The last data row the fit used (a resumed fit reads no further).
+    pub data_to: DateTime<Utc>,
+    pub train_seconds: f64,
+}
+
+/// Everything a fit needs to go on after an epoch exactly as if it had not
+/// stopped: the weights, the best weights so far, Adam's moments and the
+/// counters. Tensors are named `w.{param}`, `best.{param}`, `m.{param}`,
+/// `v.{param}`.
+pub struct Snapshot {
+    pub state: SnapshotState,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+impl Snapshot {
+    /// `(state.safetensors, state.json)`.
+    pub fn encode(&self) -> Result<(Vec<u8>, Vec<u8>)> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        let path = dir.path().join("state.safetensors");
+        let cpu: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu)))
+            .collect();
+        Tensor::write_safetensors(&cpu, &path).map_err(terr)?;
+        let tensors = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let state = serde_json::to_vec_pretty(&self.state)
+            .map_err(|e| Error::invalid("snapshot", e.to_string()))?;
+        Ok((tensors, state))
+    }
+
+    pub fn decode(tensors: &[u8], state: &[u8]) -> Result<Self> {
+        let state: SnapshotState = serde_json::from_slice(state)
+            .map_err(|e| Error::invalid("snapshot state.json", e.to_string()))?;
+        let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        let path = dir.path().join("state.safetensors");
+        std::fs::write(&path, tensors).map_err(|e| Error::io(&path, e))?;
+        let tensors = Tensor::read_safetensors(&path)
+            .map_err(|e| Error::invalid("snapshot state.safetensors", e.to_string()))?;
+        Ok(Snapshot { state, tensors })
+    }
+}
+
+/// What a fit is computed from: the architecture, the hyperparameters that
+/// change the trajectory, and the data. Equal fingerprints mean a snapshot
+/// of one fit can resume the other.
+pub fn fingerprint(ds: &Dataset, cfg: &TrainConfig) -> String {
+    let arch = Arch::of(cfg, ds.n_features());
+    let v = serde_json::json!({
+        "arch": arch,
+        "features": ds.features,
+        "seq_len": ds.seq_len,
+        "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "clip_grad_norm": cfg.clip_grad_norm,
+        "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
+        "seed": cfg.seed,
+        "rows": ds.rows.len(),
+        "from": ds.ts.first(),
+        "to": ds.ts.last(),
+        "data": tickmesh_core::store::sha256_hex(
+            &ds.rows.iter().flatten().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
+        ),
+    });
+    tickmesh_core::store::sha256_hex(v.to_string().as_bytes())
+}
+
+/// Called by [`fit_with`] after each epoch.
+pub trait FitHooks {
+    /// An epoch finished; an `Err` stops the fit with that error (the lease
+    /// was lost, the job was cancelled).
+    fn epoch(&mut self, p: EpochProgress) -> Result<()>;
+    /// Take a snapshot after every this many epochs (0: never).
+    fn snapshot_every(&self) -> usize {
+        0
+    }
+    /// A snapshot was taken; an `Err` stops the fit.
+    fn snapshot(&mut self, _s: Snapshot) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Progress<F>(F);
+
+impl<F: FnMut(EpochProgress)> FitHooks for Progress<F> {
+    fn epoch(&mut self, p: EpochProgress) -> Result<()> {
+        (self.0)(p);
+        Ok(())
+    }
+}
+
 /// Trains a model of `cfg.model` on `ds` (see the module doc).
 pub fn fit(
     ds: Dataset,
     cfg: &TrainConfig,
     device: Device,
-    mut progress: impl FnMut(EpochProgress),
+    progress: impl FnMut(EpochProgress),
+) -> Result<Fitted> {
+    fit_with(ds, cfg, device, None, &mut Progress(progress))
+}
+
+fn named(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// [`fit`], resuming from `resume` when given (it must carry the same
+/// [`fingerprint`]), with hooks for progress and snapshots. A resumed fit
+/// ends with the same weights as one that never stopped.
+pub fn fit_with(
+    ds: Dataset,
+    cfg: &TrainConfig,
+    device: Device,
+    resume: Option<Snapshot>,
+    hooks: &mut dyn FitHooks,
 ) -> Result<Fitted> {
     let arch = Arch::of(cfg, ds.n_features());
-    let vs = nn::VarStore::new(device);
+    let print = fingerprint(&ds, cfg);
+    let mut vs = nn::VarStore::new(device);
     let model = build(&vs.root(), &arch);
     init_seeded(&vs, &arch, cfg.seed);
     let mut best = nn::VarStore::new(device);
     let _shadow = build(&best.root(), &arch);
     best.copy(&vs).map_err(terr)?;
-    let mut opt = nn::Adam::default()
-        .build(&vs, cfg.learning_rate)
-        .map_err(terr)?;
 
-    let params = vs.trainable_variables();
+    // Parameters in name order, so snapshots line up with them.
+    let names: Vec<String> = named(&vs).into_iter().map(|(n, _)| n).collect();
+    let params: Vec<Tensor> = named(&vs).into_iter().map(|(_, t)| t).collect();
+    let best_params: Vec<Tensor> = named(&best).into_iter().map(|(_, t)| t).collect();
+    let mut opt = Adam::new(&params, cfg.learning_rate);
+
     let (x_train, y_train) = ds.tensors(ds.splits.train.clone(), device);
     let (x_val, y_val) = ds.tensors(ds.splits.validation.clone(), device);
     let n_train = ds.splits.train.len();
-    let mut order: Vec<i64> = (0..n_train as i64).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed as u64);
 
-    let initial_val_loss = mse(model.as_ref(), &x_val, &y_val);
-    let (mut best_val, mut best_epoch, mut stale) = (initial_val_loss, 0, 0);
-    let mut history = Vec::new();
+    let (
+        mut first,
+        mut best_val,
+        mut best_epoch,
+        mut stale,
+        initial_val_loss,
+        mut history,
+        mut secs0,
+    ) = match resume {
+        None => {
+            let initial = mse(model.as_ref(), &x_val, &y_val);
+            (1, initial, 0, 0, initial, Vec::new(), 0.0)
+        }
+        Some(s) => {
+            if s.state.fingerprint != print {
+                return Err(Error::invalid(
+                    "snapshot",
+                    "the snapshot was taken on other data or hyperparameters",
+                ));
+            }
+            let mut by_name: std::collections::HashMap<String, Tensor> =
+                s.tensors.into_iter().collect();
+            let mut take = |prefix: &str, dst: &[Tensor]| -> Result<()> {
+                for (n, d) in names.iter().zip(dst) {
+                    let key = format!("{prefix}.{n}");
+                    let t = by_name.remove(&key).ok_or_else(|| {
+                        Error::invalid("snapshot", format!("tensor `{key}` is missing"))
+                    })?;
+                    if t.size() != d.size() {
+                        return Err(Error::invalid(
+                            "snapshot",
+                            format!(
+                                "tensor `{key}` has shape {:?}, not {:?}",
+                                t.size(),
+                                d.size()
+                            ),
+                        ));
+                    }
+                    tch::no_grad(|| d.shallow_clone().copy_(&t));
+                }
+                Ok(())
+            };
+            take("w", &params)?;
+            take("best", &best_params)?;
+            take("m", &opt.m)?;
+            take("v", &opt.v)?;
+            opt.step = s.state.adam_step;
+            let st = s.state;
+            (
+                st.epoch + 1,
+                st.best_val_loss,
+                st.best_epoch,
+                st.stale,
+                st.initial_val_loss,
+                st.history,
+                st.train_seconds,
+            )
+        }
+    };
+    if stale >= cfg.patience && first > 1 {
+        // The snapshot was taken when patience had already run out.
+        first = cfg.epochs + 1;
+    }
+
+    let mut order: Vec<i64> = (0..n_train as i64).collect();
     let started = Instant::now();
-    for epoch in 1..=cfg.epochs {
+    for epoch in first..=cfg.epochs {
+        // Each epoch's shuffle comes from the seed and the epoch alone, so a
+        // resumed fit shuffles as the uninterrupted one would have.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            (cfg.seed as u64) ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        order.sort_unstable();
         order.shuffle(&mut rng);
         let idx = Tensor::from_slice(&order).to_device(device);
         let mut sum = Tensor::zeros([], (Kind::Float, device));
@@ -187,10 +440,10 @@ pub fn fit(
             let loss = model
                 .forward(&x_train.index_select(0, &b))
                 .mse_loss(&y_train.index_select(0, &b), Reduction::Mean);
-            opt.zero_grad();
+            Adam::zero_grad(&params);
             loss.backward();
             clip_grad_norm(&params, cfg.clip_grad_norm);
-            opt.step();
+            opt.step(&params);
             sum += loss.detach() * len as f64;
         }
         let train_loss = sum.double_value(&[]) / n_train.max(1) as f64;
@@ -217,14 +470,43 @@ pub fn fit(
             best_epoch,
         };
         history.push(p);
-        progress(p);
+        hooks.epoch(p)?;
+        let done = stale >= cfg.patience || epoch == cfg.epochs;
+        let every = hooks.snapshot_every();
+        if every > 0 && epoch % every == 0 && !done {
+            let mut tensors = Vec::with_capacity(names.len() * 4);
+            for (prefix, ts) in [
+                ("w", &params),
+                ("best", &best_params),
+                ("m", &opt.m),
+                ("v", &opt.v),
+            ] {
+                for (n, t) in names.iter().zip(ts.iter()) {
+                    tensors.push((format!("{prefix}.{n}"), t.detach().copy()));
+                }
+            }
+            hooks.snapshot(Snapshot {
+                state: SnapshotState {
+                    epoch,
+                    best_epoch,
+                    best_val_loss: best_val,
+                    stale,
+                    initial_val_loss,
+                    adam_step: opt.step,
+                    history: history.clone(),
+                    fingerprint: print.clone(),
+                    data_to: *ds.ts.last().expect("a dataset has rows"),
+                    train_seconds: secs0 + started.elapsed().as_secs_f64(),
+                },
+                tensors,
+            })?;
+        }
         if stale >= cfg.patience {
             break;
         }
     }
-    let secs = started.elapsed().as_secs_f64();
+    secs0 += started.elapsed().as_secs_f64();
     let epochs_run = history.len();
-    let mut vs = vs;
     vs.copy(&best).map_err(terr)?;
     let (eval, test_points) = evaluate(model.as_ref(), &ds, ds.splits.test.clone(), device);
     if !eval.is_finite() {
@@ -246,7 +528,7 @@ pub fn fit(
         best_epoch,
         best_val_loss: best_val,
         stopped_early: epochs_run < cfg.epochs,
-        samples_per_sec: (n_train * epochs_run) as f64 / secs.max(1e-9),
+        samples_per_sec: (n_train * epochs_run) as f64 / secs0.max(1e-9),
         device,
     })
 }

@@ -29,7 +29,10 @@ pub fn device(setting: &str) -> tch::Device {
     match setting {
         "cpu" => tch::Device::Cpu,
         "cuda" => tch::Device::Cuda(0),
-        _ => tch::Device::cuda_if_available(),
+        s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => tch::Device::Cuda(n),
+            None => tch::Device::cuda_if_available(),
+        },
     }
 }
 

@@ -4,7 +4,10 @@
 //! - [`trainer`]: `TrainerActor`, one job at a time on a blocking thread.
 //! - [`pool`]: `TrainerPool`, the node agent: registers with the coordinator,
 //!   takes assignments, runs trainers, reports progress, checkpoints and
-//!   failures.
+//!   failures, renews the leases of its jobs and reconnects after a
+//!   coordinator restart.
+//! - [`lease`]: the leases a node holds; trainers check them before writing.
 
+pub mod lease;
 pub mod pool;
 pub mod trainer;

@@ -1,37 +1,50 @@
-//! `TrainerPool`: the train role's node agent. Registers the node with the
-//! coordinator over gRPC, heartbeats, watches its assignment stream, hands
-//! each job to the `TrainerActor` of its (ticker, interval) (spawned linked
-//! on first use), forwards each finished training epoch as progress, and
-//! reports every outcome back with the job's assignment epoch: a checkpoint,
-//! or a failure with its reason (so the job never stays active). A trainer
-//! that crashes is dropped, its job reported failed, and it is respawned on
-//! its next job.
+//! `TrainerPool`: the train role's node agent. A session task registers the
+//! node with the coordinator (its slots, a random incarnation, and the jobs
+//! it still runs) and watches the assignment stream; when the coordinator
+//! goes away it registers again with a jittered, doubling backoff, and the
+//! trainers keep going meanwhile. A heartbeat task renews the leases of the
+//! jobs the node holds and releases those the coordinator revoked.
+//!
+//! The pool receives assignments from the session, grants their leases and
+//! hands each job to the `TrainerActor` of its (ticker, interval) (spawned
+//! linked on first use); it forwards progress (and snapshot keys) and
+//! reports every outcome back with the job's assignment epoch: a
+//! checkpoint, or a failure with its reason. A job whose lease is gone is
+//! not reported (the coordinator has moved on). A trainer that crashes is
+//! dropped, its job reported failed, and it is respawned on its next job.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tickmesh_core::config::Role;
+use tickmesh_core::store::buckets;
 use tickmesh_core::types::Interval;
 use tickmesh_model::fit::EpochProgress;
 use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
 use tickmesh_proto::v1::{
-    CheckpointReport, HeartbeatRequest, JobFailure, JobProgress, RegisterNodeRequest,
+    CheckpointReport, HeartbeatRequest, HeldJob, JobFailure, JobProgress, RegisterNodeRequest,
     WatchAssignmentsRequest,
 };
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, warn};
 
-use crate::trainer::{Job, TrainOutcome, TrainerActor, TrainerArgs, TrainerMsg};
+use crate::lease::{term, Leases};
+use crate::trainer::{job_runs_prefix, Job, TrainOutcome, TrainerActor, TrainerArgs, TrainerMsg};
 
 pub struct TrainerPool;
 
 /// Messages of [`TrainerPool`].
 pub enum PoolMsg {
-    /// The coordinator assigned a job (from the watch stream).
+    /// The coordinator assigned a job (from the session's stream).
     Assigned(Job),
-    /// A trainer finished a training epoch of a job.
-    Progress { job: Job, progress: EpochProgress },
+    /// A trainer finished a training epoch of a job (and maybe saved a snapshot).
+    Progress {
+        job: Job,
+        progress: EpochProgress,
+        snapshot: Option<String>,
+    },
     /// A trainer finished a job (from the trainer).
     Finished {
         job: Job,
@@ -48,14 +61,34 @@ pub struct TrainerPoolArgs {
     pub coordinator: String,
     pub cpus: u32,
     pub gpus: u32,
+    /// Jobs this node runs at once (the size of `trainer.slots`).
+    pub slots: u32,
     pub trainer: TrainerArgs,
+}
+
+/// The coordinator's timing, as its last registration reply said.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    heartbeat: Duration,
+    lease: Duration,
 }
 
 pub struct TrainerPoolState {
     args: TrainerPoolArgs,
     client: CoordinatorClient<Channel>,
+    timing: Arc<Mutex<Timing>>,
     trainers: HashMap<(String, Interval), (ActorRef<TrainerMsg>, Option<Job>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A client of the coordinator that connects on first use and reconnects
+/// after failures.
+pub fn client(addr: &str) -> Result<CoordinatorClient<Channel>, String> {
+    let ep = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("coordinator address `{addr}`: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    Ok(CoordinatorClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20))
 }
 
 /// Connects to the coordinator, retrying for up to `wait`.
@@ -72,6 +105,148 @@ pub async fn connect(addr: &str, wait: Duration) -> Result<CoordinatorClient<Cha
     }
 }
 
+fn held(leases: &Leases) -> Vec<HeldJob> {
+    leases
+        .held()
+        .into_iter()
+        .map(|(job_id, epoch)| HeldJob { job_id, epoch })
+        .collect()
+}
+
+/// A doubling backoff with jitter, 200 ms to 5 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(200))
+    }
+
+    async fn wait(&mut self) {
+        let jitter = rand::random::<u64>() % (self.0.as_millis() as u64 / 2 + 1);
+        tokio::time::sleep(self.0 + Duration::from_millis(jitter)).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Registers and watches assignments, again and again, until the pool stops.
+async fn session(
+    me: ActorRef<PoolMsg>,
+    args: TrainerPoolArgs,
+    mut client: CoordinatorClient<Channel>,
+    incarnation: u64,
+    timing: Arc<Mutex<Timing>>,
+) {
+    let mut backoff = Backoff::new();
+    let mut first = true;
+    loop {
+        if !first {
+            backoff.wait().await;
+        }
+        first = false;
+        let reply = match client
+            .register_node(RegisterNodeRequest {
+                node: args.node.clone(),
+                roles: vec![Role::Train.as_str().into()],
+                cpus: args.cpus,
+                gpus: args.gpus,
+                incarnation,
+                slots: args.slots,
+                running: held(&args.trainer.leases),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                warn!(coordinator = %args.coordinator, error = %e.message(), "cannot register with the coordinator yet");
+                continue;
+            }
+        };
+        {
+            let mut t = timing.lock().unwrap_or_else(|p| p.into_inner());
+            t.heartbeat = Duration::from_secs(reply.heartbeat_secs.max(1));
+            t.lease = Duration::from_secs(reply.lease_secs.max(2));
+        }
+        let mut stream = match client
+            .watch_assignments(WatchAssignmentsRequest {
+                node: args.node.clone(),
+                incarnation,
+            })
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                warn!(error = %e.message(), "cannot watch assignments yet");
+                continue;
+            }
+        };
+        info!(node = %args.node, coordinator = %args.coordinator, device = %tickmesh_model::device_name(args.trainer.device), slots = args.slots, "trainer pool registered");
+        backoff = Backoff::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(a)) => match job_of(a) {
+                    Ok(job) => {
+                        if me.cast(PoolMsg::Assigned(job)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "assignment ignored"),
+                },
+                Ok(None) => {
+                    warn!("the coordinator closed the assignment stream; registering again");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e.message(), "assignment stream failed; registering again");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Renews the leases of the held jobs every heartbeat period.
+async fn heartbeats(
+    node: String,
+    mut client: CoordinatorClient<Channel>,
+    incarnation: u64,
+    leases: Leases,
+    timing: Arc<Mutex<Timing>>,
+) {
+    loop {
+        let t = *timing.lock().unwrap_or_else(|p| p.into_inner());
+        tokio::time::sleep(t.heartbeat).await;
+        let sent = Instant::now();
+        let held_now = leases.held();
+        let req = HeartbeatRequest {
+            node: node.clone(),
+            incarnation,
+            held: held(&leases),
+        };
+        match client.heartbeat(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if !r.registered {
+                    warn!("the coordinator does not know this node; the session registers again");
+                    continue;
+                }
+                for id in &r.revoked {
+                    warn!(job = %id, "the coordinator revoked the job; its trainer stops writing");
+                    leases.release(id);
+                }
+                let renewed: Vec<(String, i64)> = held_now
+                    .into_iter()
+                    .filter(|(id, _)| !r.revoked.contains(id))
+                    .collect();
+                let lease = Duration::from_secs(r.lease_secs.max(2));
+                leases.renew(&renewed, term(sent, lease, t.heartbeat));
+            }
+            Err(e) => {
+                warn!(error = %e.message(), "heartbeat failed; leases run out unless a later one succeeds")
+            }
+        }
+    }
+}
+
 impl Actor for TrainerPool {
     type Msg = PoolMsg;
     type State = TrainerPoolState;
@@ -82,67 +257,32 @@ impl Actor for TrainerPool {
         myself: ActorRef<Self::Msg>,
         args: TrainerPoolArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let mut client = connect(&args.coordinator, Duration::from_secs(30)).await?;
-        let reply = client
-            .register_node(RegisterNodeRequest {
-                node: args.node.clone(),
-                roles: vec![Role::Train.as_str().into()],
-                cpus: args.cpus,
-                gpus: args.gpus,
-            })
-            .await?
-            .into_inner();
-        let mut stream = client
-            .watch_assignments(WatchAssignmentsRequest {
-                node: args.node.clone(),
-            })
-            .await?
-            .into_inner();
-        info!(node = %args.node, coordinator = %args.coordinator, device = %tickmesh_model::device_name(args.trainer.device), "trainer pool registered");
-        let me = myself.clone();
-        let watch = tokio::spawn(async move {
-            loop {
-                match stream.message().await {
-                    Ok(Some(a)) => match job_of(a) {
-                        Ok(job) => {
-                            if me.cast(PoolMsg::Assigned(job)).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => warn!(error = %e, "assignment ignored"),
-                    },
-                    Ok(None) => {
-                        error!("the coordinator closed the assignment stream");
-                        me.stop(Some("assignment stream closed".into()));
-                        return;
-                    }
-                    Err(e) => {
-                        error!(error = %e, "assignment stream failed");
-                        me.stop(Some(format!("assignment stream failed: {e}")));
-                        return;
-                    }
-                }
-            }
-        });
-        let mut hb_client = client.clone();
-        let node = args.node.clone();
-        let every = Duration::from_secs(reply.heartbeat_secs.max(1));
-        let heartbeat = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if let Err(e) = hb_client
-                    .heartbeat(HeartbeatRequest { node: node.clone() })
-                    .await
-                {
-                    warn!(error = %e, "heartbeat failed");
-                }
-            }
-        });
+        let client = client(&args.coordinator)?;
+        let incarnation = rand::random::<u64>();
+        let timing = Arc::new(Mutex::new(Timing {
+            heartbeat: Duration::from_secs(1),
+            lease: Duration::from_secs(2),
+        }));
+        let session = tokio::spawn(session(
+            myself.clone(),
+            args.clone(),
+            client.clone(),
+            incarnation,
+            timing.clone(),
+        ));
+        let heartbeat = tokio::spawn(heartbeats(
+            args.node.clone(),
+            client.clone(),
+            incarnation,
+            args.trainer.leases.clone(),
+            timing.clone(),
+        ));
         Ok(TrainerPoolState {
             args,
             client,
+            timing,
             trainers: HashMap::new(),
-            tasks: vec![watch, heartbeat],
+            tasks: vec![session, heartbeat],
         })
     }
 
@@ -165,7 +305,13 @@ impl Actor for TrainerPool {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             PoolMsg::Assigned(job) => {
-                info!(ticker = %job.ticker, interval = %job.interval, epoch = job.epoch, version = job.version, "job assigned");
+                info!(ticker = %job.ticker, interval = %job.interval, epoch = job.epoch, version = job.version, attempt = job.attempt, job = %job.id, "job assigned");
+                let t = *state.timing.lock().unwrap_or_else(|p| p.into_inner());
+                state.args.trainer.leases.grant(
+                    &job.id,
+                    job.epoch,
+                    term(Instant::now(), t.lease, t.heartbeat),
+                );
                 let key = (job.ticker.clone(), job.interval);
                 let trainer = match state.trainers.get(&key) {
                     Some((t, _)) => t.clone(),
@@ -185,14 +331,13 @@ impl Actor for TrainerPool {
                     .insert(key, (trainer.clone(), Some(job.clone())));
                 trainer.cast(TrainerMsg::Train { job, pool: myself })?;
             }
-            PoolMsg::Progress { job, progress: p } => {
-                if p.epoch == 0 {
-                    // The trainer took a slot and started this job.
-                    if let Some((_, running)) =
-                        state.trainers.get_mut(&(job.ticker.clone(), job.interval))
-                    {
-                        *running = Some(job.clone());
-                    }
+            PoolMsg::Progress {
+                job,
+                progress: p,
+                snapshot,
+            } => {
+                if state.args.trainer.leases.check(&job.id, job.epoch).is_err() {
+                    return Ok(());
                 }
                 let mut client = state.client.clone();
                 let msg = JobProgress {
@@ -203,10 +348,11 @@ impl Actor for TrainerPool {
                     epochs: p.epochs as u32,
                     train_loss: p.train_loss,
                     val_loss: p.val_loss,
+                    snapshot_key: snapshot.unwrap_or_default(),
                 };
                 tokio::spawn(async move {
                     if let Err(e) = client.report_progress(msg).await {
-                        warn!(error = %e, "progress report failed");
+                        warn!(error = %e.message(), "progress report failed");
                     }
                 });
             }
@@ -215,6 +361,12 @@ impl Actor for TrainerPool {
                     state.trainers.get_mut(&(job.ticker.clone(), job.interval))
                 {
                     *running = None;
+                }
+                let leases = state.args.trainer.leases.clone();
+                if let Err(why) = leases.check(&job.id, job.epoch) {
+                    warn!(job = %job.id, reason = %why, "job fenced off; nothing is reported");
+                    leases.release(&job.id);
+                    return Ok(());
                 }
                 let report = match outcome {
                     Ok(o) => CheckpointReport {
@@ -230,12 +382,13 @@ impl Actor for TrainerPool {
                         job_id: job.id.clone(),
                     },
                     Err(e) => {
-                        error!(ticker = %job.ticker, interval = %job.interval, error = %e, "training failed");
+                        error!(ticker = %job.ticker, interval = %job.interval, job = %job.id, error = %e, "training failed");
                         report_failure(state, &job, e);
                         return Ok(());
                     }
                 };
                 let client = state.client.clone();
+                let store = state.args.trainer.store.clone();
                 tokio::spawn(async move {
                     let (ticker, interval) = (report.ticker.clone(), report.interval.clone());
                     let r = with_retries("checkpoint report", || {
@@ -243,9 +396,11 @@ impl Actor for TrainerPool {
                         async move { c.report_checkpoint(r).await }
                     })
                     .await;
+                    leases.release(&job.id);
                     match r {
                         Some(ack) if ack.accepted => {
-                            info!(%ticker, %interval, version = report.version, "checkpoint accepted")
+                            info!(%ticker, %interval, version = report.version, "checkpoint accepted");
+                            remove_snapshots(&store, &job).await;
                         }
                         Some(ack) => {
                             warn!(%ticker, %interval, reason = %ack.reason, "checkpoint refused")
@@ -279,6 +434,21 @@ impl Actor for TrainerPool {
     }
 }
 
+/// Removes a done job's snapshots (all attempts).
+async fn remove_snapshots(store: &tickmesh_core::store::SharedStore, job: &Job) {
+    let prefix = job_runs_prefix(job);
+    match store.list(buckets::MODELS, &prefix).await {
+        Ok(keys) => {
+            for k in keys {
+                if let Err(e) = store.delete(buckets::MODELS, &k).await {
+                    warn!(key = %k, error = %e, "snapshot left behind");
+                }
+            }
+        }
+        Err(e) => warn!(%prefix, error = %e, "cannot list the job's snapshots; left behind"),
+    }
+}
+
 /// A job from an assignment.
 fn job_of(a: tickmesh_proto::v1::Assignment) -> Result<Job, String> {
     let interval = a.interval.parse::<Interval>().map_err(|e| e.to_string())?;
@@ -294,6 +464,8 @@ fn job_of(a: tickmesh_proto::v1::Assignment) -> Result<Job, String> {
         version: a.version,
         model,
         epochs: (a.epochs > 0).then_some(a.epochs as usize),
+        resume_key: (!a.resume_key.is_empty()).then_some(a.resume_key),
+        attempt: a.attempt,
     })
 }
 
@@ -322,8 +494,8 @@ where
     None
 }
 
-/// Tells the coordinator a job failed, so it is not left active (in the
-/// background, with retries: the pool never stops on a failed call).
+/// Tells the coordinator a job failed, so it is retried or marked failed
+/// (in the background, with retries: the pool never stops on a failed call).
 fn report_failure(state: &TrainerPoolState, job: &Job, reason: String) {
     let failure = JobFailure {
         node: state.args.node.clone(),
@@ -335,12 +507,15 @@ fn report_failure(state: &TrainerPoolState, job: &Job, reason: String) {
         reason,
     };
     let client = state.client.clone();
+    let leases = state.args.trainer.leases.clone();
+    let id = job.id.clone();
     tokio::spawn(async move {
         let ack = with_retries("failure report", || {
             let (mut c, f) = (client.clone(), failure.clone());
             async move { c.report_failure(f).await }
         })
         .await;
+        leases.release(&id);
         if let Some(ack) = ack.filter(|a| !a.accepted) {
             warn!(ticker = %failure.ticker, interval = %failure.interval, reason = %ack.reason, "failure report refused");
         }

@@ -1,26 +1,33 @@
 //! `TrainerActor`: one per (ticker, interval). Receives `Train` with a job
-//! (ticker, interval, assignment epoch, version, overrides), waits for a
-//! slot of its node, tells its pool it started (`Progress` of epoch 0),
-//! reads the ticker's rows from `aggregated_data`, fits the model on a
-//! blocking thread (never on the reactor), sending each finished epoch to
-//! its pool as `Progress`, publishes the checkpoint to the object store and sends the
-//! outcome, success or failure, back to its `TrainerPool` as `Finished`.
+//! (ticker, interval, assignment epoch, version, overrides, the snapshot to
+//! resume from), waits for a slot of its node, tells its pool it started
+//! (`Progress` of epoch 0), reads the ticker's rows from `aggregated_data`,
+//! fits the model on a blocking thread (never on the reactor), sending each
+//! finished epoch to its pool as `Progress`, and every `snapshot_every`
+//! epochs saves a resumable snapshot under
+//! `models/{ticker}/{interval}/.runs/{job}/a{epoch}/e{k}/` (the progress
+//! names it). It publishes the checkpoint under the attempt's own version
+//! and sends the outcome, success or failure, back to its `TrainerPool` as
+//! `Finished`. Before every write it checks the job's lease: a trainer whose
+//! lease was revoked or ran out stops and writes nothing more.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tickmesh_core::config::{ModelKind, TrainConfig};
 use tickmesh_core::db::Db;
-use tickmesh_core::store::SharedStore;
+use tickmesh_core::store::{buckets, SharedStore};
 use tickmesh_core::types::Interval;
 use tickmesh_core::{Error, Result};
 use tickmesh_model::checkpoint::{self, Files, Meta};
 use tickmesh_model::dataset::Dataset;
-use tickmesh_model::fit::{fit, EpochProgress};
+use tickmesh_model::fit::{fingerprint, fit_with, EpochProgress, FitHooks, Snapshot};
 use tickmesh_model::metrics::EvalReport;
 use tokio::sync::Semaphore;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::lease::Leases;
 use crate::pool::PoolMsg;
 
 /// A training job as assigned by the coordinator.
@@ -35,6 +42,10 @@ pub struct Job {
     /// Overrides of the node's `[train]` config.
     pub model: Option<ModelKind>,
     pub epochs: Option<usize>,
+    /// Snapshot (bucket `models`) of an earlier attempt to resume from.
+    pub resume_key: Option<String>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
 }
 
 impl Job {
@@ -79,6 +90,8 @@ pub struct TrainerArgs {
     pub device: tch::Device,
     /// Bounds how many trainers of this node fit at once.
     pub slots: Arc<Semaphore>,
+    /// The node's leases (the pool renews them).
+    pub leases: Leases,
 }
 
 impl Actor for TrainerActor {
@@ -114,13 +127,15 @@ impl Actor for TrainerActor {
                             val_loss: 0.0,
                             best_epoch: 0,
                         },
+                        snapshot: None,
                     })?;
                     let p = pool.clone();
                     let j = job.clone();
-                    train_job(state, &job, move |e| {
+                    train_job(state, &job, move |e, snapshot| {
                         let _ = p.cast(PoolMsg::Progress {
                             job: j.clone(),
                             progress: e,
+                            snapshot,
                         });
                     })
                     .await
@@ -133,14 +148,114 @@ impl Actor for TrainerActor {
     }
 }
 
-/// Runs one job end to end: rows → fit → checkpoint, published.
+/// The fit's hooks for a cluster job: lease checks, progress, snapshots.
+struct JobHooks<P> {
+    job: Job,
+    leases: Leases,
+    store: SharedStore,
+    every: usize,
+    rt: tokio::runtime::Handle,
+    progress: P,
+    last: Option<EpochProgress>,
+}
+
+impl<P: FnMut(EpochProgress, Option<String>)> JobHooks<P> {
+    fn lease(&self) -> Result<()> {
+        self.leases
+            .check(&self.job.id, self.job.epoch)
+            .map_err(Error::Conflict)
+    }
+}
+
+impl<P: FnMut(EpochProgress, Option<String>)> FitHooks for JobHooks<P> {
+    fn epoch(&mut self, p: EpochProgress) -> Result<()> {
+        self.lease()?;
+        self.last = Some(p);
+        (self.progress)(p, None);
+        Ok(())
+    }
+
+    fn snapshot_every(&self) -> usize {
+        self.every
+    }
+
+    fn snapshot(&mut self, s: Snapshot) -> Result<()> {
+        let (tensors, state) = s.encode()?;
+        let key = format!("{}/e{}", runs_prefix(&self.job), s.state.epoch);
+        self.lease()?;
+        let store = self.store.clone();
+        let k = key.clone();
+        self.rt.block_on(async move {
+            store
+                .put(
+                    buckets::MODELS,
+                    &format!("{k}/state.safetensors"),
+                    Bytes::from(tensors),
+                )
+                .await?;
+            // state.json last: a snapshot without it is incomplete and never read.
+            store
+                .put(
+                    buckets::MODELS,
+                    &format!("{k}/state.json"),
+                    Bytes::from(state),
+                )
+                .await
+        })?;
+        if let Some(p) = self.last {
+            (self.progress)(p, Some(key));
+        }
+        Ok(())
+    }
+}
+
+/// Where a job's snapshots live (bucket `models`), per attempt.
+pub fn runs_prefix(job: &Job) -> String {
+    format!(
+        "{}/{}/.runs/{}/a{}",
+        job.ticker, job.interval, job.id, job.epoch
+    )
+}
+
+/// Every snapshot of a job, all attempts (removed once its checkpoint is accepted).
+pub fn job_runs_prefix(job: &Job) -> String {
+    format!("{}/{}/.runs/{}/", job.ticker, job.interval, job.id)
+}
+
+/// Reads the snapshot a job resumes from; `None` (and a warning) when there
+/// is none or it cannot be read: the job then starts from scratch.
+async fn read_snapshot(store: &SharedStore, job: &Job) -> Option<Snapshot> {
+    let key = job.resume_key.as_ref()?;
+    let read = async {
+        let state = store
+            .get(buckets::MODELS, &format!("{key}/state.json"))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("{key}/state.json")))?;
+        let tensors = store
+            .get(buckets::MODELS, &format!("{key}/state.safetensors"))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("{key}/state.safetensors")))?;
+        Snapshot::decode(&tensors, &state)
+    };
+    match read.await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(job = %job.id, %key, error = %e, "cannot read the snapshot; training starts from scratch");
+            None
+        }
+    }
+}
+
+/// Runs one job end to end: rows → fit (resumed from the job's snapshot
+/// when it has one) → checkpoint, published under the attempt's version.
+/// `progress` gets each finished epoch, and the key of each snapshot saved.
 pub async fn train_job(
     args: &TrainerArgs,
     job: &Job,
-    progress: impl FnMut(EpochProgress) + Send + 'static,
+    progress: impl FnMut(EpochProgress, Option<String>) + Send + 'static,
 ) -> Result<TrainOutcome> {
     let cfg = job.config(&args.train);
-    let rows = args
+    let mut rows = args
         .db
         .read_aggregated(&job.ticker, job.interval, &cfg.features, None)
         .await?;
@@ -150,10 +265,25 @@ pub async fn train_job(
             job.ticker, job.interval
         )));
     }
+    let mut resume = read_snapshot(&args.store, job).await;
+    if let Some(s) = &resume {
+        // The resumed fit sees exactly the rows the snapshot was trained on.
+        rows.retain(|r| r.ts <= s.state.data_to);
+    }
     let device = args.device;
     let (ticker, interval, version) = (job.ticker.clone(), job.interval, job.version);
     let started = std::time::Instant::now();
     let c = cfg.clone();
+    let mut hooks = JobHooks {
+        job: job.clone(),
+        leases: args.leases.clone(),
+        store: args.store.clone(),
+        every: cfg.snapshot_every,
+        rt: tokio::runtime::Handle::current(),
+        progress,
+        last: None,
+    };
+    let job_id = job.id.clone();
     let (meta, files) = tokio::task::spawn_blocking(move || -> Result<(Meta, Files)> {
         let ds = Dataset::build(
             &rows,
@@ -162,7 +292,15 @@ pub async fn train_job(
             c.val_fraction,
             c.test_fraction,
         )?;
-        let fitted = fit(ds, &c, device, progress)?;
+        if let Some(s) = &resume {
+            if s.state.fingerprint != fingerprint(&ds, &c) {
+                warn!(job = %job_id, "the snapshot was taken on other data or hyperparameters; training starts from scratch");
+                resume = None;
+            } else {
+                info!(job = %job_id, epoch = s.state.epoch, "resuming from the snapshot");
+            }
+        }
+        let fitted = fit_with(ds, &c, device, resume, &mut hooks)?;
         let weights = checkpoint::weights_bytes(&fitted.vs)?;
         let meta = Meta::of(&fitted, &c, &ticker, interval, version, &weights);
         let files = Files::new(&meta, weights, &fitted.test_points)?;
@@ -170,6 +308,9 @@ pub async fn train_job(
     })
     .await
     .map_err(|e| Error::invalid("training", format!("the training thread panicked: {e}")))??;
+    args.leases
+        .check(&job.id, job.epoch)
+        .map_err(Error::Conflict)?;
     let published = checkpoint::publish(
         args.store.as_ref(),
         &job.ticker,
