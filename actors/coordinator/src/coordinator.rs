@@ -811,6 +811,14 @@ async fn end_attempt(st: &mut CoordinatorState, id: &str, reason: String) {
         // The lease runs out again after a restart and the job is retried.
         error!(job = %id, error = %e, "cannot record the end of the attempt");
     }
+    if let Err(e) = st
+        .args
+        .db
+        .close_attempt(id, row.epoch, "ended", &reason)
+        .await
+    {
+        warn!(job = %id, error = %e, "cannot close the attempt's lineage row");
+    }
     let finished = row.state == "failed";
     let job = st.jobs.get_mut(id).expect("job exists");
     job.row = row;
@@ -934,6 +942,14 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
     if let Err(e) = st.args.db.upsert_job(&row).await {
         // The model is registered; the job row catches up on the next write.
         error!(job = %r.job_id, error = %e, "cannot record that the job is done");
+    }
+    if let Err(e) = st
+        .args
+        .db
+        .close_attempt(&r.job_id, r.epoch, "done", "")
+        .await
+    {
+        warn!(job = %r.job_id, error = %e, "cannot close the attempt's lineage row");
     }
     st.jobs.get_mut(&r.job_id).expect("current job exists").row = row;
     finish(st, &r.job_id);

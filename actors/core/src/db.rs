@@ -113,6 +113,24 @@ impl JobRow {
     }
 }
 
+/// One attempt of a job (table `job_attempts`): the job's lineage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub job_id: String,
+    pub epoch: i64,
+    pub attempt: i64,
+    pub ticker: String,
+    pub interval: Interval,
+    pub node: String,
+    pub version: i64,
+    pub assigned_at: DateTime<Utc>,
+    /// When the coordinator ended it (done, or lost/failed); `None` while it runs.
+    pub ended_at: Option<DateTime<Utc>>,
+    /// `running`, `done` or `ended`.
+    pub outcome: String,
+    pub reason: String,
+}
+
 const JOB_COLUMNS: &str = "id, ticker, \"interval\", model, epochs, state, node, epoch, version, lease_until, attempts, not_before, reason, snapshot_key, metrics, created_at, updated_at";
 
 fn job_of_row<'r, R: Row>(r: &'r R) -> Result<JobRow>
@@ -234,6 +252,9 @@ impl Db {
                 "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, model TEXT, epochs BIGINT, state TEXT NOT NULL, node TEXT, epoch BIGINT NOT NULL, version BIGINT NOT NULL, lease_until {ts}, attempts BIGINT NOT NULL, not_before {ts} NOT NULL, reason TEXT NOT NULL, snapshot_key TEXT NOT NULL, metrics {json} NOT NULL, created_at {ts} NOT NULL, updated_at {ts} NOT NULL)"
             ),
             "CREATE INDEX IF NOT EXISTS jobs_open ON jobs (state, created_at)".to_string(),
+            format!(
+                "CREATE TABLE IF NOT EXISTS job_attempts (job_id TEXT NOT NULL, epoch BIGINT NOT NULL, attempt BIGINT NOT NULL, ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, node TEXT NOT NULL, version BIGINT NOT NULL, assigned_at {ts} NOT NULL, ended_at {ts}, outcome TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (job_id, epoch))"
+            ),
         ];
         match self {
             Db::Postgres(pool) => {
@@ -451,6 +472,37 @@ impl Db {
                 .map_err(Error::db(ctx))?,
         };
         Ok(n)
+    }
+
+    /// Removes a ticker-interval's rows from `from` on (before re-aggregating
+    /// from that point); returns how many went.
+    pub async fn delete_aggregated_from(
+        &self,
+        ticker: &str,
+        interval: Interval,
+        from: DateTime<Utc>,
+    ) -> Result<u64> {
+        let sql = self.sql(
+            "DELETE FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2 AND ts >= $3",
+        );
+        macro_rules! run {
+            ($pool:expr) => {
+                sqlx::query(&sql)
+                    .bind(ticker)
+                    .bind(interval.as_str())
+                    .bind(from)
+                    .execute($pool)
+                    .await
+                    .map(|r| r.rows_affected())
+            };
+        }
+        match self {
+            Db::Postgres(p) => run!(p),
+            Db::Sqlite(p) => run!(p),
+        }
+        .map_err(Error::db(format!(
+            "delete aggregated_data {ticker} {interval} from {from}"
+        )))
     }
 
     /// Every column of a ticker-interval's rows after `after` (all of them
@@ -718,6 +770,7 @@ impl Db {
         let version_sql = self.sql("SELECT COALESCE(MAX(v), 0) FROM (SELECT MAX(version) AS v FROM model_versions WHERE ticker = $1 AND \"interval\" = $2 UNION ALL SELECT MAX(version) AS v FROM jobs WHERE ticker = $1 AND \"interval\" = $2) AS t");
         let assign_sql = self.sql("INSERT INTO assignments (ticker, \"interval\", node, epoch, lease_until) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ticker, \"interval\") DO UPDATE SET node = EXCLUDED.node, epoch = EXCLUDED.epoch, lease_until = EXCLUDED.lease_until");
         let job_sql = self.sql("UPDATE jobs SET state = 'assigned', node = $2, epoch = $3, version = $4, lease_until = $5, attempts = attempts + 1, updated_at = $6 WHERE id = $1 AND state = 'queued'");
+        let attempt_sql = self.sql("INSERT INTO job_attempts (job_id, epoch, attempt, ticker, \"interval\", node, version, assigned_at, ended_at, outcome, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, 'running', '')");
         let ctx = format!("assign job {} to {node}", j.id);
         let now = Utc::now();
         macro_rules! run {
@@ -762,6 +815,18 @@ impl Db {
                         j.id
                     )));
                 }
+                sqlx::query(&attempt_sql)
+                    .bind(&j.id)
+                    .bind(epoch)
+                    .bind(j.attempts + 1)
+                    .bind(&j.ticker)
+                    .bind(j.interval.as_str())
+                    .bind(node)
+                    .bind(version)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::db(ctx.clone()))?;
                 tx.commit().await.map_err(Error::db(ctx))?;
                 (epoch, version)
             }};
@@ -853,5 +918,71 @@ impl Db {
             out.extend(found);
         }
         Ok(out)
+    }
+
+    /// Ends the attempt of `job_id` under `epoch` with `outcome` (`done` or `ended`).
+    pub async fn close_attempt(
+        &self,
+        job_id: &str,
+        epoch: i64,
+        outcome: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let sql = self.sql("UPDATE job_attempts SET ended_at = $1, outcome = $2, reason = $3 WHERE job_id = $4 AND epoch = $5 AND ended_at IS NULL");
+        macro_rules! run {
+            ($pool:expr) => {
+                sqlx::query(&sql)
+                    .bind(Utc::now())
+                    .bind(outcome)
+                    .bind(reason)
+                    .bind(job_id)
+                    .bind(epoch)
+                    .execute($pool)
+                    .await
+                    .map(|_| ())
+            };
+        }
+        match self {
+            Db::Postgres(p) => run!(p),
+            Db::Sqlite(p) => run!(p),
+        }
+        .map_err(Error::db(format!("close attempt {job_id} epoch {epoch}")))
+    }
+
+    /// The attempts of a ticker-interval's jobs, in epoch order.
+    pub async fn attempts(&self, ticker: &str, interval: Interval) -> Result<Vec<AttemptRow>> {
+        let sql = self.sql("SELECT job_id, epoch, attempt, ticker, \"interval\", node, version, assigned_at, ended_at, outcome, reason FROM job_attempts WHERE ticker = $1 AND \"interval\" = $2 ORDER BY epoch");
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                let rows = sqlx::query(&sql)
+                    .bind(ticker)
+                    .bind(interval.as_str())
+                    .fetch_all($pool)
+                    .await
+                    .map_err(Error::db(format!("read attempts of {ticker} {interval}")))?;
+                rows.iter()
+                    .map(|r| {
+                        let interval: String = r.get(4);
+                        Ok(AttemptRow {
+                            job_id: r.get(0),
+                            epoch: r.get(1),
+                            attempt: r.get(2),
+                            ticker: r.get(3),
+                            interval: interval.parse()?,
+                            node: r.get(5),
+                            version: r.get(6),
+                            assigned_at: r.get(7),
+                            ended_at: r.get(8),
+                            outcome: r.get(9),
+                            reason: r.get(10),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            }};
+        }
+        match self {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        }
     }
 }

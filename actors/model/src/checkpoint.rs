@@ -77,6 +77,10 @@ pub struct Meta {
     pub splits: SplitSizes,
     pub data: DataRange,
     pub epochs_run: usize,
+    /// The epoch of the snapshot this fit resumed from (a job handed over
+    /// from another node); absent when it ran from the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_epoch: Option<usize>,
     pub best_epoch: usize,
     pub stopped_early: bool,
     pub initial_val_loss: f64,
@@ -128,6 +132,7 @@ impl Meta {
                 rows: ds.rows.len(),
             },
             epochs_run: fitted.epochs_run,
+            resumed_from_epoch: fitted.resumed_from_epoch,
             best_epoch: fitted.best_epoch,
             stopped_early: fitted.stopped_early,
             initial_val_loss: fitted.initial_val_loss,

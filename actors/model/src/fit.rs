@@ -61,6 +61,8 @@ pub struct Fitted {
     pub initial_val_loss: f64,
     pub history: Vec<EpochProgress>,
     pub epochs_run: usize,
+    /// The snapshot's epoch when the fit resumed from one.
+    pub resumed_from_epoch: Option<usize>,
     pub best_epoch: usize,
     pub best_val_loss: f64,
     /// Whether patience ran out before `epochs`.
@@ -358,6 +360,7 @@ pub fn fit_with(
     let (x_val, y_val) = ds.tensors(ds.splits.validation.clone(), device);
     let n_train = ds.splits.train.len();
 
+    let resumed_from_epoch = resume.as_ref().map(|s| s.state.epoch);
     let (
         mut first,
         mut best_val,
@@ -525,6 +528,7 @@ pub fn fit_with(
         initial_val_loss,
         history,
         epochs_run,
+        resumed_from_epoch,
         best_epoch,
         best_val_loss: best_val,
         stopped_early: epochs_run < cfg.epochs,

@@ -78,3 +78,97 @@ fn same_seed_same_weights_even_with_trainers_running_at_once() {
         );
     }
 }
+
+/// Takes a snapshot after every `every` epochs; can stop the fit after one.
+struct Snapshots {
+    every: usize,
+    stop_after: Option<usize>,
+    taken: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl tickmesh_model::fit::FitHooks for Snapshots {
+    fn epoch(&mut self, _: tickmesh_model::fit::EpochProgress) -> tickmesh_core::Result<()> {
+        Ok(())
+    }
+    fn snapshot_every(&self) -> usize {
+        self.every
+    }
+    fn snapshot(&mut self, s: tickmesh_model::fit::Snapshot) -> tickmesh_core::Result<()> {
+        self.taken.push(s.encode()?);
+        if self.stop_after == Some(s.state.epoch) {
+            return Err(tickmesh_core::Error::Conflict("stopped here".into()));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_fit_resumed_from_a_snapshot_ends_with_the_weights_of_one_that_never_stopped() {
+    use tickmesh_model::fit::{fit_with, Snapshot};
+    for kind in ModelKind::ALL {
+        let cfg = TrainConfig {
+            model: kind,
+            hidden: 8,
+            seq_len: 10,
+            epochs: 6,
+            patience: 10,
+            device: "cpu".into(),
+            ..TrainConfig::default()
+        };
+        let r = rows(&cfg.features);
+        let ds = || {
+            Dataset::build(
+                &r,
+                &cfg.features,
+                cfg.seq_len,
+                cfg.val_fraction,
+                cfg.test_fraction,
+            )
+            .unwrap()
+        };
+        let whole = fit(ds(), &cfg, tch::Device::Cpu, |_| {}).unwrap();
+
+        // Stopped after epoch 3 (as a trainer whose lease ran out) ...
+        let mut first = Snapshots {
+            every: 3,
+            stop_after: Some(3),
+            taken: Vec::new(),
+        };
+        let Err(err) = fit_with(ds(), &cfg, tch::Device::Cpu, None, &mut first) else {
+            panic!("the hook stops the fit")
+        };
+        assert!(err.to_string().contains("stopped here"), "{err}");
+        let (tensors, state) = first.taken.pop().expect("a snapshot after epoch 3");
+
+        // ... and resumed elsewhere from its snapshot.
+        let snap = Snapshot::decode(&tensors, &state).unwrap();
+        assert_eq!(snap.state.epoch, 3);
+        let mut rest = Snapshots {
+            every: 0,
+            stop_after: None,
+            taken: Vec::new(),
+        };
+        let resumed = fit_with(ds(), &cfg, tch::Device::Cpu, Some(snap), &mut rest).unwrap();
+        assert_eq!(
+            weights_bytes(&resumed.vs).unwrap(),
+            weights_bytes(&whole.vs).unwrap(),
+            "{kind}: resumed weights equal the uninterrupted run's"
+        );
+        assert_eq!(resumed.history, whole.history, "{kind}: same loss history");
+        assert_eq!(resumed.best_epoch, whole.best_epoch);
+
+        // A snapshot never resumes a fit on other hyperparameters.
+        let other = TrainConfig {
+            learning_rate: 0.01,
+            ..cfg.clone()
+        };
+        let snap = Snapshot::decode(&tensors, &state).unwrap();
+        let Err(err) = fit_with(ds(), &other, tch::Device::Cpu, Some(snap), &mut rest) else {
+            panic!("a snapshot of another fit is refused")
+        };
+        assert!(
+            err.to_string().contains("other data or hyperparameters"),
+            "{err}"
+        );
+    }
+}

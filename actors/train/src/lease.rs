@@ -18,11 +18,42 @@ struct Held {
 
 /// The node's leases.
 #[derive(Debug, Clone, Default)]
-pub struct Leases(Arc<Mutex<HashMap<String, Held>>>);
+pub struct Leases {
+    held: Arc<Mutex<HashMap<String, Held>>>,
+    /// How long a trainer whose lease ran out waits for a renewal (the
+    /// coordinator restarting, say) before it gives the job up.
+    patience: Arc<Mutex<Duration>>,
+}
 
 impl Leases {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets how long [`Leases::wait_valid`] waits for a renewal.
+    pub fn set_patience(&self, d: Duration) {
+        *self.patience.lock().unwrap_or_else(|p| p.into_inner()) = d;
+    }
+
+    /// Like [`Leases::check`], but a lease that ran out while still held is
+    /// waited on (writing nothing) for up to the patience, in case a renewal
+    /// comes; a revoked or released job fails at once. Blocks the thread:
+    /// for the training thread.
+    pub fn wait_valid(&self, job: &str, epoch: i64) -> Result<(), String> {
+        let patience = *self.patience.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + patience;
+        loop {
+            match self.check(job, epoch) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let held = self.map().get(job).is_some_and(|h| h.epoch == epoch);
+                    if !held || Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
     }
 
     /// A job was assigned under `epoch`; its lease runs until `until`.

@@ -2,7 +2,9 @@
 //! node with the coordinator (its slots, a random incarnation, and the jobs
 //! it still runs) and watches the assignment stream; when the coordinator
 //! goes away it registers again with a jittered, doubling backoff, and the
-//! trainers keep going meanwhile. A heartbeat task renews the leases of the
+//! trainers keep going meanwhile (a trainer whose lease runs out pauses
+//! before its next write for up to one lease term, waiting for the renewal
+//! that re-registration brings). A heartbeat task renews the leases of the
 //! jobs the node holds and releases those the coordinator revoked.
 //!
 //! The pool receives assignments from the session, grants their leases and
@@ -165,6 +167,7 @@ async fn session(
             let mut t = timing.lock().unwrap_or_else(|p| p.into_inner());
             t.heartbeat = Duration::from_secs(reply.heartbeat_secs.max(1));
             t.lease = Duration::from_secs(reply.lease_secs.max(2));
+            args.trainer.leases.set_patience(t.lease);
         }
         let mut stream = match client
             .watch_assignments(WatchAssignmentsRequest {

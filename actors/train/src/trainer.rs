@@ -162,7 +162,7 @@ struct JobHooks<P> {
 impl<P: FnMut(EpochProgress, Option<String>)> JobHooks<P> {
     fn lease(&self) -> Result<()> {
         self.leases
-            .check(&self.job.id, self.job.epoch)
+            .wait_valid(&self.job.id, self.job.epoch)
             .map_err(Error::Conflict)
     }
 }
@@ -308,8 +308,10 @@ pub async fn train_job(
     })
     .await
     .map_err(|e| Error::invalid("training", format!("the training thread panicked: {e}")))??;
-    args.leases
-        .check(&job.id, job.epoch)
+    let (leases, id, epoch) = (args.leases.clone(), job.id.clone(), job.epoch);
+    tokio::task::spawn_blocking(move || leases.wait_valid(&id, epoch))
+        .await
+        .map_err(|e| Error::invalid("training", e.to_string()))?
         .map_err(Error::Conflict)?;
     let published = checkpoint::publish(
         args.store.as_ref(),

@@ -1,0 +1,645 @@
+//! The control plane with real `tickmesh run` processes on loopback (a
+//! coordinator and trainer nodes sharing one embedded database and object
+//! directory): a SIGKILLed trainer's jobs are re-owned within 10 s and
+//! resume from their last snapshot; a trainer frozen past its lease (SIGSTOP,
+//! a partition as the process sees it) writes nothing more after it thaws; a
+//! coordinator SIGKILLed and restarted mid-run loses no job and trains none
+//! twice; a failing job is retried, then marked failed, while the next job
+//! still runs; and forged or oversized requests are refused while the
+//! cluster keeps serving. Every check reads the job table, the lineage in
+//! `job_attempts`, the registry and the checkpoints themselves.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tickmesh_core::db::{Db, JobRow};
+use tickmesh_core::store::{buckets, LocalStore, ObjectStore};
+use tickmesh_core::types::Interval;
+use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
+use tickmesh_proto::v1::{
+    GetJobRequest, RegisterNodeRequest, StartTrainingRequest, WatchAssignmentsRequest,
+};
+use tonic::transport::Channel;
+
+const INTERVAL: Interval = Interval::M1;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `tickmesh run` process, killed when dropped; its log is kept.
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {}", self.pid());
+    }
+
+    /// SIGKILL, and reap.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    grpc: u16,
+    db: Db,
+    store: LocalStore,
+    procs: Vec<(String, Proc)>,
+}
+
+impl Cluster {
+    /// Writes the config, loads `tickers` (synthetic 1-minute bars, aggregated)
+    /// and the few rows of `tiny` (too few to train on) into the shared
+    /// database. Trainers run one job at a time.
+    async fn new(
+        trainers: &[&str],
+        tickers: &[&str],
+        tiny: Option<&str>,
+        lease_secs: u64,
+    ) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let (_, adapters) = common::embedded(&data).await;
+        for t in tickers {
+            common::store_synthetic(&adapters, t, "2024-03-04", "2024-03-08").await;
+        }
+        if let Some(t) = tiny {
+            common::store_synthetic(&adapters, t, "2024-03-04", "2024-03-04").await;
+        }
+        let mut all: Vec<String> = tickers.iter().map(|t| t.to_string()).collect();
+        all.extend(tiny.map(str::to_string));
+        tickmesh_aggregate::aggregator::run(&common::aggregator_args(&adapters), &all, INTERVAL)
+            .await
+            .unwrap();
+        let grpc = free_port();
+        let mut nodes = String::from("[[nodes]]\nname = \"coord\"\nroles = [\"coordinator\"]\n");
+        for t in trainers {
+            nodes.push_str(&format!(
+                "\n[[nodes]]\nname = \"{t}\"\nroles = [\"train\"]\njobs = 1\ndevice = \"cpu\"\n"
+            ));
+        }
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[cluster]
+name = "control-plane-test"
+backend = "embedded"
+cookie = "control-plane-cookie"
+
+[embedded]
+data_dir = "{data}"
+
+[coordinator]
+listen = "127.0.0.1:{grpc}"
+heartbeat_secs = 1
+lease_secs = {lease_secs}
+max_attempts = 2
+retry_backoff_ms = 200
+
+[serve]
+http_listen = "127.0.0.1:0"
+
+[train]
+hidden = 8
+seq_len = 10
+epochs = 40
+patience = 1000
+snapshot_every = 2
+device = "cpu"
+
+{nodes}"#,
+                data = data.display()
+            ),
+        )
+        .unwrap();
+        let store = LocalStore::open(data.join("store")).unwrap();
+        Cluster {
+            db: adapters.db.clone(),
+            dir,
+            config,
+            grpc,
+            store,
+            procs: Vec::new(),
+        }
+    }
+
+    fn start(&mut self, node: &str) {
+        let log = self.dir.path().join(format!(
+            "{node}-{}.log",
+            self.procs.iter().filter(|(n, _)| n == node).count()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_tickmesh"))
+            .args(["run", "--node", node, "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.procs.push((
+            node.to_string(),
+            Proc {
+                child: Some(child),
+                log,
+            },
+        ));
+    }
+
+    fn proc(&mut self, node: &str) -> &mut Proc {
+        &mut self
+            .procs
+            .iter_mut()
+            .rev()
+            .find(|(n, _)| n == node)
+            .expect("started")
+            .1
+    }
+
+    /// Every process's log, for a failure message.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for (n, p) in &self.procs {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("\n----- {n} ({}) -----\n", p.log.display()));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    async fn client(&self) -> CoordinatorClient<Channel> {
+        let addr = format!("127.0.0.1:{}", self.grpc);
+        tickmesh_train::pool::connect(&addr, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e}{}", self.logs()))
+    }
+
+    async fn train(&self, tickers: &[&str]) -> Vec<String> {
+        let r = self
+            .client()
+            .await
+            .start_training(StartTrainingRequest {
+                tickers: tickers.iter().map(|t| t.to_string()).collect(),
+                interval: INTERVAL.to_string(),
+                model: String::new(),
+                epochs: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.refused.is_empty(), "{:?}", r.refused);
+        assert_eq!(r.job_ids.len(), tickers.len());
+        r.job_ids
+    }
+
+    async fn jobs(&self) -> Vec<JobRow> {
+        self.db.jobs(&[], 1000).await.unwrap()
+    }
+
+    /// Polls the job table until `cond` holds, up to `timeout`.
+    async fn wait_jobs(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&[JobRow]) -> bool,
+    ) -> Vec<JobRow> {
+        let start = Instant::now();
+        loop {
+            let jobs = self.jobs().await;
+            if cond(&jobs) {
+                return jobs;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; jobs: {:#?}{}",
+                    jobs.iter()
+                        .map(|j| format!(
+                            "{} {} node={:?} epoch={} attempts={} snapshot={} reason={}",
+                            j.ticker,
+                            j.state,
+                            j.node,
+                            j.epoch,
+                            j.attempts,
+                            j.snapshot_key,
+                            j.reason
+                        ))
+                        .collect::<Vec<_>>(),
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One lineage per ticker: attempts in epoch order never overlap in
+    /// time, exactly the last one is `done`, and the registered champion is
+    /// that attempt's version.
+    async fn check_lineage(&self, ticker: &str) -> Vec<tickmesh_core::db::AttemptRow> {
+        let attempts = self.db.attempts(ticker, INTERVAL).await.unwrap();
+        assert!(!attempts.is_empty(), "{ticker}: no attempts");
+        for w in attempts.windows(2) {
+            let ended = w[0]
+                .ended_at
+                .unwrap_or_else(|| panic!("{ticker}: attempt {:?} never ended", w[0]));
+            assert!(w[0].epoch < w[1].epoch, "{ticker}: epochs increase");
+            assert!(
+                w[1].assigned_at >= ended,
+                "{ticker}: two owners at once: {:?} then {:?}",
+                w[0],
+                w[1]
+            );
+            assert_ne!(
+                w[0].version, w[1].version,
+                "{ticker}: a version per attempt"
+            );
+        }
+        let last = attempts.last().unwrap();
+        assert_eq!(last.outcome, "done", "{ticker}: {attempts:?}");
+        assert!(
+            attempts[..attempts.len() - 1]
+                .iter()
+                .all(|a| a.outcome == "ended"),
+            "{ticker}: {attempts:?}"
+        );
+        let champions = self.db.champions().await.unwrap();
+        let c = champions
+            .iter()
+            .find(|m| m.ticker == ticker && m.interval == INTERVAL)
+            .unwrap_or_else(|| panic!("{ticker}: no champion"));
+        assert_eq!(
+            c.version, last.version,
+            "{ticker}: the champion is the done attempt's"
+        );
+        attempts
+    }
+
+    async fn meta(&self, ticker: &str, version: i64) -> serde_json::Value {
+        let key = format!("{ticker}/{INTERVAL}/v{version}/meta.json");
+        let bytes = self
+            .store
+            .get(buckets::MODELS, &key)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{key} missing"));
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    async fn keys(&self, prefix: &str) -> Vec<String> {
+        self.store.list(buckets::MODELS, prefix).await.unwrap()
+    }
+}
+
+fn done(jobs: &[JobRow]) -> bool {
+    !jobs.is_empty() && jobs.iter().all(|j| j.state == "done")
+}
+
+/// The first assigned job of `node` that has saved a snapshot.
+fn snapshotted_on<'a>(jobs: &'a [JobRow], node: &str) -> Option<&'a JobRow> {
+    jobs.iter().find(|j| {
+        j.state == "assigned" && j.node.as_deref() == Some(node) && !j.snapshot_key.is_empty()
+    })
+}
+
+const TICKERS: [&str; 2] = ["KILA", "KILB"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_trainers_jobs_are_reowned_within_10s_and_resume_from_their_snapshot() {
+    let mut c = Cluster::new(&["t1", "t2", "t3"], &TICKERS, None, 3).await;
+    c.start("coord");
+    c.start("t1");
+    c.start("t2");
+    // Both trainers up before the request, so that the jobs spread.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ids = c.train(&TICKERS).await;
+
+    // Capacity: one slot each, so each trainer takes one job at once.
+    let jobs = c
+        .wait_jobs("a job on each trainer", Duration::from_secs(60), |js| {
+            ["t1", "t2"].iter().all(|n| {
+                js.iter()
+                    .any(|j| j.state == "assigned" && j.node.as_deref() == Some(*n))
+            })
+        })
+        .await;
+    for n in ["t1", "t2"] {
+        let running = jobs
+            .iter()
+            .filter(|j| j.state == "assigned" && j.node.as_deref() == Some(n))
+            .count();
+        assert_eq!(running, 1, "{n} holds one job (jobs = 1)");
+    }
+
+    let jobs = c
+        .wait_jobs("a snapshot on t2", Duration::from_secs(90), |js| {
+            snapshotted_on(js, "t2").is_some()
+        })
+        .await;
+    let victim = snapshotted_on(&jobs, "t2").unwrap().clone();
+    c.proc("t2").kill();
+    let killed = Instant::now();
+
+    let reowned = c
+        .wait_jobs("t2's job re-owned", Duration::from_secs(10), |js| {
+            js.iter().any(|j| {
+                j.id == victim.id && j.epoch > victim.epoch && j.node.as_deref() == Some("t1")
+            }) || js.iter().any(|j| j.id == victim.id && j.state == "done")
+        })
+        .await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(10), "re-owned after {took:?}");
+    let now = reowned.iter().find(|j| j.id == victim.id).unwrap();
+    assert_ne!(
+        now.version, victim.version,
+        "the new attempt writes another version"
+    );
+
+    c.wait_jobs("every job done", Duration::from_secs(240), done)
+        .await;
+    let jobs = c.jobs().await;
+    assert_eq!(jobs.len(), ids.len(), "no job lost, none added");
+    for t in TICKERS {
+        let attempts = c.check_lineage(t).await;
+        let last = attempts.last().unwrap();
+        let meta = c.meta(t, last.version).await;
+        if t == victim.ticker {
+            assert!(attempts.len() >= 2, "{t}: {attempts:?}");
+            assert_ne!(last.node, "t2");
+            let from = meta["resumed_from_epoch"].as_u64().unwrap_or(0);
+            assert!(
+                from >= 2,
+                "{t}: the new attempt resumed from the snapshot, not from scratch: {meta}"
+            );
+            // The killed attempt never published its version.
+            let killed_keys = c
+                .keys(&format!("{t}/{INTERVAL}/v{}/", victim.version))
+                .await;
+            assert!(killed_keys.is_empty(), "{killed_keys:?}");
+        } else {
+            assert_eq!(attempts.len(), 1, "{t}: trained once: {attempts:?}");
+        }
+        // Snapshots are removed once the job is done.
+        assert!(c.keys(&format!("{t}/{INTERVAL}/.runs/")).await.is_empty());
+    }
+    assert!(c.proc("t1").alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains() {
+    let tickers = ["PARA", "PARB"];
+    let mut c = Cluster::new(&["t1", "t2"], &tickers, None, 3).await;
+    c.start("coord");
+    c.start("t1");
+    c.start("t2");
+    c.train(&tickers).await;
+    let jobs = c
+        .wait_jobs("a snapshot on t2", Duration::from_secs(90), |js| {
+            snapshotted_on(js, "t2").is_some()
+        })
+        .await;
+    let victim = snapshotted_on(&jobs, "t2").unwrap().clone();
+    let attempt_prefix = format!(
+        "{}/{INTERVAL}/.runs/{}/a{}/",
+        victim.ticker, victim.id, victim.epoch
+    );
+
+    // Frozen: no heartbeat, no renewal, for longer than the lease (3 s).
+    c.proc("t2").signal("-STOP");
+    c.wait_jobs("the job re-owned by t1", Duration::from_secs(15), |js| {
+        js.iter()
+            .any(|j| j.id == victim.id && j.epoch > victim.epoch)
+    })
+    .await;
+    let before = c.keys(&attempt_prefix).await;
+    c.proc("t2").signal("-CONT");
+    // Thawed: its lease ran out, so it must write nothing more.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // (The new owner may have finished and removed the job's snapshots.)
+    let new: Vec<String> = c
+        .keys(&attempt_prefix)
+        .await
+        .into_iter()
+        .filter(|k| !before.contains(k))
+        .collect();
+    assert!(
+        new.is_empty(),
+        "the fenced-off trainer wrote snapshots after its lease ran out: {new:?}"
+    );
+    let stale = c
+        .keys(&format!(
+            "{}/{INTERVAL}/v{}/",
+            victim.ticker, victim.version
+        ))
+        .await;
+    assert!(
+        stale.is_empty(),
+        "the fenced-off trainer published: {stale:?}"
+    );
+
+    c.wait_jobs("every job done", Duration::from_secs(240), done)
+        .await;
+    for t in tickers {
+        c.check_lineage(t).await;
+    }
+    let log = std::fs::read_to_string(&c.proc("t2").log).unwrap();
+    assert!(
+        log.contains("nothing more is written") || log.contains("revoked"),
+        "t2 says it stopped writing:{}",
+        c.logs()
+    );
+    assert!(c.proc("t2").alive(), "the thawed trainer keeps running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_loses_no_job_and_a_failing_job_does_not_block_the_next() {
+    let tickers = ["RSTA", "RSTB", "RSTC"];
+    let mut c = Cluster::new(&["t1"], &tickers, Some("TINY"), 6).await;
+    // Cut TINY down to a handful of rows: accepted, then failing in training.
+    trim_rows(&c.db, "TINY", 12).await;
+    c.start("coord");
+    c.start("t1");
+    // TINY first: its failures must not hold up the jobs behind it.
+    let mut order = vec!["TINY"];
+    order.extend(tickers);
+    let ids = c.train(&order).await;
+    c.wait_jobs("the first job running", Duration::from_secs(60), |js| {
+        js.iter()
+            .any(|j| j.state == "assigned" && j.ticker != "TINY")
+    })
+    .await;
+    // Security, while the cluster works (each refused, the cluster unharmed).
+    refuse_forged_and_oversized(&c).await;
+    c.proc("coord").kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.start("coord");
+
+    let jobs = c
+        .wait_jobs("every job finished", Duration::from_secs(300), |js| {
+            js.len() == 4 && js.iter().all(|j| j.state == "done" || j.state == "failed")
+        })
+        .await;
+    let mut got: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    got.sort();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(got, want, "the same jobs, none lost");
+    let tiny = jobs.iter().find(|j| j.ticker == "TINY").unwrap();
+    assert_eq!(tiny.state, "failed");
+    assert_eq!(tiny.attempts, 2, "retried up to coordinator.max_attempts");
+    assert!(
+        tiny.reason.contains("failed after 2 attempts"),
+        "{}",
+        tiny.reason
+    );
+    for t in tickers {
+        let attempts = c.check_lineage(t).await;
+        assert_eq!(
+            attempts.len(),
+            1,
+            "{t} trained once across the restart: {attempts:?}"
+        );
+    }
+    let status = c
+        .client()
+        .await
+        .get_job(GetJobRequest {
+            job_id: tiny.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.state, "failed");
+    assert_eq!(status.attempts, 2);
+    assert!(
+        c.proc("t1").alive(),
+        "the trainer reconnected instead of exiting"
+    );
+}
+
+/// Keeps the first `n` rows of a ticker.
+async fn trim_rows(db: &Db, ticker: &str, n: usize) {
+    let rows = db
+        .read_aggregated_after(ticker, INTERVAL, None)
+        .await
+        .unwrap();
+    let cut = rows[n].ts;
+    db.delete_aggregated_from(ticker, INTERVAL, cut)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.count_aggregated(ticker, INTERVAL).await.unwrap(),
+        n as i64
+    );
+}
+
+async fn refuse_forged_and_oversized(c: &Cluster) {
+    let mut client = c.client().await;
+    // t1 runs a job, so it is registered and alive: its name is taken.
+    let r = client
+        .register_node(RegisterNodeRequest {
+            node: "t1".into(),
+            roles: vec!["train".into()],
+            gpus: 8,
+            incarnation: 42,
+            slots: 100,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        r.err().map(|s| s.code()),
+        Some(tonic::Code::AlreadyExists),
+        "a registration under a live node's name is refused"
+    );
+    let watch = client
+        .watch_assignments(WatchAssignmentsRequest {
+            node: "t1".into(),
+            incarnation: 42,
+        })
+        .await;
+    assert_eq!(
+        watch.err().map(|s| s.code()),
+        Some(tonic::Code::FailedPrecondition),
+        "a forged assignment stream is refused"
+    );
+    // 10,000 unknown tickers: refused, nothing queued.
+    let flood: Vec<String> = (0..10_000).map(|i| format!("Z{i:05}")).collect();
+    let t = Instant::now();
+    let r = client
+        .start_training(StartTrainingRequest {
+            tickers: flood,
+            interval: INTERVAL.to_string(),
+            model: String::new(),
+            epochs: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.queued, 0);
+    assert_eq!(r.refused.len(), 10_000);
+    assert!(r.refused[0].contains("unknown ticker"), "{}", r.refused[0]);
+    eprintln!("10,000 unknown tickers refused in {:?}", t.elapsed());
+    assert!(c.db.jobs(&[], 100_000).await.unwrap().len() <= 4);
+    // An oversized request.
+    let huge = client
+        .start_training(StartTrainingRequest {
+            tickers: vec!["A".repeat(5 << 20)],
+            interval: INTERVAL.to_string(),
+            model: String::new(),
+            epochs: 0,
+        })
+        .await;
+    let code = huge.err().map(|s| s.code());
+    assert!(
+        matches!(
+            code,
+            Some(tonic::Code::OutOfRange) | Some(tonic::Code::ResourceExhausted)
+        ),
+        "{code:?}"
+    );
+}
