@@ -373,15 +373,9 @@ impl Actor for CoordinatorActor {
             }
             CoordinatorMsg::GetJob { id, reply } => {
                 let status = match st.jobs.get(&id) {
-                    Some(j) => Some(status_of(j)),
+                    Some(j) => Some(status_of(&j.row, j.progress.as_ref())),
                     None => match st.args.db.job(&id).await {
-                        Ok(row) => row.map(|row| {
-                            status_of(&Job {
-                                row,
-                                progress: None,
-                                since: Instant::now(),
-                            })
-                        }),
+                        Ok(row) => row.map(|row| status_of(&row, None)),
                         Err(e) => {
                             warn!(job = %id, error = %e, "cannot read the job");
                             None
@@ -455,14 +449,13 @@ fn update_of(m: &ModelVersion) -> ModelUpdate {
 
 /// The API view of a job: `queued` until the trainer of the current attempt
 /// reports that it started, then `running`; `done` or `failed`.
-fn status_of(j: &Job) -> JobStatus {
-    let r = &j.row;
+fn status_of(r: &JobRow, progress: Option<&JobProgress>) -> JobStatus {
     let state = match r.state.as_str() {
-        "assigned" if j.progress.is_some() => "running",
+        "assigned" if progress.is_some() => "running",
         "assigned" | "queued" => "queued",
         s => s,
     };
-    let p = j.progress.clone().unwrap_or_default();
+    let p = progress.cloned().unwrap_or_default();
     JobStatus {
         job_id: r.id.clone(),
         ticker: r.ticker.clone(),

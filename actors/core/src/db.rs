@@ -106,11 +106,6 @@ impl JobRow {
             updated_at: now,
         }
     }
-
-    /// Queued or assigned.
-    pub fn is_open(&self) -> bool {
-        self.state == "queued" || self.state == "assigned"
-    }
 }
 
 /// One attempt of a job (table `job_attempts`): the job's lineage.
@@ -517,30 +512,6 @@ impl Db {
         self.read_aggregated(ticker, interval, &all, after).await
     }
 
-    /// The next free version number of a ticker-interval's models.
-    pub async fn next_model_version(&self, ticker: &str, interval: Interval) -> Result<i64> {
-        let sql = self.sql("SELECT COALESCE(MAX(version), 0) + 1 FROM model_versions WHERE ticker = $1 AND \"interval\" = $2");
-        let ctx = "next model version";
-        let v: i64 = match self {
-            Db::Postgres(p) => {
-                sqlx::query_scalar(&sql)
-                    .bind(ticker)
-                    .bind(interval.as_str())
-                    .fetch_one(p)
-                    .await
-            }
-            Db::Sqlite(p) => {
-                sqlx::query_scalar(&sql)
-                    .bind(ticker)
-                    .bind(interval.as_str())
-                    .fetch_one(p)
-                    .await
-            }
-        }
-        .map_err(Error::db(ctx))?;
-        Ok(v)
-    }
-
     /// Records a model version; the previous champion of the same
     /// ticker-interval becomes `retired` when `m.status` is `champion`.
     pub async fn insert_model_version(&self, m: &ModelVersion) -> Result<()> {
@@ -615,59 +586,6 @@ impl Db {
             Db::Postgres(p) => fetch!(p),
             Db::Sqlite(p) => fetch!(p),
         }
-    }
-
-    /// Records that `node` holds the job of a ticker-interval under `epoch`.
-    pub async fn upsert_assignment(
-        &self,
-        ticker: &str,
-        interval: Interval,
-        node: &str,
-        epoch: i64,
-        lease_until: DateTime<Utc>,
-    ) -> Result<()> {
-        let sql = self.sql("INSERT INTO assignments (ticker, \"interval\", node, epoch, lease_until) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (ticker, \"interval\") DO UPDATE SET node = EXCLUDED.node, epoch = EXCLUDED.epoch, lease_until = EXCLUDED.lease_until");
-        macro_rules! run {
-            ($pool:expr) => {
-                sqlx::query(&sql)
-                    .bind(ticker)
-                    .bind(interval.as_str())
-                    .bind(node)
-                    .bind(epoch)
-                    .bind(lease_until)
-                    .execute($pool)
-                    .await
-                    .map(|_| ())
-            };
-        }
-        match self {
-            Db::Postgres(p) => run!(p),
-            Db::Sqlite(p) => run!(p),
-        }
-        .map_err(Error::db(format!("upsert assignment {ticker} {interval}")))
-    }
-
-    /// The highest epoch ever handed out for a ticker-interval (0 if none).
-    pub async fn assignment_epoch(&self, ticker: &str, interval: Interval) -> Result<i64> {
-        let sql = self.sql("SELECT COALESCE(MAX(epoch), 0) FROM assignments WHERE ticker = $1 AND \"interval\" = $2");
-        let v: i64 = match self {
-            Db::Postgres(p) => {
-                sqlx::query_scalar(&sql)
-                    .bind(ticker)
-                    .bind(interval.as_str())
-                    .fetch_one(p)
-                    .await
-            }
-            Db::Sqlite(p) => {
-                sqlx::query_scalar(&sql)
-                    .bind(ticker)
-                    .bind(interval.as_str())
-                    .fetch_one(p)
-                    .await
-            }
-        }
-        .map_err(Error::db("read assignment epoch"))?;
-        Ok(v)
     }
 
     /// Writes a job's row (insert or replace).
@@ -856,12 +774,15 @@ impl Db {
         if ids.is_empty() {
             return Ok(());
         }
+        let job = self.sql(
+            "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND node = $3 AND state = 'assigned'",
+        );
+        let assignment = self.sql("UPDATE assignments SET lease_until = $1 WHERE node = $2 AND (ticker, \"interval\", epoch) IN (SELECT ticker, \"interval\", epoch FROM jobs WHERE id = $3 AND state = 'assigned')");
         let ctx = format!("renew the leases of {node}");
         macro_rules! run {
             ($pool:expr) => {{
                 let mut tx = $pool.begin().await.map_err(Error::db(ctx.clone()))?;
                 for id in ids {
-                    let job = self.sql("UPDATE jobs SET lease_until = $1 WHERE id = $2 AND node = $3 AND state = 'assigned'");
                     sqlx::query(&job)
                         .bind(until)
                         .bind(id)
@@ -869,8 +790,7 @@ impl Db {
                         .execute(&mut *tx)
                         .await
                         .map_err(Error::db(ctx.clone()))?;
-                    let a = self.sql("UPDATE assignments SET lease_until = $1 WHERE node = $2 AND (ticker, \"interval\", epoch) IN (SELECT ticker, \"interval\", epoch FROM jobs WHERE id = $3 AND state = 'assigned')");
-                    sqlx::query(&a)
+                    sqlx::query(&assignment)
                         .bind(until)
                         .bind(node)
                         .bind(id)

@@ -150,7 +150,7 @@ fn clip_grad_norm(params: &[Tensor], max: f64) {
     })
 }
 
-/// Adam as `torch.optim.Adam` computes it (no weight decay, no amsgrad),
+/// Adam with bias correction (β = 0.9/0.999, ε = 1e-8; no weight decay, no amsgrad),
 /// with its moments in tensors we own, so a [`Snapshot`] can carry them.
 struct Adam {
     lr: f64,
@@ -425,7 +425,6 @@ pub fn fit_with(
         first = cfg.epochs + 1;
     }
 
-    let mut order: Vec<i64> = (0..n_train as i64).collect();
     let started = Instant::now();
     for epoch in first..=cfg.epochs {
         // Each epoch's shuffle comes from the seed and the epoch alone, so a
@@ -433,7 +432,7 @@ pub fn fit_with(
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             (cfg.seed as u64) ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        order.sort_unstable();
+        let mut order: Vec<i64> = (0..n_train as i64).collect();
         order.shuffle(&mut rng);
         let idx = Tensor::from_slice(&order).to_device(device);
         let mut sum = Tensor::zeros([], (Kind::Float, device));

@@ -211,10 +211,7 @@ impl<P: FnMut(EpochProgress, Option<String>)> FitHooks for JobHooks<P> {
 
 /// Where a job's snapshots live (bucket `models`), per attempt.
 pub fn runs_prefix(job: &Job) -> String {
-    format!(
-        "{}/{}/.runs/{}/a{}",
-        job.ticker, job.interval, job.id, job.epoch
-    )
+    format!("{}a{}", job_runs_prefix(job), job.epoch)
 }
 
 /// Every snapshot of a job, all attempts (removed once its checkpoint is accepted).
