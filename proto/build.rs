@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tickmesh_descriptor.bin"))
-        .compile_protos(&["tickmesh/v1/coordinator.proto"], &["."])?;
+        .compile_protos(
+            &["tickmesh/v1/coordinator.proto", "tickmesh/v1/admin.proto"],
+            &["."],
+        )?;
     println!("cargo:rerun-if-changed=tickmesh/v1/coordinator.proto");
+    println!("cargo:rerun-if-changed=tickmesh/v1/admin.proto");
     Ok(())
 }

@@ -21,6 +21,7 @@ command -v make >/dev/null || need_apt+=(make)
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v gcc >/dev/null || need_apt+=(gcc)
 command -v perl >/dev/null || need_apt+=(perl)
+[ $demo_only -eq 1 ] || command -v openssl >/dev/null || need_apt+=(openssl)  # the TLS test's certificates
 python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "installing Debian packages: ${need_apt[*]}"

@@ -2,12 +2,14 @@
 //! that integration tests start roles exactly as the binary does.
 //!
 //! - [`roles`]: starts a node's roles on connected adapters.
+//! - [`admin_cli`]: `tickmesh admin …`, a subcommand per Admin method.
 //! - [`demo`]: the whole pipeline in one process on the embedded defaults.
 //! - [`chart`]: the forecast-vs-actual PNG.
 //! - [`cluster`]: ractor_cluster membership (node servers, node agents).
 //! - [`bench`]: the training-throughput benchmark beside PyTorch.
 //! - [`train_cli`]: `tickmesh train`, `evaluate` and `doctor`.
 
+pub mod admin_cli;
 pub mod bench;
 pub mod chart;
 pub mod cluster;

@@ -9,7 +9,9 @@
 //! tickmesh train --ticker AAPL --interval 1d     train one model from CSV files or the database
 //! tickmesh evaluate --checkpoint DIR             re-score a saved model on a date range
 //! tickmesh doctor                                libtorch, CUDA and cuDNN as this binary sees them
-//! tickmesh admin train|topics|buckets ...        operator commands
+//! tickmesh admin nodes|jobs|models|train|retrain|promote|rollback|drain|cordon
+//!                                                the Admin API (bearer token)
+//! tickmesh admin mesh|create-topics|create-buckets  operator chores
 //! ```
 
 use std::collections::HashMap;
@@ -18,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use chrono::NaiveDate;
 use clap::{Parser, Subcommand};
+use tickmesh::admin_cli::{self, AdminCmd};
 use tickmesh::train_cli::{self, Source, UsageError};
 use tickmesh::{cluster, demo, roles};
 use tickmesh_core::config::{Backend, ClusterConfig};
@@ -214,36 +217,6 @@ enum ProduceCmd {
         file: PathBuf,
         #[arg(long, value_delimiter = ',', required = true)]
         tickers: Vec<String>,
-    },
-}
-
-#[derive(Subcommand)]
-enum AdminCmd {
-    /// Ask the coordinator to train tickers now.
-    Train {
-        #[arg(long, value_delimiter = ',', required = true)]
-        tickers: Vec<String>,
-        #[arg(long, default_value = "1d")]
-        interval: Interval,
-        /// lstm_attention, gru or cnn_lstm (default: the trainers' config).
-        #[arg(long, default_value = "")]
-        model: String,
-        /// Epochs (default: the trainers' config).
-        #[arg(long, default_value_t = 0)]
-        epochs: u32,
-    },
-    /// Create every Kafka topic of the pipeline (with the configured prefix).
-    CreateTopics {
-        #[arg(long, default_value_t = 1)]
-        partitions: i32,
-    },
-    /// Create every S3 bucket of the pipeline (with the configured prefix).
-    CreateBuckets,
-    /// List the nodes of the ractor_cluster mesh (joins it through the seed).
-    Nodes {
-        /// Port for this command's own node server.
-        #[arg(long, default_value_t = 0)]
-        port: u16,
     },
 }
 
@@ -450,8 +423,12 @@ async fn run(cli: Cli) -> Result<()> {
             let adapters = Adapters::connect(&cfg).await?;
             let mut n = roles::start(&cfg, &node, &roles, &adapters).await?;
             if let Some(port) = nc.cluster_port {
-                let server =
-                    cluster::start_server(&node, &cfg.cluster.cookie, &nc.host, port).await?;
+                let cookie = cfg
+                    .cluster
+                    .cookie
+                    .as_deref()
+                    .context("a node with a cluster_port needs cluster.cookie")?;
+                let server = cluster::start_server(&node, cookie, &nc.host, port).await?;
                 cluster::start_agent(cluster::NodeDescription {
                     node: node.clone(),
                     roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
@@ -517,85 +494,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Admin { config, cmd } => {
             let cfg = load(&config)?;
-            match cmd {
-                AdminCmd::Train {
-                    tickers,
-                    interval,
-                    model,
-                    epochs,
-                } => {
-                    let mut c = tickmesh_train::pool::connect(
-                        &cfg.coordinator.listen,
-                        std::time::Duration::from_secs(5),
-                    )
-                    .await
-                    .map_err(anyhow::Error::msg)?;
-                    let r = c
-                        .start_training(tickmesh_proto::v1::StartTrainingRequest {
-                            tickers,
-                            interval: interval.to_string(),
-                            model,
-                            epochs,
-                        })
-                        .await?
-                        .into_inner();
-                    for id in &r.job_ids {
-                        println!("job {id}");
-                    }
-                    for why in &r.refused {
-                        println!("refused {why}");
-                    }
-                    println!("{} jobs queued", r.queued);
-                }
-                AdminCmd::CreateTopics { partitions } => {
-                    tickmesh_core::bus::kafka_create_topics(
-                        &cfg.kafka.brokers,
-                        &cfg.kafka.topic_prefix,
-                        topics::ALL,
-                        partitions,
-                    )
-                    .await?;
-                    println!("topics ready on {}", cfg.kafka.brokers);
-                }
-                AdminCmd::Nodes { port } => {
-                    let (_, seed) = cfg
-                        .cluster_seed()
-                        .context("no coordinator node with a cluster_port in the config")?;
-                    let port = if port == 0 {
-                        30_000 + (std::process::id() % 20_000) as u16
-                    } else {
-                        port
-                    };
-                    let name = format!("admin-{}", std::process::id());
-                    let server =
-                        cluster::start_server(&name, &cfg.cluster.cookie, "127.0.0.1", port)
-                            .await?;
-                    ractor_cluster::client_connect(&server, seed.as_str())
-                        .await
-                        .map_err(|e| {
-                            anyhow::anyhow!("cannot reach the cluster seed at {seed}: {e}")
-                        })?;
-                    let nodes =
-                        cluster::describe_remote_nodes(std::time::Duration::from_secs(10)).await?;
-                    for n in &nodes {
-                        println!(
-                            "{:<14} pid {:<7} roles {:<28} coordinator {:<21} http {}",
-                            n.node,
-                            n.pid,
-                            n.roles.join(","),
-                            n.coordinator.as_deref().unwrap_or("-"),
-                            n.http.as_deref().unwrap_or("-")
-                        );
-                    }
-                    println!("{} nodes", nodes.len());
-                }
-                AdminCmd::CreateBuckets => {
-                    tickmesh_core::store::S3Store::new(&cfg.s3)
-                        .create_buckets()
-                        .await?;
-                    println!("buckets ready on {}", cfg.s3.endpoint_url);
-                }
-            }
+            admin_cli::run(&cfg, cmd).await?;
         }
     }
     Ok(())

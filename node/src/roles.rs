@@ -18,13 +18,14 @@ use anyhow::{anyhow, Context, Result};
 use ractor::{Actor, ActorCell, ActorRef};
 use tickmesh_aggregate::aggregator::{AggregatorActor, AggregatorArgs, AggregatorMsg};
 use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs, CoordinatorMsg};
-use tickmesh_core::config::{ClusterConfig, Role};
+use tickmesh_core::config::{Backend, ClusterConfig, Role};
 use tickmesh_core::supervision::RestartBudget;
 use tickmesh_core::types::topics;
 use tickmesh_core::Adapters;
 use tickmesh_ingest::bars_consumer::BarsConsumerArgs;
 use tickmesh_ingest::metrics::IngestMetrics;
 use tickmesh_ingest::supervisor::{IngestSupervisor, IngestSupervisorArgs};
+use tickmesh_proto::auth::Link;
 use tickmesh_serve::http::HttpState;
 use tickmesh_serve::registry::{PredictorSupervisor, RegistryArgs, RegistryMsg};
 use tickmesh_train::lease::Leases;
@@ -86,6 +87,18 @@ pub async fn start(
     let mut coordinator_addr = cfg.coordinator.listen.clone();
 
     if roles.contains(&Role::Coordinator) {
+        let admin_token = admin_token(cfg)?;
+        let tls = match (
+            &cfg.coordinator.tls_cert_file,
+            &cfg.coordinator.tls_key_file,
+        ) {
+            (Some(c), Some(k)) => Some(
+                tickmesh_proto::auth::server_tls(c, k)
+                    .map_err(|e| anyhow!("coordinator.tls_cert_file/tls_key_file: {e}"))?,
+            ),
+            _ => None,
+        };
+        let (health, health_server) = tonic_health::server::health_reporter();
         let (actor, h) = Actor::spawn(
             None,
             CoordinatorActor,
@@ -98,6 +111,7 @@ pub async fn start(
                 max_open_jobs: cfg.coordinator.max_open_jobs,
                 intake: Some((adapters.bus.clone(), adapters.publisher.clone())),
                 budget: RestartBudget::new(cfg.supervision.clone()),
+                health: Some(health.clone()),
             },
         )
         .await?;
@@ -107,18 +121,26 @@ pub async fn start(
         let addr = listener.local_addr()?;
         coordinator_addr = addr.to_string();
         node.bound.coordinator = Some(addr);
-        let heartbeat = Duration::from_secs(cfg.coordinator.heartbeat_secs);
-        let lease = Duration::from_secs(cfg.coordinator.lease_secs);
+        let opts = tickmesh_coordinator::grpc::ServeOptions {
+            heartbeat: Duration::from_secs(cfg.coordinator.heartbeat_secs),
+            lease: Duration::from_secs(cfg.coordinator.lease_secs),
+            cookie: cfg.cluster.cookie.clone(),
+            admin_token,
+            deadline: admin_deadline(cfg),
+            tls,
+            db: adapters.db.clone(),
+        };
+        let tls_on = opts.tls.is_some();
         let a = actor.clone();
         let sd = shutdown_signal(&shutdown_rx);
         node.tasks.push(tokio::spawn(async move {
             if let Err(e) =
-                tickmesh_coordinator::grpc::serve(listener, a, heartbeat, lease, sd).await
+                tickmesh_coordinator::grpc::serve(listener, a, opts, health_server, sd).await
             {
                 tracing::error!(error = %e, "coordinator gRPC server failed");
             }
         }));
-        info!(%addr, "coordinator gRPC serving");
+        info!(%addr, tls = tls_on, cookie = cfg.cluster.cookie.is_some(), "coordinator gRPC serving (Coordinator, Admin, health, reflection)");
         node.actors
             .push(("coordinator".into(), actor.get_cell(), h));
         node.coordinator = Some(actor);
@@ -199,7 +221,11 @@ pub async fn start(
             TrainerPool,
             TrainerPoolArgs {
                 node: name.to_string(),
-                coordinator: coordinator_addr.clone(),
+                coordinator: coordinator_link(
+                    cfg,
+                    &coordinator_addr,
+                    cfg.cluster.cookie.as_deref(),
+                )?,
                 cpus,
                 gpus,
                 slots: parallel as u32,
@@ -234,8 +260,9 @@ pub async fn start(
             .with_context(|| format!("bind serve.http_listen {}", cfg.serve.http_listen))?;
         let addr = listener.local_addr()?;
         node.bound.http = Some(addr);
+        let link = coordinator_link(cfg, &coordinator_addr, cfg.cluster.cookie.as_deref())?;
         let state = HttpState::new(registry.clone(), cfg.serve.max_steps)
-            .with_coordinator(&coordinator_addr)
+            .with_coordinator(&link)
             .map_err(|e| anyhow!("serve role: {e}"))?;
         let sd = shutdown_signal(&shutdown_rx);
         node.tasks.push(tokio::spawn(async move {
@@ -245,7 +272,7 @@ pub async fn start(
         }));
         node.tasks
             .push(tokio::spawn(tickmesh_serve::watch::follow_models(
-                coordinator_addr.clone(),
+                link,
                 name.to_string(),
                 registry.clone(),
             )));
@@ -254,6 +281,92 @@ pub async fn start(
         node.registry = Some(registry);
     }
     Ok(node)
+}
+
+/// How this process reaches the coordinator's gRPC port at `addr`: with
+/// `secret` (the cluster cookie, or the admin token) and, when the port
+/// speaks TLS, the configured CA and name.
+pub fn coordinator_link(cfg: &ClusterConfig, addr: &str, secret: Option<&str>) -> Result<Link> {
+    let mut link = Link::plain(addr, secret);
+    if let Some(ca) = &cfg.coordinator.tls_ca_file {
+        let domain = cfg.coordinator.tls_domain.clone().unwrap_or_else(|| {
+            addr.rsplit_once(':')
+                .map_or(addr, |(h, _)| h)
+                .trim_matches(['[', ']'])
+                .to_string()
+        });
+        link = link
+            .with_tls(ca, &domain)
+            .map_err(|e| anyhow!("coordinator.tls_ca_file: {e}"))?;
+    }
+    Ok(link)
+}
+
+/// The deadline of an admin call (`[admin] deadline_secs`, default 30 s).
+pub fn admin_deadline(cfg: &ClusterConfig) -> Duration {
+    Duration::from_secs(cfg.admin.deadline_secs.unwrap_or(30))
+}
+
+/// The admin token a coordinator guards `Admin` with: the configured one;
+/// in embedded mode without one, the token in `{data_dir}/admin.token`
+/// (made on first start, readable by its owner only). A distributed
+/// coordinator without a token does not start.
+pub fn admin_token(cfg: &ClusterConfig) -> Result<String> {
+    if let Some(t) = cfg.admin_token()? {
+        return Ok(t);
+    }
+    if cfg.cluster.backend == Backend::Distributed {
+        return Err(anyhow!(
+            "no admin token: a distributed coordinator needs one for tickmesh.v1.Admin (set TICKMESH_ADMIN_TOKEN or [admin] token_file)"
+        ));
+    }
+    let path = cfg.embedded_token_path();
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    write_private(&path, &token).with_context(|| format!("write {}", path.display()))?;
+    info!(path = %path.display(), "made an admin token for this embedded cluster");
+    Ok(token)
+}
+
+/// Writes `text` to a new file only its owner can read.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The admin token `tickmesh admin` presents: the configured one, else an
+/// embedded coordinator's token file.
+pub fn client_admin_token(cfg: &ClusterConfig) -> Result<String> {
+    if let Some(t) = cfg.admin_token()? {
+        return Ok(t);
+    }
+    let path = cfg.embedded_token_path();
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        _ => Err(anyhow!(
+            "no admin token: set TICKMESH_ADMIN_TOKEN or [admin] token_file (an embedded coordinator keeps its own in {}, made when it starts)",
+            path.display()
+        )),
+    }
 }
 
 impl Node {

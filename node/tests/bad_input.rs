@@ -12,6 +12,8 @@ fn config_check(file: &std::path::Path, env: &[(&str, &str)]) -> (bool, String, 
     let out = tickmesh()
         .args(["config", "check"])
         .arg(file)
+        .env_remove("TICKMESH_COOKIE")
+        .env_remove("TICKMESH_ADMIN_TOKEN")
         .envs(env.iter().copied())
         .output()
         .unwrap();
@@ -43,7 +45,14 @@ fn config_check_names_the_bad_key() {
     assert!(err.contains("POSTGRES_PORT"));
 
     let good = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster.toml");
-    let (ok, out, err) = config_check(&good, &[]);
+    // Distributed mode has no default cookie.
+    let (ok, _, err) = config_check(&good, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("`cluster.cookie`") && err.contains("TICKMESH_COOKIE"),
+        "{err}"
+    );
+    let (ok, out, err) = config_check(&good, &[("TICKMESH_COOKIE", "a-long-shared-secret")]);
     assert!(ok, "{err}");
     assert!(out.contains("ok (distributed backend, 4 nodes"));
 }

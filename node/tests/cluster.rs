@@ -1,6 +1,7 @@
 //! Process-level: two `tickmesh run` nodes form a ractor_cluster mesh and
-//! `tickmesh admin nodes` lists both through the seed (the replies cross
-//! processes bincode-encoded).
+//! `tickmesh admin mesh` lists both through the seed (the replies cross
+//! processes bincode-encoded); with a wrong cookie it fails instead of
+//! listing an empty mesh.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,12 +83,13 @@ cluster_port = {c2}
         let out = tickmesh()
             .args([
                 "admin",
-                "nodes",
+                "mesh",
                 "--port",
                 &free_port().to_string(),
                 "--config",
             ])
             .arg(&config)
+            .env_remove("TICKMESH_COOKIE")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -110,4 +112,21 @@ cluster_port = {c2}
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+
+    // A wrong cookie: the seed refuses the handshake, and the command says so.
+    let out = tickmesh()
+        .args([
+            "admin",
+            "mesh",
+            "--port",
+            &free_port().to_string(),
+            "--config",
+        ])
+        .arg(&config)
+        .env("TICKMESH_COOKIE", "not-the-cookie")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a wrong cookie must fail: {stderr}");
+    assert!(stderr.contains("cookie"), "{stderr}");
 }

@@ -18,13 +18,16 @@ use std::time::{Duration, Instant};
 use tickmesh_core::db::{Db, JobRow};
 use tickmesh_core::store::{buckets, LocalStore, ObjectStore};
 use tickmesh_core::types::Interval;
+use tickmesh_proto::auth::{AdminConn, CoordinatorConn, Link};
+use tickmesh_proto::v1::admin_client::AdminClient;
 use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
 use tickmesh_proto::v1::{
-    GetJobRequest, RegisterNodeRequest, StartTrainingRequest, WatchAssignmentsRequest,
+    GetJobRequest, ListNodesRequest, RegisterNodeRequest, StartTrainingRequest,
+    WatchAssignmentsRequest,
 };
-use tonic::transport::Channel;
 
 const INTERVAL: Interval = Interval::M1;
+const COOKIE: &str = "control-plane-cookie";
 
 /// One cluster at a time: on two cores, several clusters training at once
 /// starve each other's heartbeats.
@@ -142,7 +145,7 @@ impl Cluster {
 [cluster]
 name = "control-plane-test"
 backend = "embedded"
-cookie = "control-plane-cookie"
+cookie = "{COOKIE}"
 
 [embedded]
 data_dir = "{data}"
@@ -243,11 +246,33 @@ device = "cpu"
         out
     }
 
-    async fn client(&self) -> CoordinatorClient<Channel> {
-        let addr = format!("127.0.0.1:{}", self.grpc);
-        tickmesh_train::pool::connect(&addr, Duration::from_secs(30))
+    /// A Coordinator client with `secret` as its bearer.
+    async fn client_with(&self, secret: Option<&str>) -> CoordinatorConn {
+        let ch = Link::plain(&format!("127.0.0.1:{}", self.grpc), secret)
+            .connect(Duration::from_secs(30))
             .await
-            .unwrap_or_else(|e| panic!("{e}{}", self.logs()))
+            .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
+        CoordinatorClient::new(ch)
+    }
+
+    /// A Coordinator client with the cluster's cookie.
+    async fn client(&self) -> CoordinatorConn {
+        self.client_with(Some(COOKIE)).await
+    }
+
+    /// An Admin client with the token the embedded coordinator made.
+    async fn admin(&self) -> AdminConn {
+        let token = std::fs::read_to_string(self.dir.path().join("data/admin.token"))
+            .unwrap_or_else(|e| panic!("the coordinator's admin.token: {e}{}", self.logs()));
+        self.admin_with(Some(token.trim())).await
+    }
+
+    async fn admin_with(&self, token: Option<&str>) -> AdminConn {
+        let ch = Link::plain(&format!("127.0.0.1:{}", self.grpc), token)
+            .connect(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
+        AdminClient::new(ch)
     }
 
     async fn train(&self, tickers: &[&str]) -> Vec<String> {
@@ -619,6 +644,42 @@ async fn trim_rows(db: &Db, ticker: &str, n: usize) {
 }
 
 async fn refuse_forged_and_oversized(c: &Cluster) {
+    // No cookie, or a wrong one: the Coordinator service is closed.
+    for secret in [None, Some("not-the-cookie")] {
+        let r = c
+            .client_with(secret)
+            .await
+            .register_node(RegisterNodeRequest {
+                node: "intruder".into(),
+                roles: vec!["train".into()],
+                gpus: 8,
+                slots: 100,
+                ..Default::default()
+            })
+            .await;
+        let e = r.expect_err("a node without the cookie is refused");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{secret:?}: {e:?}");
+    }
+    // No admin token, a wrong one, or the cookie: Admin is closed.
+    for token in [None, Some("wrong-token"), Some(COOKIE)] {
+        let e = c
+            .admin_with(token)
+            .await
+            .list_nodes(ListNodesRequest {})
+            .await
+            .expect_err("Admin without its token is refused");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{token:?}: {e:?}");
+    }
+    // The right token is served, and the intruder never became a node.
+    let nodes = c
+        .admin()
+        .await
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert!(nodes.iter().all(|n| n.node != "intruder"), "{nodes:?}");
     let mut client = c.client().await;
     // t1 runs a job, so it is registered and alive: its name is taken.
     let r = client
@@ -682,4 +743,428 @@ async fn refuse_forged_and_oversized(c: &Cluster) {
         ),
         "{code:?}"
     );
+}
+
+/// The version `GET /ml/models` says the predictor serves for `ticker`.
+async fn served_version(http: u16, ticker: &str) -> Option<i64> {
+    let v: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{http}/ml/models"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v["models"]
+        .as_array()?
+        .iter()
+        .find(|m| m["ticker"] == ticker)
+        .and_then(|m| m["version"].as_i64())
+}
+
+/// The health the coordinator publishes for a trainer node.
+async fn node_health(c: &Cluster, node: &str) -> i32 {
+    let ch = Link::plain(&format!("127.0.0.1:{}", c.grpc), None)
+        .connect(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let r = tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: format!("tickmesh.node.{node}"),
+        })
+        .await;
+    r.unwrap().into_inner().status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_cordon_drain_hand_off_promote_and_roll_back_through_the_admin_api() {
+    use tickmesh_proto::v1::{
+        CordonRequest, DrainRequest, ListModelsRequest, PromoteRequest, RetrainRequest,
+        RollbackRequest,
+    };
+    const SERVING: i32 = 1;
+    const NOT_SERVING: i32 = 2;
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::new(&["t1", "t2"], &["OPSA", "OPSB"], None, 4).await;
+    let http = free_port();
+    let text = std::fs::read_to_string(&c.config).unwrap().replace(
+        "http_listen = \"127.0.0.1:0\"",
+        &format!("http_listen = \"127.0.0.1:{http}\""),
+    ) + "\n[[nodes]]\nname = \"p1\"\nroles = [\"serve\"]\n";
+    std::fs::write(&c.config, text).unwrap();
+    // Jobs here come from the Admin API only: drop the aggregation's start_model messages.
+    let spool = c
+        .dir
+        .path()
+        .join("data/raw")
+        .join(tickmesh_core::types::topics::START_MODEL);
+    for f in std::fs::read_dir(&spool).unwrap() {
+        let p = f.unwrap().path();
+        if p.is_file() {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    for n in ["coord", "t1", "t2", "p1"] {
+        c.start(n);
+    }
+    for t in ["t1", "t2"] {
+        c.wait_log(t, "trainer pool registered", Duration::from_secs(60))
+            .await;
+    }
+    let mut admin = c.admin().await;
+    let train = |epochs: u32, t: &str| StartTrainingRequest {
+        tickers: vec![t.to_string()],
+        interval: INTERVAL.to_string(),
+        model: String::new(),
+        epochs,
+    };
+
+    // Cordon t1: everything goes to t2.
+    let n = admin
+        .cordon(CordonRequest {
+            node: "t1".into(),
+            uncordon: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.state, "cordoned");
+    assert_eq!(
+        node_health(&c, "t1").await,
+        SERVING,
+        "a cordoned node still serves"
+    );
+    let first = admin.train(train(3, "OPSA")).await.unwrap().into_inner();
+    assert_eq!(first.queued, 1, "{first:?}");
+    c.wait_jobs("OPSA v1", Duration::from_secs(120), done).await;
+    let attempts = c.db.attempts("OPSA", INTERVAL).await.unwrap();
+    assert!(attempts.iter().all(|a| a.node == "t2"), "{attempts:?}");
+
+    // Drain t2 (idle): NOT_SERVING, drained; uncordon t1: the retrain goes there.
+    let n = admin
+        .drain(DrainRequest {
+            node: "t2".into(),
+            handoff: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.state, "drained");
+    assert_eq!(node_health(&c, "t2").await, NOT_SERVING);
+    admin
+        .cordon(CordonRequest {
+            node: "t1".into(),
+            uncordon: true,
+        })
+        .await
+        .unwrap();
+    let r = admin
+        .retrain(RetrainRequest {
+            ticker: "OPSA".into(),
+            interval: INTERVAL.to_string(),
+            epochs: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.queued, 1);
+    c.wait_jobs("OPSA v2", Duration::from_secs(120), done).await;
+    let attempts = c.db.attempts("OPSA", INTERVAL).await.unwrap();
+    assert_eq!(attempts.last().unwrap().node, "t1", "{attempts:?}");
+    let (v1, v2) = (attempts[0].version, attempts.last().unwrap().version);
+
+    // The predictor follows the champion: v2, rolled back to v1, promoted to v2.
+    let wait_served = |want: i64| async move {
+        let start = Instant::now();
+        while served_version(http, "OPSA").await != Some(want) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the predictor never served v{want}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    wait_served(v2).await;
+    let m = admin
+        .rollback(RollbackRequest {
+            ticker: "OPSA".into(),
+            interval: INTERVAL.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((m.version, m.status.as_str()), (v1, "champion"));
+    wait_served(v1).await;
+    let all = admin
+        .list_models(ListModelsRequest {
+            ticker: "OPSA".into(),
+            interval: String::new(),
+            all_versions: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let status: Vec<(i64, &str)> = all.iter().map(|m| (m.version, m.status.as_str())).collect();
+    assert_eq!(status, vec![(v1, "champion"), (v2, "rolled_back")]);
+    let m = admin
+        .promote(PromoteRequest {
+            ticker: "OPSA".into(),
+            interval: INTERVAL.to_string(),
+            version: v2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.version, v2);
+    wait_served(v2).await;
+    for (what, e) in [
+        (
+            "promote an unknown version",
+            admin
+                .promote(PromoteRequest {
+                    ticker: "OPSA".into(),
+                    interval: INTERVAL.to_string(),
+                    version: 999,
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "retrain a ticker without a model",
+            admin
+                .retrain(RetrainRequest {
+                    ticker: "OPSB".into(),
+                    interval: INTERVAL.to_string(),
+                    epochs: 3,
+                })
+                .await
+                .unwrap_err(),
+        ),
+    ] {
+        assert_eq!(e.code(), tonic::Code::NotFound, "{what}: {e:?}");
+    }
+
+    // Drain t1 with handoff while it trains OPSB: the job leaves t1 at once
+    // and waits (t2 is drained); readying t2 lets it resume there.
+    admin.train(train(40, "OPSB")).await.unwrap();
+    let running = c
+        .wait_jobs("OPSB snapshotted on t1", Duration::from_secs(90), |js| {
+            snapshotted_on(js, "t1").is_some_and(|j| j.ticker == "OPSB")
+        })
+        .await;
+    let before = running.iter().find(|j| j.ticker == "OPSB").unwrap().clone();
+    let n = admin
+        .drain(DrainRequest {
+            node: "t1".into(),
+            handoff: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.state, "drained", "{n:?}");
+    assert!(n.running.is_empty());
+    let queued = c
+        .wait_jobs("OPSB queued again", Duration::from_secs(10), |js| {
+            js.iter().any(|j| j.id == before.id && j.state == "queued")
+        })
+        .await;
+    let q = queued.iter().find(|j| j.id == before.id).unwrap();
+    assert_eq!(
+        q.attempts,
+        before.attempts - 1,
+        "a handoff is not a failed attempt"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        c.db.job(&before.id).await.unwrap().unwrap().state,
+        "queued",
+        "nothing takes a job while every trainer is drained"
+    );
+    admin
+        .cordon(CordonRequest {
+            node: "t2".into(),
+            uncordon: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(node_health(&c, "t2").await, SERVING);
+    c.wait_jobs("OPSB done", Duration::from_secs(180), done)
+        .await;
+    let attempts = c.check_lineage("OPSB").await;
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0].node, "t1");
+    assert!(attempts[0].reason.contains("handoff"), "{attempts:?}");
+    assert_eq!(attempts[1].node, "t2");
+    let meta = c.meta("OPSB", attempts[1].version).await;
+    assert!(
+        meta["resumed_from_epoch"].as_u64().unwrap_or(0) >= 2,
+        "the handed-off job resumed from its snapshot: {meta}"
+    );
+    let nodes = admin
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let states: Vec<(&str, &str)> = nodes
+        .iter()
+        .map(|n| (n.node.as_str(), n.state.as_str()))
+        .collect();
+    assert_eq!(states, vec![("t1", "drained"), ("t2", "ready")]);
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with openssl.
+fn make_certs(dir: &std::path::Path) {
+    let ossl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/setup.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tickmesh test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    ossl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=coordinator",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:coordinator\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() {
+    let _one = SERIAL.lock().await;
+    let mut c = Cluster::new(&["t1"], &["TLSA"], None, 4).await;
+    let certs = c.dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    make_certs(&certs);
+    let text = std::fs::read_to_string(&c.config).unwrap().replace(
+        "[coordinator]\n",
+        &format!(
+            "[coordinator]\ntls_cert_file = \"{0}/server.pem\"\ntls_key_file = \"{0}/server.key\"\ntls_ca_file = \"{0}/ca.pem\"\n",
+            certs.display()
+        ),
+    );
+    std::fs::write(&c.config, text).unwrap();
+    c.start("coord");
+    c.start("t1");
+    // The trainer registers over TLS (it reads the CA from the config).
+    c.wait_log("t1", "trainer pool registered", Duration::from_secs(60))
+        .await;
+    let addr = format!("127.0.0.1:{}", c.grpc);
+    // Plaintext to the TLS port: no call gets through.
+    let plain = Link::plain(&addr, Some(COOKIE));
+    let r = match plain.connect(Duration::from_secs(5)).await {
+        Ok(ch) => CoordinatorClient::new(ch)
+            .get_job(GetJobRequest { job_id: "x".into() })
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{:?}: {}", e.code(), e.message())),
+        Err(e) => Err(e),
+    };
+    let e = r.expect_err("plaintext to a TLS port must fail");
+    eprintln!("plaintext to the TLS port: {e}");
+    // TLS without the CA's trust: refused too.
+    let other = c.dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    make_certs(&other);
+    let untrusted = Link::plain(&addr, Some(COOKIE))
+        .with_tls(&other.join("ca.pem"), "127.0.0.1")
+        .unwrap();
+    let r = match untrusted.connect(Duration::from_secs(5)).await {
+        Ok(ch) => CoordinatorClient::new(ch)
+            .get_job(GetJobRequest { job_id: "x".into() })
+            .await
+            .map(|_| ()),
+        Err(_) => Ok(()),
+    };
+    assert!(
+        r.is_err() || untrusted.connect(Duration::from_secs(1)).await.is_err(),
+        "a server the client's CA did not sign is not trusted"
+    );
+    // Operators over TLS, with the token, while the node keeps serving.
+    let token = std::fs::read_to_string(c.dir.path().join("data/admin.token")).unwrap();
+    let link = Link::plain(&addr, Some(token.trim()))
+        .with_tls(&certs.join("ca.pem"), "127.0.0.1")
+        .unwrap();
+    let ch = link.connect(Duration::from_secs(10)).await.unwrap();
+    let nodes = AdminClient::new(ch)
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0].node, "t1");
+    assert_eq!(nodes[0].state, "ready");
+    // `tickmesh admin nodes` reads the CA from the config too.
+    let out = Command::new(env!("CARGO_BIN_EXE_tickmesh"))
+        .args(["admin", "nodes", "--config"])
+        .arg(&c.config)
+        .env_remove("TICKMESH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("t1") && stdout.contains("1 nodes"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A wrong token from the CLI: non-zero, naming the refusal.
+    let out = Command::new(env!("CARGO_BIN_EXE_tickmesh"))
+        .args(["admin", "jobs", "--config"])
+        .arg(&c.config)
+        .env("TICKMESH_ADMIN_TOKEN", "wrong-token")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    assert!(c.proc("coord").alive() && c.proc("t1").alive());
 }

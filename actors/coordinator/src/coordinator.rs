@@ -45,9 +45,12 @@ use tickmesh_core::supervision::{stopped_child, RestartBudget};
 use tickmesh_core::types::{model_prefix, Interval};
 use tickmesh_proto::v1::{
     Assignment, CheckpointAck, CheckpointReport, JobFailure, JobProgress, JobStatus, ModelUpdate,
+    NodeInfo,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 use crate::start_consumer::{StartConsumerArgs, StartModelConsumer};
@@ -79,6 +82,8 @@ pub struct HeartbeatOutcome {
     pub registered: bool,
     /// Held jobs that are not this node's any more.
     pub revoked: Vec<String>,
+    /// `cordoned` or `draining` when an operator said so; empty otherwise.
+    pub admin_state: String,
 }
 
 /// Messages of [`CoordinatorActor`].
@@ -134,6 +139,49 @@ pub enum CoordinatorMsg {
     Tick,
     /// Start the `start_model` consumer again (a timer sends it after the backoff).
     RestartConsumer,
+    /// The trainer nodes known (connected, or with an operator's state).
+    ListNodes(RpcReplyPort<Vec<NodeInfo>>),
+    /// An operator cordons, drains or readies a node.
+    SetNodeState {
+        node: String,
+        state: AdminState,
+        reply: RpcReplyPort<Result<NodeInfo, String>>,
+    },
+    /// An operator promotes a version (`Some`) or rolls back (`None`); the
+    /// new champion goes to every predictor watching.
+    ChangeChampion {
+        ticker: String,
+        interval: Interval,
+        version: Option<i64>,
+        reply: RpcReplyPort<tickmesh_core::Result<ModelVersion>>,
+    },
+}
+
+/// What an operator made of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    /// Assignable (uncordon).
+    Ready,
+    /// Nothing new assigned; running jobs go on.
+    Cordoned,
+    /// NOT_SERVING, nothing new assigned; running jobs finish, or with
+    /// `handoff` move to other nodes at once (resuming from their snapshots).
+    Draining { handoff: bool },
+}
+
+impl AdminState {
+    fn stored(self) -> Option<&'static str> {
+        match self {
+            AdminState::Ready => None,
+            AdminState::Cordoned => Some("cordoned"),
+            AdminState::Draining { .. } => Some("draining"),
+        }
+    }
+}
+
+/// The health service name under which a node's state is published.
+pub fn node_health_name(node: &str) -> String {
+    format!("tickmesh.node.{node}")
 }
 
 impl ractor::Message for CoordinatorMsg {}
@@ -165,9 +213,13 @@ pub struct CoordinatorArgs {
     /// Where `start_model` comes from; `None` runs without a consumer.
     pub intake: Option<(BusConfig, SharedPublisher)>,
     pub budget: RestartBudget,
+    /// Where each trainer node's health is published (SERVING while it
+    /// takes work; NOT_SERVING when drained or lost).
+    pub health: Option<HealthReporter>,
 }
 
 struct Node {
+    cpus: u32,
     gpus: u32,
     slots: usize,
     roles: Vec<String>,
@@ -212,6 +264,8 @@ pub struct CoordinatorState {
     queue: VecDeque<String>,
     finished: VecDeque<String>,
     watchers: Vec<ModelTx>,
+    /// Operators' node states (`cordoned`, `draining`), kept in the database.
+    admin: HashMap<String, String>,
 }
 
 impl Actor for CoordinatorActor {
@@ -237,7 +291,9 @@ impl Actor for CoordinatorActor {
             queue: VecDeque::new(),
             finished: VecDeque::new(),
             watchers: Vec::new(),
+            admin: HashMap::new(),
         };
+        st.admin = st.args.db.node_states().await?.into_iter().collect();
         // Leases of reloaded assignments get a fresh term: their trainers
         // could not renew while the coordinator was down.
         let grace = Utc::now() + chrono_of(st.args.lease);
@@ -397,6 +453,34 @@ impl Actor for CoordinatorActor {
                     st.consumer = spawn_consumer(&myself, &st.args).await?;
                 }
             }
+            CoordinatorMsg::ListNodes(reply) => {
+                let mut names: Vec<&String> = st.nodes.keys().chain(st.admin.keys()).collect();
+                names.sort();
+                names.dedup();
+                let out = names.into_iter().map(|n| node_info(st, n)).collect();
+                let _ = reply.send(out);
+            }
+            CoordinatorMsg::SetNodeState { node, state, reply } => {
+                let r = set_node_state(st, &node, state).await;
+                let _ = reply.send(r);
+                assign_pending(st).await;
+            }
+            CoordinatorMsg::ChangeChampion {
+                ticker,
+                interval,
+                version,
+                reply,
+            } => {
+                let r = match version {
+                    Some(v) => st.args.db.promote(&ticker, interval, v).await,
+                    None => st.args.db.rollback(&ticker, interval).await,
+                };
+                if let Ok(m) = &r {
+                    info!(ticker = %m.ticker, interval = %m.interval, version = m.version, how = if version.is_some() { "promote" } else { "rollback" }, "champion changed by an operator");
+                    broadcast(st, update_of(m));
+                }
+                let _ = reply.send(r);
+            }
         }
         Ok(())
     }
@@ -515,9 +599,11 @@ async fn register(st: &mut CoordinatorState, reg: Registration) -> Result<(), St
     }
     info!(node = %reg.node, roles = ?reg.roles, cpus = reg.cpus, gpus = reg.gpus, slots = reg.slots, adopted = running.len(), "node registered");
     let ids: Vec<String> = running.iter().cloned().collect();
+    let name = reg.node.clone();
     st.nodes.insert(
         reg.node.clone(),
         Node {
+            cpus: reg.cpus,
             gpus: reg.gpus,
             slots: reg.slots.max(1) as usize,
             roles: reg.roles,
@@ -527,7 +613,8 @@ async fn register(st: &mut CoordinatorState, reg: Registration) -> Result<(), St
             running,
         },
     );
-    renew(st, &reg.node, &ids).await
+    publish_health(st, &name).await;
+    renew(st, &name, &ids).await
 }
 
 /// Extends the leases of `ids` (jobs of `node`), in the database first.
@@ -560,7 +647,7 @@ async fn heartbeat(
         _ => {
             return Ok(HeartbeatOutcome {
                 registered: false,
-                revoked: Vec::new(),
+                ..Default::default()
             })
         }
     }
@@ -596,6 +683,7 @@ async fn heartbeat(
     Ok(HeartbeatOutcome {
         registered: true,
         revoked,
+        admin_state: st.admin.get(node).cloned().unwrap_or_default(),
     })
 }
 
@@ -621,13 +709,18 @@ async fn tick(st: &mut CoordinatorState) {
         .await;
     }
     let lease = st.args.lease;
+    let mut lost = Vec::new();
     st.nodes.retain(|name, n| {
         let alive = n.last_seen.elapsed() <= lease;
         if !alive {
             warn!(node = %name, "node lost (no heartbeat within the lease)");
+            lost.push(name.clone());
         }
         alive
     });
+    for name in lost {
+        publish_health(st, &name).await;
+    }
     st.watchers.retain(|w| !w.is_closed());
 }
 
@@ -715,7 +808,7 @@ async fn start_jobs(
 fn pick_node(st: &CoordinatorState) -> Option<String> {
     st.nodes
         .iter()
-        .filter(|(_, n)| n.can_take())
+        .filter(|(name, n)| n.can_take() && !st.admin.contains_key(*name))
         .min_by_key(|(name, n)| (n.gpus == 0, std::cmp::Reverse(n.free()), (*name).clone()))
         .map(|(name, _)| name.clone())
 }
@@ -947,7 +1040,13 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
     st.jobs.get_mut(&r.job_id).expect("current job exists").row = row;
     finish(st, &r.job_id);
     info!(ticker = %r.ticker, %interval, version = r.version, job = %r.job_id, "model version registered as champion");
-    let update = update_of(&m);
+    broadcast(st, update_of(&m));
+    Ok(())
+}
+
+/// Sends a champion to every predictor watching; one that cannot keep up is
+/// dropped (it reconnects and gets every champion again).
+fn broadcast(st: &mut CoordinatorState, update: ModelUpdate) {
     st.watchers
         .retain(|w| match w.try_send(Ok(update.clone())) {
             Ok(()) => true,
@@ -956,5 +1055,106 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
                 false
             }
         });
-    Ok(())
+}
+
+/// The Admin view of a node.
+fn node_info(st: &CoordinatorState, name: &str) -> NodeInfo {
+    let admin = st.admin.get(name).map(String::as_str);
+    match st.nodes.get(name) {
+        Some(n) => {
+            let mut running: Vec<String> = n.running.iter().cloned().collect();
+            running.sort();
+            let state = match admin {
+                Some("draining") if running.is_empty() => "drained",
+                Some(s) => s,
+                None => "ready",
+            };
+            NodeInfo {
+                node: name.to_string(),
+                roles: n.roles.clone(),
+                cpus: n.cpus,
+                gpus: n.gpus,
+                slots: n.slots as u32,
+                running,
+                state: state.into(),
+                last_seen_secs: n.last_seen.elapsed().as_secs_f64(),
+            }
+        }
+        None => NodeInfo {
+            node: name.to_string(),
+            state: "lost".into(),
+            last_seen_secs: -1.0,
+            ..Default::default()
+        },
+    }
+}
+
+/// Publishes a node's health: NOT_SERVING while draining or gone.
+async fn publish_health(st: &CoordinatorState, node: &str) {
+    let Some(h) = &st.args.health else { return };
+    let serving =
+        st.nodes.contains_key(node) && st.admin.get(node).map(String::as_str) != Some("draining");
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    h.set_service_status(node_health_name(node), status).await;
+}
+
+/// Cordons, drains or readies a node: health first, then the database, then
+/// the jobs (a handoff revokes them; the node's next heartbeat stops them).
+async fn set_node_state(
+    st: &mut CoordinatorState,
+    node: &str,
+    state: AdminState,
+) -> Result<NodeInfo, String> {
+    if !st.nodes.contains_key(node) && !st.admin.contains_key(node) {
+        return Err(format!(
+            "unknown node `{node}`: no trainer node of that name is connected"
+        ));
+    }
+    let before = st.admin.get(node).cloned();
+    match state.stored() {
+        Some(s) => st.admin.insert(node.to_string(), s.to_string()),
+        None => st.admin.remove(node),
+    };
+    publish_health(st, node).await;
+    if let Err(e) = st.args.db.set_node_state(node, state.stored()).await {
+        match before {
+            Some(b) => st.admin.insert(node.to_string(), b),
+            None => st.admin.remove(node),
+        };
+        publish_health(st, node).await;
+        return Err(format!("cannot record the state of {node}: {e}"));
+    }
+    if let AdminState::Draining { handoff: true } = state {
+        let running: Vec<String> = st
+            .nodes
+            .get(node)
+            .map(|n| n.running.iter().cloned().collect())
+            .unwrap_or_default();
+        for id in running {
+            requeue_now(st, &id, format!("node {node} was drained with handoff")).await;
+        }
+    }
+    info!(%node, state = ?state, "node state set by an operator");
+    Ok(node_info(st, node))
+}
+
+/// Ends an attempt that an operator interrupted: it does not count against
+/// the job's attempts, and the job is queued again at once.
+async fn requeue_now(st: &mut CoordinatorState, id: &str, reason: String) {
+    if let Some(j) = st.jobs.get_mut(id) {
+        j.row.attempts = (j.row.attempts - 1).max(0);
+    }
+    end_attempt(st, id, reason).await;
+    if let Some(j) = st.jobs.get_mut(id) {
+        if j.row.state == "queued" {
+            j.row.not_before = Utc::now();
+            if let Err(e) = st.args.db.upsert_job(&j.row).await {
+                warn!(job = %id, error = %e, "cannot record the requeue");
+            }
+        }
+    }
 }

@@ -1,22 +1,36 @@
-//! The tonic `Coordinator` service in front of [`CoordinatorActor`], plus
-//! `grpc.health.v1` and reflection. Actor errors map to `tonic::Status` here
-//! and nowhere else.
+//! The tonic `Coordinator` service in front of [`CoordinatorActor`], and the
+//! server of the coordinator's gRPC port: `Coordinator` (nodes; the cluster
+//! cookie), `Admin` (operators; the admin token, see [`crate::admin`]),
+//! `grpc.health.v1` and reflection, over TLS when configured. Actor errors
+//! map to `tonic::Status` here and in `admin` only.
+//!
+//! [`CoordinatorActor`]: crate::coordinator::CoordinatorActor
 
 use std::future::Future;
 use std::time::Duration;
 
 use ractor::{call_t, ActorRef};
+use tickmesh_core::db::Db;
 use tickmesh_core::types::{validate_ticker, Interval};
+use tickmesh_proto::auth::Guard;
+use tickmesh_proto::v1::admin_server::AdminServer;
 use tickmesh_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use tickmesh_proto::v1::*;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
+use tonic_health::pb::health_server::{Health, HealthServer};
 
+use crate::admin::AdminService;
 use crate::coordinator::{CoordinatorMsg, Registration};
 
-const CALL_TIMEOUT_MS: u64 = 30_000;
+/// The largest request either service decodes.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+pub(crate) const CALL_TIMEOUT_MS: u64 = 30_000;
 /// Jobs one node may list as running or held.
 const MAX_HELD: usize = 10_000;
 /// Tickers in one start request.
@@ -28,8 +42,64 @@ pub struct CoordinatorService {
     lease: Duration,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Status {
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("coordinator actor: {e}"))
+}
+
+/// Validates a start request and queues its jobs (Coordinator.StartTraining
+/// and Admin.Train).
+pub(crate) async fn start_training(
+    actor: &ActorRef<CoordinatorMsg>,
+    r: StartTrainingRequest,
+) -> Result<StartTrainingReply, Status> {
+    let interval: Interval = r
+        .interval
+        .parse()
+        .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?;
+    if r.tickers.is_empty() {
+        return Err(Status::invalid_argument("no tickers"));
+    }
+    if r.tickers.len() > MAX_TICKERS_PER_REQUEST {
+        return Err(Status::invalid_argument(format!(
+            "{} tickers in one request; at most {MAX_TICKERS_PER_REQUEST}",
+            r.tickers.len()
+        )));
+    }
+    for t in &r.tickers {
+        validate_ticker(t).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    let model = match r.model.as_str() {
+        "" => None,
+        m => Some(
+            m.parse()
+                .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?,
+        ),
+    };
+    if r.epochs > 10_000 {
+        return Err(Status::invalid_argument("epochs must be at most 10000"));
+    }
+    let epochs = (r.epochs > 0).then_some(r.epochs as usize);
+    let tickers = r.tickers;
+    let s = call_t!(
+        actor,
+        |reply| CoordinatorMsg::Start {
+            tickers,
+            interval,
+            model,
+            epochs,
+            reply: Some(reply)
+        },
+        CALL_TIMEOUT_MS
+    )
+    .map_err(unavailable)?;
+    if s.unavailable && s.job_ids.is_empty() {
+        return Err(Status::unavailable(s.refused.join("; ")));
+    }
+    Ok(StartTrainingReply {
+        queued: s.queued,
+        job_ids: s.job_ids,
+        refused: s.refused,
+    })
 }
 
 #[tonic::async_trait]
@@ -98,6 +168,7 @@ impl Coordinator for CoordinatorService {
             registered: out.registered,
             revoked: out.revoked,
             lease_secs: self.lease.as_secs(),
+            admin_state: out.admin_state,
         }))
     }
 
@@ -155,55 +226,9 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<StartTrainingRequest>,
     ) -> Result<Response<StartTrainingReply>, Status> {
-        let r = req.into_inner();
-        let interval: Interval = r
-            .interval
-            .parse()
-            .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?;
-        if r.tickers.is_empty() {
-            return Err(Status::invalid_argument("no tickers"));
-        }
-        if r.tickers.len() > MAX_TICKERS_PER_REQUEST {
-            return Err(Status::invalid_argument(format!(
-                "{} tickers in one request; at most {MAX_TICKERS_PER_REQUEST}",
-                r.tickers.len()
-            )));
-        }
-        for t in &r.tickers {
-            validate_ticker(t).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
-        let model = match r.model.as_str() {
-            "" => None,
-            m => Some(
-                m.parse()
-                    .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?,
-            ),
-        };
-        if r.epochs > 10_000 {
-            return Err(Status::invalid_argument("epochs must be at most 10000"));
-        }
-        let epochs = (r.epochs > 0).then_some(r.epochs as usize);
-        let tickers = r.tickers;
-        let s = call_t!(
-            self.actor,
-            |reply| CoordinatorMsg::Start {
-                tickers,
-                interval,
-                model,
-                epochs,
-                reply: Some(reply)
-            },
-            CALL_TIMEOUT_MS
-        )
-        .map_err(unavailable)?;
-        if s.unavailable && s.job_ids.is_empty() {
-            return Err(Status::unavailable(s.refused.join("; ")));
-        }
-        Ok(Response::new(StartTrainingReply {
-            queued: s.queued,
-            job_ids: s.job_ids,
-            refused: s.refused,
-        }))
+        start_training(&self.actor, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn report_progress(
@@ -247,33 +272,63 @@ impl Coordinator for CoordinatorService {
 }
 
 /// Serves the coordinator on `listener` until `shutdown` completes.
+/// How the coordinator's gRPC port is served.
+pub struct ServeOptions {
+    pub heartbeat: Duration,
+    pub lease: Duration,
+    /// Nodes must present it on every Coordinator call (`None`: open, only
+    /// on loopback in embedded mode).
+    pub cookie: Option<String>,
+    /// Operators must present it on every Admin call.
+    pub admin_token: String,
+    /// The server side of a call's deadline (the shorter of this and the
+    /// client's `grpc-timeout` applies).
+    pub deadline: Duration,
+    pub tls: Option<ServerTlsConfig>,
+    pub db: Db,
+}
+
+/// Serves `Coordinator` (guarded by the cluster cookie), `Admin` (guarded
+/// by the admin token), `grpc.health.v1` and reflection on `listener` until
+/// `shutdown`. Requests are capped at 4 MiB. `health`'s reporter is the
+/// coordinator actor's.
 pub async fn serve(
     listener: TcpListener,
     actor: ActorRef<CoordinatorMsg>,
-    heartbeat: Duration,
-    lease: Duration,
+    o: ServeOptions,
+    health: HealthServer<impl Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<CoordinatorServer<CoordinatorService>>()
-        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tickmesh_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("descriptor sets are valid");
-    tonic::transport::Server::builder()
-        .add_service(health)
+    let coordinator = InterceptedService::new(
+        CoordinatorServer::new(CoordinatorService {
+            actor: actor.clone(),
+            heartbeat: o.heartbeat,
+            lease: o.lease,
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES),
+        Guard::new(o.cookie.as_deref(), "cluster cookie"),
+    );
+    let admin = InterceptedService::new(
+        AdminServer::new(AdminService::new(actor, o.db))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        Guard::new(Some(&o.admin_token), "admin token"),
+    );
+    let mut b = tonic::transport::Server::builder()
+        .timeout(o.deadline)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .concurrency_limit_per_connection(256);
+    if let Some(tls) = o.tls {
+        b = b.tls_config(tls)?;
+    }
+    b.add_service(health)
         .add_service(reflection)
-        .add_service(
-            CoordinatorServer::new(CoordinatorService {
-                actor,
-                heartbeat,
-                lease,
-            })
-            .max_decoding_message_size(4 << 20),
-        )
+        .add_service(coordinator)
+        .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

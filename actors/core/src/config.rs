@@ -55,8 +55,12 @@ impl Role {
 pub struct ClusterSection {
     pub name: String,
     pub backend: Backend,
-    /// Shared secret of the ractor_cluster mesh (nodes with a `cluster_port`).
-    pub cookie: String,
+    /// Shared secret of the cluster: the ractor_cluster mesh's cookie and the
+    /// credential nodes present to the coordinator's gRPC service. No
+    /// default: required in distributed mode, by nodes with a
+    /// `cluster_port`, and by a coordinator listening beyond loopback.
+    /// `TICKMESH_COOKIE` overrides it.
+    pub cookie: Option<String>,
 }
 
 impl Default for ClusterSection {
@@ -64,7 +68,7 @@ impl Default for ClusterSection {
         ClusterSection {
             name: "tickmesh".into(),
             backend: Backend::Embedded,
-            cookie: "tickmesh".into(),
+            cookie: None,
         }
     }
 }
@@ -189,6 +193,15 @@ pub struct CoordinatorConfig {
     pub retry_backoff_ms: u64,
     /// Jobs queued or running at most; a request beyond it is refused.
     pub max_open_jobs: usize,
+    /// PEM certificate chain and key: the gRPC port (Coordinator and Admin)
+    /// speaks TLS only. Both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA that clients (nodes, `tickmesh admin`) verify the coordinator
+    /// with; with TLS on and no CA, the system roots are not used: set it.
+    pub tls_ca_file: Option<PathBuf>,
+    /// The name in the coordinator's certificate (default: the host of `listen`).
+    pub tls_domain: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -200,8 +213,28 @@ impl Default for CoordinatorConfig {
             max_attempts: 3,
             retry_backoff_ms: 1_000,
             max_open_jobs: 10_000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_domain: None,
         }
     }
+}
+
+/// `[admin]`: the operators' gRPC API (`tickmesh.v1.Admin`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// A file holding the bearer token (surrounding whitespace ignored).
+    /// `TICKMESH_ADMIN_TOKEN` takes precedence. A distributed coordinator
+    /// refuses to start without a token; an embedded one makes one and
+    /// keeps it in `{embedded.data_dir}/admin.token`.
+    pub token_file: Option<PathBuf>,
+    /// Seconds an admin call may take before it fails with DEADLINE_EXCEEDED.
+    pub deadline_secs: Option<u64>,
+    /// The token from `TICKMESH_ADMIN_TOKEN` (never read from the file).
+    #[serde(skip)]
+    pub token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -469,6 +502,12 @@ pub struct NodeConfig {
     pub jobs: Option<usize>,
 }
 
+/// True for `127.x.x.x:port` and `[::1]:port`.
+fn is_loopback(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
+}
+
 /// `auto`, `cpu`, `cuda` or `cuda:N`.
 pub fn valid_device(d: &str) -> bool {
     matches!(d, "auto" | "cpu" | "cuda")
@@ -497,6 +536,7 @@ pub struct ClusterConfig {
     pub postgres: PostgresConfig,
     pub embedded: EmbeddedConfig,
     pub coordinator: CoordinatorConfig,
+    pub admin: AdminConfig,
     pub serve: ServeConfig,
     pub train: TrainConfig,
     pub supervision: SupervisionConfig,
@@ -588,6 +628,12 @@ impl ClusterConfig {
         if let Some(v) = get("KAFKA_BOOTSTRAP_SERVERS") {
             self.kafka.brokers = v;
         }
+        if let Some(v) = get("TICKMESH_COOKIE") {
+            self.cluster.cookie = Some(v);
+        }
+        if let Some(v) = get("TICKMESH_ADMIN_TOKEN") {
+            self.admin.token_env = Some(v.trim().to_string());
+        }
         Ok(())
     }
 
@@ -624,6 +670,49 @@ impl ClusterConfig {
         }
         if self.serve.max_steps == 0 {
             return bad("serve.max_steps", "must be at least 1".into());
+        }
+        match &self.cluster.cookie {
+            Some(c) if c.trim().is_empty() => {
+                return bad("cluster.cookie", "must not be empty".into());
+            }
+            Some(_) => {}
+            None => {
+                let why = if self.cluster.backend == Backend::Distributed {
+                    Some("distributed mode".to_string())
+                } else if let Some(n) = self.nodes.iter().find(|n| n.cluster_port.is_some()) {
+                    Some(format!("node `{}` has a cluster_port", n.name))
+                } else if !is_loopback(&self.coordinator.listen) {
+                    Some(format!(
+                        "coordinator.listen `{}` is not a loopback address",
+                        self.coordinator.listen
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return bad(
+                        "cluster.cookie",
+                        format!(
+                            "required ({why}) and there is no default: set it, or TICKMESH_COOKIE"
+                        ),
+                    );
+                }
+            }
+        }
+        if self.coordinator.tls_cert_file.is_some() != self.coordinator.tls_key_file.is_some() {
+            return bad(
+                "coordinator.tls_cert_file",
+                "tls_cert_file and tls_key_file go together".into(),
+            );
+        }
+        if self.coordinator.tls_cert_file.is_some() && self.coordinator.tls_ca_file.is_none() {
+            return bad(
+                "coordinator.tls_ca_file",
+                "required with TLS: the CA that nodes and `tickmesh admin` verify the coordinator with".into(),
+            );
+        }
+        if self.admin.deadline_secs == Some(0) {
+            return bad("admin.deadline_secs", "must be at least 1".into());
         }
         if self.cluster.backend == Backend::Distributed {
             if self.kafka.brokers.trim().is_empty() {
@@ -681,6 +770,31 @@ impl ClusterConfig {
             }
         }
         Ok(())
+    }
+
+    /// The admin bearer token: `TICKMESH_ADMIN_TOKEN`, else `[admin] token_file`;
+    /// `None` when neither is set.
+    pub fn admin_token(&self) -> Result<Option<String>> {
+        if let Some(t) = &self.admin.token_env {
+            return Ok(Some(t.clone()));
+        }
+        let Some(path) = &self.admin.token_file else {
+            return Ok(None);
+        };
+        let t = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let t = t.trim();
+        if t.is_empty() {
+            return Err(Error::invalid(
+                "admin.token_file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        Ok(Some(t.to_string()))
+    }
+
+    /// Where an embedded coordinator keeps the admin token it made.
+    pub fn embedded_token_path(&self) -> PathBuf {
+        self.embedded.data_dir.join("admin.token")
     }
 
     /// The ractor_cluster address of the first coordinator node, the mesh's seed.

@@ -126,6 +126,30 @@ pub struct AttemptRow {
     pub reason: String,
 }
 
+const MODEL_COLUMNS: &str =
+    "ticker, \"interval\", version, kind, uri, sha256, metrics, status, created_at";
+
+fn model_of_row<'r, R: Row>(r: &'r R) -> Result<ModelVersion>
+where
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let interval: String = r.get(1);
+    Ok(ModelVersion {
+        ticker: r.get(0),
+        interval: interval.parse()?,
+        version: r.get(2),
+        kind: r.get(3),
+        uri: r.get(4),
+        sha256: r.get(5),
+        metrics: r.get(6),
+        status: r.get(7),
+        created_at: r.get(8),
+    })
+}
+
 const JOB_COLUMNS: &str = "id, ticker, \"interval\", model, epochs, state, node, epoch, version, lease_until, attempts, not_before, reason, snapshot_key, metrics, created_at, updated_at";
 
 fn job_of_row<'r, R: Row>(r: &'r R) -> Result<JobRow>
@@ -247,6 +271,9 @@ impl Db {
                 "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, model TEXT, epochs BIGINT, state TEXT NOT NULL, node TEXT, epoch BIGINT NOT NULL, version BIGINT NOT NULL, lease_until {ts}, attempts BIGINT NOT NULL, not_before {ts} NOT NULL, reason TEXT NOT NULL, snapshot_key TEXT NOT NULL, metrics {json} NOT NULL, created_at {ts} NOT NULL, updated_at {ts} NOT NULL)"
             ),
             "CREATE INDEX IF NOT EXISTS jobs_open ON jobs (state, created_at)".to_string(),
+            format!(
+                "CREATE TABLE IF NOT EXISTS node_states (node TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at {ts} NOT NULL)"
+            ),
             format!(
                 "CREATE TABLE IF NOT EXISTS job_attempts (job_id TEXT NOT NULL, epoch BIGINT NOT NULL, attempt BIGINT NOT NULL, ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, node TEXT NOT NULL, version BIGINT NOT NULL, assigned_at {ts} NOT NULL, ended_at {ts}, outcome TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (job_id, epoch))"
             ),
@@ -557,29 +584,229 @@ impl Db {
 
     /// The current champion of every ticker-interval.
     pub async fn champions(&self) -> Result<Vec<ModelVersion>> {
-        let sql = "SELECT ticker, \"interval\", version, kind, uri, sha256, metrics, status, created_at FROM model_versions WHERE status = 'champion' ORDER BY ticker, \"interval\"";
+        self.models(None, None, false).await
+    }
+
+    /// Registered versions, by ticker, interval and version: champions only
+    /// unless `all`, of one ticker and interval when given.
+    pub async fn models(
+        &self,
+        ticker: Option<&str>,
+        interval: Option<Interval>,
+        all: bool,
+    ) -> Result<Vec<ModelVersion>> {
+        let status = if all { "" } else { " AND status = 'champion'" };
+        let sql = self.sql(&format!(
+            "SELECT {MODEL_COLUMNS} FROM model_versions WHERE ($1 = '' OR ticker = $1) AND ($2 = '' OR \"interval\" = $2){status} ORDER BY ticker, \"interval\", version"
+        ));
+        let (t, i) = (ticker.unwrap_or(""), interval.map_or("", |i| i.as_str()));
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                let rows = sqlx::query(&sql)
+                    .bind(t)
+                    .bind(i)
+                    .fetch_all($pool)
+                    .await
+                    .map_err(Error::db("read model_versions"))?;
+                rows.iter().map(model_of_row).collect::<Result<Vec<_>>>()
+            }};
+        }
+        match self {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        }
+    }
+
+    /// Makes `version` the champion of its ticker-interval (the current one
+    /// is retired), in one transaction. NotFound for an unregistered version.
+    pub async fn promote(
+        &self,
+        ticker: &str,
+        interval: Interval,
+        version: i64,
+    ) -> Result<ModelVersion> {
+        self.swap_champion(ticker, interval, Some(version)).await
+    }
+
+    /// Puts back the newest retired version older than the champion; the
+    /// champion becomes `rolled_back` (so a second rollback goes further
+    /// back). NotFound without a champion or an earlier version.
+    pub async fn rollback(&self, ticker: &str, interval: Interval) -> Result<ModelVersion> {
+        self.swap_champion(ticker, interval, None).await
+    }
+
+    async fn swap_champion(
+        &self,
+        ticker: &str,
+        interval: Interval,
+        to: Option<i64>,
+    ) -> Result<ModelVersion> {
+        let champion_sql = self.sql("SELECT version FROM model_versions WHERE ticker = $1 AND \"interval\" = $2 AND status = 'champion'");
+        let exists_sql = self.sql("SELECT version FROM model_versions WHERE ticker = $1 AND \"interval\" = $2 AND version = $3");
+        let previous_sql = self.sql("SELECT MAX(version) FROM model_versions WHERE ticker = $1 AND \"interval\" = $2 AND status = 'retired' AND version < $3");
+        let status_sql = self.sql("UPDATE model_versions SET status = $4 WHERE ticker = $1 AND \"interval\" = $2 AND version = $3");
+        let read_sql = self.sql(&format!("SELECT {MODEL_COLUMNS} FROM model_versions WHERE ticker = $1 AND \"interval\" = $2 AND version = $3"));
+        let ctx = format!("change the champion of {ticker} {interval}");
+        let iv = interval.as_str();
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut tx = $pool.begin().await.map_err(Error::db(ctx.clone()))?;
+                let current: Option<i64> = sqlx::query_scalar(&champion_sql)
+                    .bind(ticker)
+                    .bind(iv)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(Error::db(ctx.clone()))?;
+                let (target, demoted) = match to {
+                    Some(v) => {
+                        let found: Option<i64> = sqlx::query_scalar(&exists_sql)
+                            .bind(ticker)
+                            .bind(iv)
+                            .bind(v)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(Error::db(ctx.clone()))?;
+                        if found.is_none() {
+                            return Err(Error::NotFound(format!(
+                                "version {v} of {ticker} {interval} is not registered"
+                            )));
+                        }
+                        (v, "retired")
+                    }
+                    None => {
+                        let cur = current.ok_or_else(|| {
+                            Error::NotFound(format!("{ticker} {interval} has no champion to roll back"))
+                        })?;
+                        let prev: Option<i64> = sqlx::query_scalar(&previous_sql)
+                            .bind(ticker)
+                            .bind(iv)
+                            .bind(cur)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map_err(Error::db(ctx.clone()))?;
+                        let prev = prev.ok_or_else(|| {
+                            Error::NotFound(format!(
+                                "{ticker} {interval} has no retired version older than its champion v{cur}"
+                            ))
+                        })?;
+                        (prev, "rolled_back")
+                    }
+                };
+                if let Some(cur) = current.filter(|c| *c != target) {
+                    sqlx::query(&status_sql)
+                        .bind(ticker)
+                        .bind(iv)
+                        .bind(cur)
+                        .bind(demoted)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Error::db(ctx.clone()))?;
+                }
+                sqlx::query(&status_sql)
+                    .bind(ticker)
+                    .bind(iv)
+                    .bind(target)
+                    .bind("champion")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::db(ctx.clone()))?;
+                let row = sqlx::query(&read_sql)
+                    .bind(ticker)
+                    .bind(iv)
+                    .bind(target)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(Error::db(ctx.clone()))?;
+                let m = model_of_row(&row)?;
+                tx.commit().await.map_err(Error::db(ctx))?;
+                Ok(m)
+            }};
+        }
+        match self {
+            Db::Postgres(p) => run!(p),
+            Db::Sqlite(p) => run!(p),
+        }
+    }
+
+    /// Remembers an operator's state of a node (`cordoned`, `draining`);
+    /// `None` forgets it (the node is ready).
+    pub async fn set_node_state(&self, node: &str, state: Option<&str>) -> Result<()> {
+        let sql = match state {
+            Some(_) => self.sql("INSERT INTO node_states (node, state, updated_at) VALUES ($1, $2, $3) ON CONFLICT (node) DO UPDATE SET state = EXCLUDED.state, updated_at = EXCLUDED.updated_at"),
+            None => self.sql("DELETE FROM node_states WHERE node = $1"),
+        };
+        macro_rules! run {
+            ($pool:expr) => {{
+                let q = sqlx::query(&sql).bind(node);
+                let q = match state {
+                    Some(s) => q.bind(s).bind(Utc::now()),
+                    None => q,
+                };
+                q.execute($pool).await.map(|_| ())
+            }};
+        }
+        match self {
+            Db::Postgres(p) => run!(p),
+            Db::Sqlite(p) => run!(p),
+        }
+        .map_err(Error::db(format!("record the state of node {node}")))
+    }
+
+    /// Every node state an operator set: `(node, state)`.
+    pub async fn node_states(&self) -> Result<Vec<(String, String)>> {
+        let sql = "SELECT node, state FROM node_states ORDER BY node";
         macro_rules! fetch {
             ($pool:expr) => {{
                 let rows = sqlx::query(sql)
                     .fetch_all($pool)
                     .await
-                    .map_err(Error::db("read champions"))?;
-                rows.iter()
-                    .map(|r| {
-                        let interval: String = r.get(1);
-                        Ok(ModelVersion {
-                            ticker: r.get(0),
-                            interval: interval.parse()?,
-                            version: r.get(2),
-                            kind: r.get(3),
-                            uri: r.get(4),
-                            sha256: r.get(5),
-                            metrics: r.get(6),
-                            status: r.get(7),
-                            created_at: r.get(8),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()
+                    .map_err(Error::db("read node_states"))?;
+                Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            }};
+        }
+        match self {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        }
+    }
+
+    /// The newest jobs first, in `states` (all when empty; each one of
+    /// queued, assigned, done, failed), of `ticker` when given, at most `limit`.
+    pub async fn recent_jobs(
+        &self,
+        states: &[String],
+        ticker: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<JobRow>> {
+        const STATES: [&str; 4] = ["queued", "assigned", "done", "failed"];
+        let mut known = Vec::new();
+        for st in states {
+            let Some(k) = STATES.iter().find(|k| **k == st) else {
+                return Err(Error::invalid(
+                    "job state",
+                    format!("`{st}` is not one of {}", STATES.join(", ")),
+                ));
+            };
+            known.push(format!("'{k}'"));
+        }
+        let filter = if known.is_empty() {
+            String::new()
+        } else {
+            format!(" AND state IN ({})", known.join(", "))
+        };
+        let sql = self.sql(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE ($1 = '' OR ticker = $1){filter} ORDER BY created_at DESC, id DESC LIMIT $2"
+        ));
+        let t = ticker.unwrap_or("");
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                let rows = sqlx::query(&sql)
+                    .bind(t)
+                    .bind(limit)
+                    .fetch_all($pool)
+                    .await
+                    .map_err(Error::db("read jobs"))?;
+                rows.iter().map(job_of_row).collect::<Result<Vec<_>>>()
             }};
         }
         match self {

@@ -26,10 +26,9 @@ use ractor::{call_t, ActorRef};
 use serde_json::json;
 use tickmesh_core::config::ModelKind;
 use tickmesh_core::types::{validate_ticker, Interval};
-use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
+use tickmesh_proto::auth::{CoordinatorConn, Link};
 use tickmesh_proto::v1::{GetJobRequest, StartTrainingRequest};
 use tokio::net::TcpListener;
-use tonic::transport::Channel;
 
 use crate::registry::RegistryMsg;
 use crate::ServeError;
@@ -39,7 +38,7 @@ pub struct HttpState {
     pub registry: ActorRef<RegistryMsg>,
     pub max_steps: usize,
     /// The coordinator's gRPC endpoint, for `/ml/train`.
-    coordinator: Option<CoordinatorClient<Channel>>,
+    coordinator: Option<CoordinatorConn>,
     counters: Arc<Counters>,
 }
 
@@ -60,13 +59,9 @@ impl HttpState {
         }
     }
 
-    /// Sends `/ml/train` requests to the coordinator at `addr` (`host:port`).
-    pub fn with_coordinator(mut self, addr: &str) -> Result<Self, String> {
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("coordinator address `{addr}`: {e}"))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect_lazy();
-        self.coordinator = Some(CoordinatorClient::new(channel));
+    /// Sends `/ml/train` requests to the coordinator `link` reaches.
+    pub fn with_coordinator(mut self, link: &Link) -> Result<Self, String> {
+        self.coordinator = Some(link.coordinator()?);
         Ok(self)
     }
 }
@@ -189,7 +184,7 @@ fn train_params(
     Ok((ticker, interval, epochs, model))
 }
 
-fn coordinator(st: &HttpState) -> Result<CoordinatorClient<Channel>, ServeError> {
+fn coordinator(st: &HttpState) -> Result<CoordinatorConn, ServeError> {
     st.coordinator.clone().ok_or_else(|| {
         ServeError::Unavailable("this node has no coordinator to send training jobs to".into())
     })

@@ -131,6 +131,10 @@ async fn refresh(
 pub struct PredictorState {
     args: PredictorArgs,
     current: Option<(Arc<Mutex<Forecaster>>, ModelInfo)>,
+    /// The version the coordinator last named champion: the only one a
+    /// finished load may swap in (a rollback names an older version; a slow
+    /// load of a superseded version is dropped).
+    wanted: Option<i64>,
     history: HistoryCache,
 }
 
@@ -161,6 +165,7 @@ impl Actor for PredictorActor {
         Ok(PredictorState {
             args,
             current: None,
+            wanted: None,
             history: HistoryCache::default(),
         })
     }
@@ -173,11 +178,12 @@ impl Actor for PredictorActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             PredictorMsg::Load(v) => {
-                if st
-                    .current
-                    .as_ref()
-                    .is_some_and(|(_, i)| i.version >= v.version)
-                {
+                let serving = st.current.as_ref().map(|(_, i)| i.version);
+                if st.wanted == Some(v.version) && serving == Some(v.version) {
+                    return Ok(());
+                }
+                st.wanted = Some(v.version);
+                if serving == Some(v.version) {
                     return Ok(());
                 }
                 let a = st.args.clone();
@@ -217,11 +223,7 @@ impl Actor for PredictorActor {
             }
             PredictorMsg::Swap(f) => {
                 let info = info_of(&f.meta);
-                if st
-                    .current
-                    .as_ref()
-                    .is_some_and(|(_, i)| i.version >= info.version)
-                {
+                if st.wanted != Some(info.version) {
                     return Ok(());
                 }
                 info!(ticker = %info.ticker, interval = %info.interval, version = info.version, "model swapped in");

@@ -1,12 +1,13 @@
 //! Follows the coordinator's `WatchModels` stream and tells the predictor
 //! registry about every version; reconnects with backoff when the stream
-//! breaks, and stops when the registry is gone.
+//! breaks, and stops when the registry is gone. A coordinator that refuses
+//! the node's cookie stops the registry (the node exits, saying why).
 
 use std::time::Duration;
 
 use ractor::ActorRef;
 use tickmesh_core::types::Interval;
-use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
+use tickmesh_proto::auth::Link;
 use tickmesh_proto::v1::WatchModelsRequest;
 use tracing::{info, warn};
 
@@ -14,19 +15,29 @@ use crate::predictor::VersionRef;
 use crate::registry::RegistryMsg;
 
 /// Runs until the registry stops.
-pub async fn follow_models(coordinator: String, node: String, registry: ActorRef<RegistryMsg>) {
+pub async fn follow_models(link: Link, node: String, registry: ActorRef<RegistryMsg>) {
+    let coordinator = link.addr.clone();
     let mut backoff = Duration::from_millis(200);
     loop {
         let stream = async {
-            let mut c = CoordinatorClient::connect(format!("http://{coordinator}"))
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut c = link
+                .coordinator()
+                .map_err(tonic::Status::invalid_argument)?;
             c.watch_models(WatchModelsRequest { node: node.clone() })
                 .await
                 .map(|r| r.into_inner())
-                .map_err(|e| e.to_string())
         }
         .await;
+        if let Err(e) = &stream {
+            if e.code() == tonic::Code::Unauthenticated {
+                // Retrying cannot help: the serve role stops, and its node exits saying why.
+                registry.stop(Some(format!(
+                    "the coordinator at {coordinator} refused this node: {} (cluster.cookie / TICKMESH_COOKIE)",
+                    e.message()
+                )));
+                return;
+            }
+        }
         match stream {
             Ok(mut s) => {
                 info!(%coordinator, "watching model versions");
@@ -58,7 +69,7 @@ pub async fn follow_models(coordinator: String, node: String, registry: ActorRef
                     }
                 }
             }
-            Err(e) => warn!(%coordinator, error = %e, "cannot watch model versions yet"),
+            Err(e) => warn!(%coordinator, error = %e.message(), "cannot watch model versions yet"),
         }
         if registry.get_status() != ractor::ActorStatus::Running {
             return;

@@ -24,12 +24,11 @@ use tickmesh_core::config::Role;
 use tickmesh_core::store::buckets;
 use tickmesh_core::types::Interval;
 use tickmesh_model::fit::EpochProgress;
-use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
+use tickmesh_proto::auth::{CoordinatorConn, Link};
 use tickmesh_proto::v1::{
     CheckpointReport, HeartbeatRequest, HeldJob, JobFailure, JobProgress, RegisterNodeRequest,
     WatchAssignmentsRequest,
 };
-use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, warn};
 
 use crate::lease::{term, Leases};
@@ -59,8 +58,8 @@ impl ractor::Message for PoolMsg {}
 #[derive(Clone)]
 pub struct TrainerPoolArgs {
     pub node: String,
-    /// `host:port` of the coordinator's gRPC server.
-    pub coordinator: String,
+    /// How to reach the coordinator's gRPC server (with the cluster cookie).
+    pub coordinator: Link,
     pub cpus: u32,
     pub gpus: u32,
     /// Jobs this node runs at once (the size of `trainer.slots`).
@@ -77,34 +76,10 @@ struct Timing {
 
 pub struct TrainerPoolState {
     args: TrainerPoolArgs,
-    client: CoordinatorClient<Channel>,
+    client: CoordinatorConn,
     timing: Arc<Mutex<Timing>>,
     trainers: HashMap<(String, Interval), (ActorRef<TrainerMsg>, Option<Job>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// A client of the coordinator that connects on first use and reconnects
-/// after failures.
-pub fn client(addr: &str) -> Result<CoordinatorClient<Channel>, String> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("coordinator address `{addr}`: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
-    Ok(CoordinatorClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20))
-}
-
-/// Connects to the coordinator, retrying for up to `wait`.
-pub async fn connect(addr: &str, wait: Duration) -> Result<CoordinatorClient<Channel>, String> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match CoordinatorClient::connect(format!("http://{addr}")).await {
-            Ok(c) => return Ok(c.max_decoding_message_size(64 << 20)),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(format!("cannot reach the coordinator at {addr}: {e}"))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
 }
 
 fn held(leases: &Leases) -> Vec<HeldJob> {
@@ -134,7 +109,7 @@ impl Backoff {
 async fn session(
     me: ActorRef<PoolMsg>,
     args: TrainerPoolArgs,
-    mut client: CoordinatorClient<Channel>,
+    mut client: CoordinatorConn,
     incarnation: u64,
     timing: Arc<Mutex<Timing>>,
 ) {
@@ -158,8 +133,18 @@ async fn session(
             .await
         {
             Ok(r) => r.into_inner(),
+            Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                // Retrying cannot help: the node stops, and says why.
+                error!(coordinator = %args.coordinator.addr, error = %e.message(), "the coordinator refused this node's credentials");
+                me.stop(Some(format!(
+                    "the coordinator at {} refused this node: {} (cluster.cookie / TICKMESH_COOKIE)",
+                    args.coordinator.addr,
+                    e.message()
+                )));
+                return;
+            }
             Err(e) => {
-                warn!(coordinator = %args.coordinator, error = %e.message(), "cannot register with the coordinator yet");
+                warn!(coordinator = %args.coordinator.addr, error = %e.message(), "cannot register with the coordinator yet");
                 continue;
             }
         };
@@ -182,7 +167,7 @@ async fn session(
                 continue;
             }
         };
-        info!(node = %args.node, coordinator = %args.coordinator, device = %tickmesh_model::device_name(args.trainer.device), slots = args.slots, "trainer pool registered");
+        info!(node = %args.node, coordinator = %args.coordinator.addr, device = %tickmesh_model::device_name(args.trainer.device), slots = args.slots, "trainer pool registered");
         backoff = Backoff::new();
         loop {
             match stream.message().await {
@@ -210,11 +195,12 @@ async fn session(
 /// Renews the leases of the held jobs every heartbeat period.
 async fn heartbeats(
     node: String,
-    mut client: CoordinatorClient<Channel>,
+    mut client: CoordinatorConn,
     incarnation: u64,
     leases: Leases,
     timing: Arc<Mutex<Timing>>,
 ) {
+    let mut admin_state = String::new();
     loop {
         let t = *timing.lock().unwrap_or_else(|p| p.into_inner());
         tokio::time::sleep(t.heartbeat).await;
@@ -231,6 +217,15 @@ async fn heartbeats(
                 if !r.registered {
                     warn!("the coordinator does not know this node; the session registers again");
                     continue;
+                }
+                if r.admin_state != admin_state {
+                    match r.admin_state.as_str() {
+                        "" => info!("an operator made this node assignable again"),
+                        s => {
+                            warn!(state = %s, "an operator {s} this node: nothing new comes to it")
+                        }
+                    }
+                    admin_state = r.admin_state.clone();
                 }
                 for id in &r.revoked {
                     warn!(job = %id, "the coordinator revoked the job; its trainer stops writing");
@@ -260,7 +255,7 @@ impl Actor for TrainerPool {
         myself: ActorRef<Self::Msg>,
         args: TrainerPoolArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let client = client(&args.coordinator)?;
+        let client = args.coordinator.coordinator()?;
         let incarnation = rand::random::<u64>();
         let timing = Arc::new(Mutex::new(Timing {
             heartbeat: Duration::from_secs(1),
