@@ -420,6 +420,10 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = load(&config)?;
             let nc = cfg.node(&node)?;
             let roles = nc.roles.clone();
+            if roles.contains(&tickmesh_core::config::Role::Coordinator) {
+                // Before any connection: a distributed coordinator without a token does not start.
+                roles::admin_token(&cfg)?;
+            }
             let adapters = Adapters::connect(&cfg).await?;
             let mut n = roles::start(&cfg, &node, &roles, &adapters).await?;
             if let Some(port) = nc.cluster_port {

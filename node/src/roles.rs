@@ -2,7 +2,7 @@
 //!
 //! - `coordinator`: `CoordinatorActor` (supervising its `StartModelConsumer`)
 //!   and its gRPC server.
-//! - `ingest`: `IngestSupervisor` with a `BarsConsumerActor` on `h_alpaca`.
+//! - `ingest`: a `Supervisor` with a `BarsConsumerActor` on `h_alpaca`.
 //! - `aggregate`: `AggregatorActor` (driven by `tickmesh aggregate` and the demo).
 //! - `train`: `TrainerPool`, registered with the coordinator.
 //! - `serve`: `PredictorSupervisor`, the model watcher and the HTTP API.
@@ -20,11 +20,12 @@ use tickmesh_aggregate::aggregator::{AggregatorActor, AggregatorArgs, Aggregator
 use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs, CoordinatorMsg};
 use tickmesh_core::config::{Backend, ClusterConfig, Role};
 use tickmesh_core::supervision::RestartBudget;
+use tickmesh_core::supervision::Supervisor;
 use tickmesh_core::types::topics;
 use tickmesh_core::Adapters;
 use tickmesh_ingest::bars_consumer::BarsConsumerArgs;
 use tickmesh_ingest::metrics::IngestMetrics;
-use tickmesh_ingest::supervisor::{IngestSupervisor, IngestSupervisorArgs};
+use tickmesh_ingest::supervisor::ingest_supervisor;
 use tickmesh_proto::auth::Link;
 use tickmesh_serve::http::HttpState;
 use tickmesh_serve::registry::{PredictorSupervisor, RegistryArgs, RegistryMsg};
@@ -54,6 +55,32 @@ pub struct Node {
     actors: Vec<(String, ActorCell, JoinHandle<()>)>,
     tasks: Vec<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
+    /// A server that stops before the node does says why here.
+    server_stopped: (
+        tokio::sync::mpsc::UnboundedSender<String>,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ),
+}
+
+impl Node {
+    /// Runs a server until shutdown; if it ends first (an error, or a
+    /// panic), the node stops with the reason.
+    fn server<F>(&mut self, name: &'static str, server: F)
+    where
+        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let tx = self.server_stopped.0.clone();
+        let task = tokio::spawn(server);
+        self.tasks.push(tokio::spawn(async move {
+            let why = match task.await {
+                Ok(Ok(())) => "it stopped".to_string(),
+                Ok(Err(e)) => e,
+                Err(e) => format!("it panicked: {e}"),
+            };
+            tracing::error!(server = name, reason = %why, "server stopped");
+            let _ = tx.send(format!("the {name} server stopped: {why}"));
+        }));
+    }
 }
 
 fn shutdown_signal(
@@ -83,6 +110,7 @@ pub async fn start(
         actors: Vec::new(),
         tasks: Vec::new(),
         shutdown,
+        server_stopped: tokio::sync::mpsc::unbounded_channel(),
     };
     let mut coordinator_addr = cfg.coordinator.listen.clone();
 
@@ -133,13 +161,11 @@ pub async fn start(
         let tls_on = opts.tls.is_some();
         let a = actor.clone();
         let sd = shutdown_signal(&shutdown_rx);
-        node.tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                tickmesh_coordinator::grpc::serve(listener, a, opts, health_server, sd).await
-            {
-                tracing::error!(error = %e, "coordinator gRPC server failed");
-            }
-        }));
+        node.server("coordinator gRPC", async move {
+            tickmesh_coordinator::grpc::serve(listener, a, opts, health_server, sd)
+                .await
+                .map_err(|e| format!("{e}: {}", error_chain(&e)))
+        });
         info!(%addr, tls = tls_on, cookie = cfg.cluster.cookie.is_some(), "coordinator gRPC serving (Coordinator, Admin, health, reflection)");
         node.actors
             .push(("coordinator".into(), actor.get_cell(), h));
@@ -157,11 +183,8 @@ pub async fn start(
         };
         let (sup, h) = Actor::spawn(
             None,
-            IngestSupervisor,
-            IngestSupervisorArgs {
-                consumers: vec![consumer],
-                budget: RestartBudget::new(cfg.supervision.clone()),
-            },
+            Supervisor,
+            ingest_supervisor(vec![consumer], cfg.supervision.clone()),
         )
         .await?;
         node.actors.push(("ingest".into(), sup.get_cell(), h));
@@ -265,11 +288,11 @@ pub async fn start(
             .with_coordinator(&link)
             .map_err(|e| anyhow!("serve role: {e}"))?;
         let sd = shutdown_signal(&shutdown_rx);
-        node.tasks.push(tokio::spawn(async move {
-            if let Err(e) = tickmesh_serve::http::serve(listener, state, sd).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }));
+        node.server("forecast HTTP", async move {
+            tickmesh_serve::http::serve(listener, state, sd)
+                .await
+                .map_err(|e| e.to_string())
+        });
         node.tasks
             .push(tokio::spawn(tickmesh_serve::watch::follow_models(
                 link,
@@ -281,6 +304,17 @@ pub async fn start(
         node.registry = Some(registry);
     }
     Ok(node)
+}
+
+/// `: cause: cause…` of an error's sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut s = e.source();
+    while let Some(c) = s {
+        out.push(c.to_string());
+        s = c.source();
+    }
+    out.join(": ")
 }
 
 /// How this process reaches the coordinator's gRPC port at `addr`: with
@@ -380,6 +414,7 @@ impl Node {
         let handles = self.actors.iter_mut().map(|(_, _, h)| h);
         tokio::select! {
             r = tokio::signal::ctrl_c() => Ok(r?),
+            Some(why) = self.server_stopped.1.recv() => Err(anyhow!("{why}; the node exits")),
             (_, i, _) = futures::future::select_all(handles) => {
                 // That handle has completed: stop() must not await it again.
                 self.actors.remove(i);

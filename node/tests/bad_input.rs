@@ -56,3 +56,21 @@ fn config_check_names_the_bad_key() {
     assert!(ok, "{err}");
     assert!(out.contains("ok (distributed backend, 4 nodes"));
 }
+
+#[test]
+fn a_distributed_coordinator_does_not_start_without_an_admin_token() {
+    let good = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster.toml");
+    let out = tickmesh()
+        .args(["run", "--node", "coordinator", "--config"])
+        .arg(&good)
+        .env_remove("TICKMESH_ADMIN_TOKEN")
+        .env("TICKMESH_COOKIE", "a-long-shared-secret")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no admin token") && err.contains("TICKMESH_ADMIN_TOKEN"),
+        "{err}"
+    );
+}

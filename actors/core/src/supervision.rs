@@ -1,14 +1,28 @@
-//! Restart budgets: at most `max_restarts` restarts in `window_secs`, with a
-//! jittered backoff between them (OTP's intensity/period). A supervisor asks
-//! its budget before restarting a child; when the budget is spent it stops
-//! and its own parent decides.
+//! Supervision as OTP does it, on ractor actors.
+//!
+//! - [`RestartBudget`]: at most `max_restarts` restarts in `window_secs`
+//!   (OTP's intensity/period), with a jittered, doubling backoff.
+//! - [`Supervisor`]: an actor that starts its children in order from
+//!   [`ChildSpec`]s and, when one exits, restarts by its [`Strategy`]:
+//!   `one_for_one` (that child), `one_for_all` (every child, stopped in
+//!   reverse order first) or `rest_for_one` (that child and those started
+//!   after it). The backoff is a timer (`send_after`), never a sleep in a
+//!   handler. When the budget is spent the supervisor fails with the reason
+//!   (escalation): its own parent decides, and a node whose root supervisor
+//!   fails exits non-zero.
+//! - [`metrics`]: restart and escalation counts of every supervisor in the
+//!   process, rendered for `/metrics`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use ractor::{ActorId, SupervisionEvent};
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tracing::{error, warn};
 
-use crate::config::SupervisionConfig;
+use crate::config::{Strategy, SupervisionConfig};
 
 /// The child and the reason when a supervision event says a child stopped
 /// (failed, or terminated); `None` for other events.
@@ -60,6 +74,304 @@ impl RestartBudget {
     }
 }
 
+/// Restart and escalation counts per supervisor (and child), process-wide.
+#[derive(Default)]
+pub struct SupervisionMetrics {
+    restarts: Mutex<BTreeMap<(String, String), u64>>,
+    escalations: Mutex<BTreeMap<String, u64>>,
+}
+
+/// The process's supervision counters.
+pub fn metrics() -> &'static SupervisionMetrics {
+    static M: OnceLock<SupervisionMetrics> = OnceLock::new();
+    M.get_or_init(SupervisionMetrics::default)
+}
+
+impl SupervisionMetrics {
+    pub fn restarted(&self, supervisor: &str, child: &str) {
+        *self
+            .restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((supervisor.to_string(), child.to_string()))
+            .or_default() += 1;
+    }
+
+    pub fn escalated(&self, supervisor: &str) {
+        *self
+            .escalations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(supervisor.to_string())
+            .or_default() += 1;
+    }
+
+    /// Restarts of `child` under `supervisor` so far.
+    pub fn restarts(&self, supervisor: &str, child: &str) -> u64 {
+        self.restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(supervisor.to_string(), child.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Escalations of `supervisor` so far.
+    pub fn escalations(&self, supervisor: &str) -> u64 {
+        self.escalations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(supervisor)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Prometheus text exposition (HELP and TYPE lines included).
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "# HELP tickmesh_supervisor_restarts_total Children restarted by a supervisor.\n# TYPE tickmesh_supervisor_restarts_total counter\n",
+        );
+        for ((s, c), n) in self
+            .restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            out.push_str(&format!(
+                "tickmesh_supervisor_restarts_total{{supervisor=\"{s}\",child=\"{c}\"}} {n}\n"
+            ));
+        }
+        out.push_str("# HELP tickmesh_supervisor_escalations_total Supervisors that gave up (restart budget spent).\n# TYPE tickmesh_supervisor_escalations_total counter\n");
+        for (s, n) in self
+            .escalations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            out.push_str(&format!(
+                "tickmesh_supervisor_escalations_total{{supervisor=\"{s}\"}} {n}\n"
+            ));
+        }
+        out
+    }
+}
+
+type StartFuture = Pin<Box<dyn Future<Output = Result<ActorCell, ActorProcessingErr>> + Send>>;
+
+/// How to start (and restart) one child: a name, and a function that spawns
+/// it linked to the supervisor cell it is given.
+#[derive(Clone)]
+pub struct ChildSpec {
+    pub name: String,
+    start: Arc<dyn Fn(ActorCell) -> StartFuture + Send + Sync>,
+}
+
+impl ChildSpec {
+    pub fn new<F, Fut>(name: impl Into<String>, start: F) -> Self
+    where
+        F: Fn(ActorCell) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<ActorCell, ActorProcessingErr>> + Send + 'static,
+    {
+        ChildSpec {
+            name: name.into(),
+            start: Arc::new(move |sup| Box::pin(start(sup))),
+        }
+    }
+
+    /// A child that is a ractor actor spawned with `args()` each time.
+    pub fn actor<A, F>(name: impl Into<String>, actor: A, args: F) -> Self
+    where
+        A: Actor + Clone + Sync,
+        F: Fn() -> A::Arguments + Send + Sync + 'static,
+    {
+        ChildSpec::new(name, move |sup: ActorCell| {
+            let (actor, args) = (actor.clone(), args());
+            async move {
+                let (r, _) = Actor::spawn_linked(None, actor, args, sup).await?;
+                Ok(r.get_cell())
+            }
+        })
+    }
+}
+
+/// See the module doc.
+pub struct Supervisor;
+
+pub struct SupervisorArgs {
+    /// Names the supervisor in logs and metrics.
+    pub name: String,
+    pub policy: SupervisionConfig,
+    /// Started in this order; stopped in the reverse.
+    pub children: Vec<ChildSpec>,
+}
+
+/// Messages of [`Supervisor`].
+pub enum SupervisorMsg {
+    /// The backoff has passed: start these children again (by index).
+    Restart(Vec<usize>),
+    /// The children now running, by name (for tests and `/metrics`).
+    Children(ractor::RpcReplyPort<Vec<(String, Option<ActorCell>)>>),
+}
+
+impl ractor::Message for SupervisorMsg {}
+
+pub struct SupervisorState {
+    name: String,
+    strategy: Strategy,
+    budget: RestartBudget,
+    specs: Vec<ChildSpec>,
+    cells: Vec<Option<ActorCell>>,
+    /// Children this supervisor stopped itself (their exits are not failures).
+    stopping: HashSet<ActorId>,
+    /// Stopped siblings to wait for before their replacements start.
+    draining: Vec<ActorCell>,
+}
+
+impl SupervisorState {
+    /// Handles the exit of child `i`: schedules the restarts the strategy
+    /// asks for, or escalates (Err) when the budget is spent.
+    fn child_exited(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        i: usize,
+        why: &str,
+    ) -> Result<(), ActorProcessingErr> {
+        let child = self.specs[i].name.clone();
+        self.cells[i] = None;
+        let Some(backoff) = self.budget.allow() else {
+            metrics().escalated(&self.name);
+            error!(supervisor = %self.name, %child, reason = %why, "restart budget spent; escalating");
+            return Err(format!(
+                "supervisor `{}`: child `{child}` exited more than {} times within {} s; the last: {why}",
+                self.name, self.budget.cfg.max_restarts, self.budget.cfg.window_secs
+            )
+            .into());
+        };
+        let set: Vec<usize> = match self.strategy {
+            Strategy::OneForOne => vec![i],
+            Strategy::OneForAll => (0..self.specs.len()).collect(),
+            Strategy::RestForOne => (i..self.specs.len()).collect(),
+        };
+        for &j in set.iter().rev() {
+            if let Some(c) = self.cells[j].take() {
+                self.stopping.insert(c.get_id());
+                c.stop(Some(format!(
+                    "restarted with `{child}` ({:?})",
+                    self.strategy
+                )));
+                self.draining.push(c);
+            }
+        }
+        for &j in &set {
+            metrics().restarted(&self.name, &self.specs[j].name);
+        }
+        warn!(supervisor = %self.name, %child, reason = %why, strategy = ?self.strategy, restarting = set.len(), backoff_ms = backoff.as_millis() as u64, "child exited; restarting");
+        myself.send_after(backoff, move || SupervisorMsg::Restart(set));
+        Ok(())
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut cells = Vec::new();
+        for spec in &args.children {
+            let cell = (spec.start)(myself.get_cell())
+                .await
+                .map_err(|e| format!("supervisor `{}`: start `{}`: {e}", args.name, spec.name))?;
+            cells.push(Some(cell));
+        }
+        Ok(SupervisorState {
+            name: args.name,
+            strategy: args.policy.strategy,
+            budget: RestartBudget::new(args.policy),
+            specs: args.children,
+            cells,
+            stopping: HashSet::new(),
+            draining: Vec::new(),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for c in st.cells.iter().rev().flatten() {
+            let _ = c.stop_and_wait(None, Some(Duration::from_secs(10))).await;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Restart(set) => {
+                // Replacements start only once the stopped siblings are gone
+                // (they may hold ports or names).
+                for c in std::mem::take(&mut st.draining) {
+                    let _ = c.wait(Some(Duration::from_secs(10))).await;
+                }
+                for j in set {
+                    if st.cells[j].is_some() {
+                        continue;
+                    }
+                    match (st.specs[j].start)(myself.get_cell()).await {
+                        Ok(c) => st.cells[j] = Some(c),
+                        Err(e) => {
+                            let why = format!("restart failed: {e}");
+                            return st.child_exited(&myself, j, &why);
+                        }
+                    }
+                }
+            }
+            SupervisorMsg::Children(reply) => {
+                let out = st
+                    .specs
+                    .iter()
+                    .zip(&st.cells)
+                    .map(|(s, c)| (s.name.clone(), c.clone()))
+                    .collect();
+                let _ = reply.send(out);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((id, why)) = stopped_child(&evt) else {
+            return Ok(());
+        };
+        if st.stopping.remove(&id) {
+            return Ok(());
+        }
+        let Some(i) = st
+            .cells
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.get_id() == id))
+        else {
+            return Ok(());
+        };
+        st.child_exited(&myself, i, &why)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +386,279 @@ mod tests {
         assert!(b.allow().is_some());
         assert!(b.allow().is_some());
         assert!(b.allow().is_none());
+    }
+}
+
+#[cfg(test)]
+mod strategy_tests {
+    use super::*;
+    use ractor::call_t;
+
+    /// A child that logs its starts and panics when told to, or at once
+    /// when `always_fails`.
+    #[derive(Clone)]
+    struct Flaky {
+        name: &'static str,
+        log: Arc<Mutex<Vec<String>>>,
+        always_fails: bool,
+    }
+
+    enum FlakyMsg {
+        Panic,
+    }
+
+    impl ractor::Message for FlakyMsg {}
+
+    impl Actor for Flaky {
+        type Msg = FlakyMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<FlakyMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("start {}", self.name));
+            Ok(())
+        }
+
+        async fn post_start(
+            &self,
+            _: ActorRef<FlakyMsg>,
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            if self.always_fails {
+                panic!("{} fails at once", self.name);
+            }
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<FlakyMsg>,
+            msg: FlakyMsg,
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            match msg {
+                FlakyMsg::Panic => panic!("{} was told to panic", self.name),
+            }
+        }
+    }
+
+    fn policy(strategy: Strategy) -> SupervisionConfig {
+        SupervisionConfig {
+            strategy,
+            max_restarts: 3,
+            window_secs: 10,
+            backoff_ms: 10,
+        }
+    }
+
+    async fn start(
+        name: &str,
+        strategy: Strategy,
+        fails: Option<&'static str>,
+    ) -> (
+        ActorRef<SupervisorMsg>,
+        tokio::task::JoinHandle<()>,
+        Arc<Mutex<Vec<String>>>,
+    ) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let children = ["a", "b", "c"]
+            .into_iter()
+            .map(|n| {
+                let f = Flaky {
+                    name: n,
+                    log: log.clone(),
+                    always_fails: fails == Some(n),
+                };
+                ChildSpec::actor(n, f, || ())
+            })
+            .collect();
+        let (sup, h) = Actor::spawn(
+            None,
+            Supervisor,
+            SupervisorArgs {
+                name: name.into(),
+                policy: policy(strategy),
+                children,
+            },
+        )
+        .await
+        .unwrap();
+        (sup, h, log)
+    }
+
+    async fn child(sup: &ActorRef<SupervisorMsg>, name: &str) -> Option<ActorCell> {
+        call_t!(sup, SupervisorMsg::Children, 1000)
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, c)| c)
+    }
+
+    /// Panics `b` and waits until every child runs again; the starts after
+    /// the first three.
+    async fn restarts_after_b_panics(
+        name: &str,
+        strategy: Strategy,
+    ) -> (Vec<String>, ActorRef<SupervisorMsg>) {
+        let (sup, _h, log) = start(name, strategy, None).await;
+        let b: ActorRef<FlakyMsg> = child(&sup, "b").await.unwrap().into();
+        let before: Vec<ActorId> = {
+            let mut v = Vec::new();
+            for n in ["a", "b", "c"] {
+                v.push(child(&sup, n).await.unwrap().get_id());
+            }
+            v
+        };
+        b.cast(FlakyMsg::Panic).unwrap();
+        let start = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut all = true;
+            let mut changed = 0;
+            for (k, n) in ["a", "b", "c"].into_iter().enumerate() {
+                match child(&sup, n).await {
+                    Some(c) if c.get_status() == ractor::ActorStatus::Running => {
+                        changed += usize::from(c.get_id() != before[k]);
+                    }
+                    _ => all = false,
+                }
+            }
+            if all && changed > 0 {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "never restarted");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let starts = log.lock().unwrap()[3..].to_vec();
+        (starts, sup)
+    }
+
+    #[tokio::test]
+    async fn one_for_one_restarts_only_the_child_that_failed() {
+        let (starts, sup) = restarts_after_b_panics("t-one", Strategy::OneForOne).await;
+        assert_eq!(starts, vec!["start b"]);
+        assert_eq!(metrics().restarts("t-one", "b"), 1);
+        assert_eq!(metrics().restarts("t-one", "a"), 0);
+        sup.stop(None);
+    }
+
+    #[tokio::test]
+    async fn one_for_all_restarts_every_child_in_order() {
+        let (starts, sup) = restarts_after_b_panics("t-all", Strategy::OneForAll).await;
+        assert_eq!(starts, vec!["start a", "start b", "start c"]);
+        assert_eq!(metrics().restarts("t-all", "a"), 1);
+        sup.stop(None);
+    }
+
+    #[tokio::test]
+    async fn rest_for_one_restarts_the_child_and_those_started_after_it() {
+        let (starts, sup) = restarts_after_b_panics("t-rest", Strategy::RestForOne).await;
+        assert_eq!(starts, vec!["start b", "start c"]);
+        assert_eq!(metrics().restarts("t-rest", "a"), 0);
+        assert_eq!(metrics().restarts("t-rest", "c"), 1);
+        sup.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_child_failing_in_a_loop_is_restarted_within_its_budget_then_escalates() {
+        // A parent that records how its child supervisor ended.
+        struct Parent(Arc<Mutex<Option<String>>>);
+        impl Actor for Parent {
+            type Msg = ();
+            type State = ();
+            type Arguments = ();
+            async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+                Ok(())
+            }
+            async fn handle_supervisor_evt(
+                &self,
+                _: ActorRef<()>,
+                evt: SupervisionEvent,
+                _: &mut (),
+            ) -> Result<(), ActorProcessingErr> {
+                if let SupervisionEvent::ActorFailed(_, e) = evt {
+                    *self.0.lock().unwrap() = Some(e.to_string());
+                }
+                Ok(())
+            }
+        }
+        let seen = Arc::new(Mutex::new(None));
+        let (parent, _) = Actor::spawn(None, Parent(seen.clone()), ()).await.unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let looping = Flaky {
+            name: "looping",
+            log: log.clone(),
+            always_fails: false,
+        };
+        let (sup, h) = Actor::spawn_linked(
+            None,
+            Supervisor,
+            SupervisorArgs {
+                name: "t-escalate".into(),
+                policy: policy(Strategy::OneForOne),
+                children: vec![ChildSpec::actor("looping", looping, || ())],
+            },
+            parent.get_cell(),
+        )
+        .await
+        .unwrap();
+        let t0 = Instant::now();
+        // Panic it as soon as each incarnation runs: a crash loop.
+        let crash = tokio::spawn({
+            let sup = sup.clone();
+            async move {
+                loop {
+                    if let Ok(Some(c)) = call_t!(sup, SupervisorMsg::Children, 1000)
+                        .map(|v| v.into_iter().next().and_then(|(_, c)| c))
+                    {
+                        let _ = ActorRef::<FlakyMsg>::from(c).cast(FlakyMsg::Panic);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("the supervisor gave up")
+            .unwrap();
+        crash.abort();
+        let starts = log.lock().unwrap().len();
+        assert_eq!(starts, 4, "the first start and max_restarts (3) restarts");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(10 + 20 + 40),
+            "each restart waited its backoff"
+        );
+        assert_eq!(metrics().restarts("t-escalate", "looping"), 3);
+        assert_eq!(metrics().escalations("t-escalate"), 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let why = seen
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the parent saw a failure");
+        assert!(why.contains("exited more than 3 times"), "{why}");
+        assert!(metrics()
+            .render()
+            .contains("tickmesh_supervisor_escalations_total{supervisor=\"t-escalate\"} 1"));
+    }
+
+    #[tokio::test]
+    async fn a_child_that_cannot_start_escalates_after_its_budget() {
+        let (_sup, h, log) = start("t-start", Strategy::OneForOne, Some("c")).await;
+        tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("the supervisor gave up")
+            .unwrap();
+        let c_starts = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| *l == "start c")
+            .count();
+        assert_eq!(c_starts, 4);
+        assert_eq!(metrics().escalations("t-start"), 1);
     }
 }

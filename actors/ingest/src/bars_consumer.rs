@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::metrics::IngestMetrics;
 
+#[derive(Clone, Copy)]
 pub struct BarsConsumerActor;
 
 /// Messages of [`BarsConsumerActor`].

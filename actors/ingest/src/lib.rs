@@ -2,7 +2,7 @@
 //!
 //! - [`producer`]: what `tickmesh produce` publishes (synthetic market, daily CSV).
 //! - [`bars_consumer`]: `BarsConsumerActor`, bus `h_alpaca` → Parquet in `stock-data`.
-//! - [`supervisor`]: `IngestSupervisor`, restarts consumers within a budget.
+//! - [`supervisor`]: the ingest role's supervisor (consumers restarted by the configured policy).
 //! - [`metrics`]: counters of what the consumers did.
 
 pub mod bars_consumer;

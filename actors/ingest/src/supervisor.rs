@@ -1,81 +1,29 @@
-//! `IngestSupervisor`: spawns one [`BarsConsumerActor`] per configured topic
-//! and restarts a failed one after a jittered backoff while its restart
-//! budget lasts (`[supervision]` in cluster.toml). When the budget is spent
-//! the supervisor stops with an error, and its parent decides.
+//! The ingest role's supervisor: a [`Supervisor`] with one
+//! [`BarsConsumerActor`] per configured topic as its children, restarted by
+//! the `[supervision]` policy of cluster.toml (strategy, budget, jittered
+//! backoff on a timer). When the budget is spent it fails, and its parent
+//! decides.
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tickmesh_core::supervision::{stopped_child, RestartBudget};
-use tracing::{error, warn};
+use tickmesh_core::config::SupervisionConfig;
+use tickmesh_core::supervision::{ChildSpec, SupervisorArgs};
 
 use crate::bars_consumer::{BarsConsumerActor, BarsConsumerArgs};
 
-pub struct IngestSupervisor;
-
-/// Messages of [`IngestSupervisor`]; it only reacts to supervision events.
-#[derive(Debug)]
-pub enum IngestSupervisorMsg {}
-
-impl ractor::Message for IngestSupervisorMsg {}
-
-pub struct IngestSupervisorArgs {
-    pub consumers: Vec<BarsConsumerArgs>,
-    pub budget: RestartBudget,
-}
-
-pub struct IngestSupervisorState {
-    children: Vec<(ActorCell, BarsConsumerArgs)>,
-    budget: RestartBudget,
-}
-
-async fn spawn_child(
-    myself: &ActorRef<IngestSupervisorMsg>,
-    args: BarsConsumerArgs,
-) -> Result<ActorCell, ActorProcessingErr> {
-    let (child, _) = Actor::spawn_linked(None, BarsConsumerActor, args, myself.get_cell()).await?;
-    Ok(child.get_cell())
-}
-
-impl Actor for IngestSupervisor {
-    type Msg = IngestSupervisorMsg;
-    type State = IngestSupervisorState;
-    type Arguments = IngestSupervisorArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: Self::Arguments,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let mut children = Vec::new();
-        for a in args.consumers {
-            children.push((spawn_child(&myself, a.clone()).await?, a));
-        }
-        Ok(IngestSupervisorState {
-            children,
-            budget: args.budget,
+/// The arguments of the ingest role's [`Supervisor`](tickmesh_core::supervision::Supervisor).
+pub fn ingest_supervisor(
+    consumers: Vec<BarsConsumerArgs>,
+    policy: SupervisionConfig,
+) -> SupervisorArgs {
+    let children = consumers
+        .into_iter()
+        .map(|a| {
+            let name = format!("bars:{}", a.topic);
+            ChildSpec::actor(name, BarsConsumerActor, move || a.clone())
         })
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        evt: SupervisionEvent,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let Some((child, why)) = stopped_child(&evt) else {
-            return Ok(());
-        };
-        let Some(i) = state.children.iter().position(|(c, _)| c.get_id() == child) else {
-            return Ok(());
-        };
-        let Some(backoff) = state.budget.allow() else {
-            error!(reason = %why, "ingest restart budget spent, giving up");
-            myself.stop(Some(format!("ingest consumer failed too often: {why}")));
-            return Ok(());
-        };
-        warn!(reason = %why, backoff_ms = backoff.as_millis() as u64, "bars consumer failed, restarting");
-        tokio::time::sleep(backoff).await;
-        let args = state.children[i].1.clone();
-        state.children[i].0 = spawn_child(&myself, args).await?;
-        Ok(())
+        .collect();
+    SupervisorArgs {
+        name: "ingest".into(),
+        policy,
+        children,
     }
 }

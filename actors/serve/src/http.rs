@@ -287,8 +287,9 @@ async fn models(State(st): State<HttpState>) -> Response {
 
 async fn metrics(State(st): State<HttpState>) -> String {
     let c = &st.counters;
+    let supervision = tickmesh_core::supervision::metrics().render();
     format!(
-        "tickmesh_forecast_requests_total{{outcome=\"ok\"}} {}\ntickmesh_forecast_requests_total{{outcome=\"client_error\"}} {}\ntickmesh_forecast_requests_total{{outcome=\"unavailable\"}} {}\n",
+        "tickmesh_forecast_requests_total{{outcome=\"ok\"}} {}\ntickmesh_forecast_requests_total{{outcome=\"client_error\"}} {}\ntickmesh_forecast_requests_total{{outcome=\"unavailable\"}} {}\n{supervision}",
         c.ok.load(Ordering::Relaxed),
         c.client_errors.load(Ordering::Relaxed),
         c.unavailable.load(Ordering::Relaxed)
