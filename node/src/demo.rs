@@ -154,7 +154,7 @@ pub async fn pipeline(node: &Node, adapters: &Adapters, inputs: &Inputs) -> Resu
 
     let agg = node
         .aggregator
-        .clone()
+        .get()
         .ok_or_else(|| anyhow!("the node has no aggregate role"))?;
     for (tickers, interval) in &jobs {
         let (tickers, interval) = (tickers.clone(), *interval);

@@ -7,20 +7,23 @@
 //! - `train`: `TrainerPool`, registered with the coordinator.
 //! - `serve`: `PredictorSupervisor`, the model watcher and the HTTP API.
 //!
-//! [`Node::wait`] returns when the process is interrupted (Ok) or when a
-//! role's top actor stops on its own (Err: the node must exit non-zero).
+//! All of them, and the gRPC and HTTP servers, are children of one root
+//! [`Supervisor`] per node, restarted by the `[supervision]` policy.
+//! [`Node::wait`] returns when the process is interrupted (Ok) or when the
+//! root gives up (Err: the node must exit non-zero, saying why).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use ractor::{Actor, ActorCell, ActorRef};
+use ractor::{Actor, ActorCell};
 use tickmesh_aggregate::aggregator::{AggregatorActor, AggregatorArgs, AggregatorMsg};
 use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs, CoordinatorMsg};
 use tickmesh_core::config::{Backend, ClusterConfig, Role};
-use tickmesh_core::supervision::RestartBudget;
-use tickmesh_core::supervision::Supervisor;
+use tickmesh_core::supervision::{
+    ChildSpec, RestartBudget, ServerActor, ServerArgs, Slot, Supervisor, SupervisorArgs,
+};
 use tickmesh_core::types::topics;
 use tickmesh_core::Adapters;
 use tickmesh_ingest::bars_consumer::BarsConsumerArgs;
@@ -33,7 +36,7 @@ use tickmesh_train::lease::Leases;
 use tickmesh_train::pool::{TrainerPool, TrainerPoolArgs};
 use tickmesh_train::trainer::TrainerArgs;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::info;
 
@@ -44,74 +47,68 @@ pub struct Bound {
     pub http: Option<SocketAddr>,
 }
 
-/// A running node.
+/// A running node: one root [`Supervisor`] (`node:NAME`, the
+/// `[supervision]` policy) owning every role's top actor and every server,
+/// in this order: coordinator, coordinator gRPC, ingest, aggregate, train,
+/// serve (the predictor registry), forecast HTTP, model watch. Stopped in
+/// the reverse order.
 pub struct Node {
     pub name: String,
     pub bound: Bound,
     pub ingest_metrics: IngestMetrics,
-    pub aggregator: Option<ActorRef<AggregatorMsg>>,
-    pub coordinator: Option<ActorRef<CoordinatorMsg>>,
-    pub registry: Option<ActorRef<RegistryMsg>>,
-    actors: Vec<(String, ActorCell, JoinHandle<()>)>,
-    tasks: Vec<JoinHandle<()>>,
-    shutdown: watch::Sender<bool>,
-    /// A server that stops before the node does says why here.
-    server_stopped: (
-        tokio::sync::mpsc::UnboundedSender<String>,
-        tokio::sync::mpsc::UnboundedReceiver<String>,
-    ),
+    /// The current incarnation of each role actor (restarts replace it).
+    pub aggregator: Slot<AggregatorMsg>,
+    pub coordinator: Slot<CoordinatorMsg>,
+    pub registry: Slot<RegistryMsg>,
+    root: Option<(ActorCell, JoinHandle<()>)>,
 }
 
-impl Node {
-    /// Runs a server until shutdown; if it ends first (an error, or a
-    /// panic), the node stops with the reason.
-    fn server<F>(&mut self, name: &'static str, server: F)
-    where
-        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
-    {
-        let tx = self.server_stopped.0.clone();
-        let task = tokio::spawn(server);
-        self.tasks.push(tokio::spawn(async move {
-            let why = match task.await {
-                Ok(Ok(())) => "it stopped".to_string(),
-                Ok(Err(e)) => e,
-                Err(e) => format!("it panicked: {e}"),
+/// A server as a supervised child: it binds `addr` again on a restart (the
+/// first run takes `first`, bound at start to learn the port).
+fn server_child<F, Fut>(name: &'static str, first: TcpListener, run: F) -> Result<ChildSpec>
+where
+    F: Fn(TcpListener, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let addr = first.local_addr()?;
+    let first = Arc::new(std::sync::Mutex::new(Some(first)));
+    let run = Arc::new(run);
+    let args = ServerArgs::new(name, move |sd| {
+        let first = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let run = run.clone();
+        async move {
+            let listener = match first {
+                Some(l) => l,
+                None => TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("bind {addr} again: {e}"))?,
             };
-            tracing::error!(server = name, reason = %why, "server stopped");
-            let _ = tx.send(format!("the {name} server stopped: {why}"));
-        }));
-    }
+            run(listener, sd).await
+        }
+    });
+    Ok(ChildSpec::actor(name, ServerActor, move || args.clone()))
 }
 
-fn shutdown_signal(
-    rx: &watch::Receiver<bool>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let mut rx = rx.clone();
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
-}
-
-/// Starts `roles` as node `name`.
+/// Starts `roles` as node `name` under its root supervisor.
 pub async fn start(
     cfg: &ClusterConfig,
     name: &str,
     roles: &[Role],
     adapters: &Adapters,
 ) -> Result<Node> {
-    let (shutdown, shutdown_rx) = watch::channel(false);
     let mut node = Node {
         name: name.to_string(),
         bound: Bound::default(),
         ingest_metrics: IngestMetrics::default(),
-        aggregator: None,
-        coordinator: None,
-        registry: None,
-        actors: Vec::new(),
-        tasks: Vec::new(),
-        shutdown,
-        server_stopped: tokio::sync::mpsc::unbounded_channel(),
+        aggregator: Slot::default(),
+        coordinator: Slot::default(),
+        registry: Slot::default(),
+        root: None,
     };
+    let mut children = Vec::new();
     let mut coordinator_addr = cfg.coordinator.listen.clone();
 
     if roles.contains(&Role::Coordinator) {
@@ -127,22 +124,23 @@ pub async fn start(
             _ => None,
         };
         let (health, health_server) = tonic_health::server::health_reporter();
-        let (actor, h) = Actor::spawn(
-            None,
+        let args = CoordinatorArgs {
+            db: adapters.db.clone(),
+            heartbeat: Duration::from_secs(cfg.coordinator.heartbeat_secs),
+            lease: Duration::from_secs(cfg.coordinator.lease_secs),
+            max_attempts: cfg.coordinator.max_attempts,
+            retry_backoff: Duration::from_millis(cfg.coordinator.retry_backoff_ms),
+            max_open_jobs: cfg.coordinator.max_open_jobs,
+            intake: Some((adapters.bus.clone(), adapters.publisher.clone())),
+            budget: RestartBudget::new(cfg.supervision.clone()),
+            health: Some(health),
+        };
+        children.push(ChildSpec::actor_in(
+            "coordinator",
             CoordinatorActor,
-            CoordinatorArgs {
-                db: adapters.db.clone(),
-                heartbeat: Duration::from_secs(cfg.coordinator.heartbeat_secs),
-                lease: Duration::from_secs(cfg.coordinator.lease_secs),
-                max_attempts: cfg.coordinator.max_attempts,
-                retry_backoff: Duration::from_millis(cfg.coordinator.retry_backoff_ms),
-                max_open_jobs: cfg.coordinator.max_open_jobs,
-                intake: Some((adapters.bus.clone(), adapters.publisher.clone())),
-                budget: RestartBudget::new(cfg.supervision.clone()),
-                health: Some(health.clone()),
-            },
-        )
-        .await?;
+            move || args.clone(),
+            Some(node.coordinator.clone()),
+        ));
         let listener = TcpListener::bind(&cfg.coordinator.listen)
             .await
             .with_context(|| format!("bind coordinator.listen {}", cfg.coordinator.listen))?;
@@ -158,18 +156,16 @@ pub async fn start(
             tls,
             db: adapters.db.clone(),
         };
-        let tls_on = opts.tls.is_some();
-        let a = actor.clone();
-        let sd = shutdown_signal(&shutdown_rx);
-        node.server("coordinator gRPC", async move {
-            tickmesh_coordinator::grpc::serve(listener, a, opts, health_server, sd)
-                .await
-                .map_err(|e| format!("{e}: {}", error_chain(&e)))
-        });
-        info!(%addr, tls = tls_on, cookie = cfg.cluster.cookie.is_some(), "coordinator gRPC serving (Coordinator, Admin, health, reflection)");
-        node.actors
-            .push(("coordinator".into(), actor.get_cell(), h));
-        node.coordinator = Some(actor);
+        info!(%addr, tls = opts.tls.is_some(), cookie = cfg.cluster.cookie.is_some(), "coordinator gRPC serving (Coordinator, Admin, health, reflection)");
+        let slot = node.coordinator.clone();
+        children.push(server_child("coordinator gRPC", listener, move |l, sd| {
+            let (slot, opts, hs) = (slot.clone(), opts.clone(), health_server.clone());
+            async move {
+                tickmesh_coordinator::grpc::serve(l, slot, opts, hs, sd)
+                    .await
+                    .map_err(|e| format!("{e}: {}", error_chain(&e)))
+            }
+        })?);
     }
 
     if roles.contains(&Role::Ingest) {
@@ -181,28 +177,22 @@ pub async fn start(
             publisher: adapters.publisher.clone(),
             metrics: node.ingest_metrics.clone(),
         };
-        let (sup, h) = Actor::spawn(
-            None,
-            Supervisor,
-            ingest_supervisor(vec![consumer], cfg.supervision.clone()),
-        )
-        .await?;
-        node.actors.push(("ingest".into(), sup.get_cell(), h));
+        let args = ingest_supervisor(vec![consumer], cfg.supervision.clone());
+        children.push(ChildSpec::actor("ingest", Supervisor, move || args.clone()));
     }
 
     if roles.contains(&Role::Aggregate) {
-        let (agg, h) = Actor::spawn(
-            None,
+        let args = AggregatorArgs {
+            store: adapters.store.clone(),
+            db: adapters.db.clone(),
+            publisher: adapters.publisher.clone(),
+        };
+        children.push(ChildSpec::actor_in(
+            "aggregate",
             AggregatorActor,
-            AggregatorArgs {
-                store: adapters.store.clone(),
-                db: adapters.db.clone(),
-                publisher: adapters.publisher.clone(),
-            },
-        )
-        .await?;
-        node.actors.push(("aggregate".into(), agg.get_cell(), h));
-        node.aggregator = Some(agg);
+            move || args.clone(),
+            Some(node.aggregator.clone()),
+        ));
     }
 
     let nc = cfg.nodes.iter().find(|n| n.name == name);
@@ -239,71 +229,87 @@ pub async fn start(
         } else {
             cfg.train.cpu_jobs
         });
-        let (pool, h) = Actor::spawn(
-            None,
-            TrainerPool,
-            TrainerPoolArgs {
-                node: name.to_string(),
-                coordinator: coordinator_link(
-                    cfg,
-                    &coordinator_addr,
-                    cfg.cluster.cookie.as_deref(),
-                )?,
-                cpus,
-                gpus,
-                slots: parallel as u32,
-                trainer: TrainerArgs {
-                    db: adapters.db.clone(),
-                    store: adapters.store.clone(),
-                    train: cfg.train.clone(),
-                    device,
-                    slots: Arc::new(Semaphore::new(parallel)),
-                    leases: Leases::default(),
-                },
+        let args = TrainerPoolArgs {
+            node: name.to_string(),
+            coordinator: coordinator_link(cfg, &coordinator_addr, cfg.cluster.cookie.as_deref())?,
+            cpus,
+            gpus,
+            slots: parallel as u32,
+            trainer: TrainerArgs {
+                db: adapters.db.clone(),
+                store: adapters.store.clone(),
+                train: cfg.train.clone(),
+                device,
+                slots: Arc::new(Semaphore::new(parallel)),
+                leases: Leases::default(),
             },
-        )
-        .await
-        .map_err(|e| anyhow!("train role: {e}"))?;
-        node.actors.push(("train".into(), pool.get_cell(), h));
+        };
+        children.push(ChildSpec::actor("train", TrainerPool, move || args.clone()));
     }
 
     if roles.contains(&Role::Serve) {
-        let (registry, h) = Actor::spawn(
-            None,
+        let args = RegistryArgs {
+            store: adapters.store.clone(),
+            db: adapters.db.clone(),
+            device,
+        };
+        children.push(ChildSpec::actor_in(
+            "serve",
             PredictorSupervisor,
-            RegistryArgs {
-                store: adapters.store.clone(),
-                db: adapters.db.clone(),
-                device,
-            },
-        )
-        .await?;
+            move || args.clone(),
+            Some(node.registry.clone()),
+        ));
         let listener = TcpListener::bind(&cfg.serve.http_listen)
             .await
             .with_context(|| format!("bind serve.http_listen {}", cfg.serve.http_listen))?;
         let addr = listener.local_addr()?;
         node.bound.http = Some(addr);
         let link = coordinator_link(cfg, &coordinator_addr, cfg.cluster.cookie.as_deref())?;
-        let state = HttpState::new(registry.clone(), cfg.serve.max_steps)
+        let state = HttpState::new(node.registry.clone(), cfg.serve.max_steps)
             .with_coordinator(&link)
             .map_err(|e| anyhow!("serve role: {e}"))?;
-        let sd = shutdown_signal(&shutdown_rx);
-        node.server("forecast HTTP", async move {
-            tickmesh_serve::http::serve(listener, state, sd)
-                .await
-                .map_err(|e| e.to_string())
-        });
-        node.tasks
-            .push(tokio::spawn(tickmesh_serve::watch::follow_models(
-                link,
-                name.to_string(),
+        children.push(server_child("forecast HTTP", listener, move |l, sd| {
+            let state = state.clone();
+            async move {
+                tickmesh_serve::http::serve(l, state, sd)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        })?);
+        let (registry, node_name) = (node.registry.clone(), name.to_string());
+        let watch = ServerArgs::new("model watch", move |sd| {
+            tickmesh_serve::watch::follow_models(
+                link.clone(),
+                node_name.clone(),
                 registry.clone(),
-            )));
+                sd,
+            )
+        });
+        children.push(ChildSpec::actor("model watch", ServerActor, move || {
+            watch.clone()
+        }));
         info!(%addr, "forecast API serving");
-        node.actors.push(("serve".into(), registry.get_cell(), h));
-        node.registry = Some(registry);
+    }
+
+    if !children.is_empty() {
+        let (root, h) = Actor::spawn(
+            None,
+            Supervisor,
+            SupervisorArgs {
+                name: root_name(name),
+                policy: cfg.supervision.clone(),
+                children,
+            },
+        )
+        .await
+        .map_err(|e| anyhow!("node {name}: {e}"))?;
+        node.root = Some((root.get_cell(), h));
     }
     Ok(node)
+}
+
+fn root_name(node: &str) -> String {
+    format!("node:{node}")
 }
 
 /// `: cause: cause…` of an error's sources.
@@ -404,38 +410,33 @@ pub fn client_admin_token(cfg: &ClusterConfig) -> Result<String> {
 }
 
 impl Node {
-    /// Waits for ctrl-c (Ok) or for a role to stop on its own (Err).
+    /// Waits for ctrl-c (Ok) or for the root supervisor to give up (Err:
+    /// the node must exit non-zero).
     pub async fn wait(&mut self) -> Result<()> {
-        if self.actors.is_empty() {
+        let Some((_, h)) = self.root.as_mut() else {
             tokio::signal::ctrl_c().await?;
             return Ok(());
-        }
-        let names: Vec<String> = self.actors.iter().map(|(n, _, _)| n.clone()).collect();
-        let handles = self.actors.iter_mut().map(|(_, _, h)| h);
+        };
         tokio::select! {
             r = tokio::signal::ctrl_c() => Ok(r?),
-            Some(why) = self.server_stopped.1.recv() => Err(anyhow!("{why}; the node exits")),
-            (_, i, _) = futures::future::select_all(handles) => {
+            _ = h => {
                 // That handle has completed: stop() must not await it again.
-                self.actors.remove(i);
-                Err(anyhow!("role `{}` stopped; the node exits", names[i]))
+                self.root = None;
+                let why = tickmesh_core::supervision::metrics()
+                    .last_escalation(&root_name(&self.name))
+                    .unwrap_or_else(|| "its root supervisor stopped".into());
+                Err(anyhow!("node {} gives up: {why}", self.name))
             }
         }
     }
 
-    /// Stops every role, in the reverse of the order they started (the
-    /// trainers and predictors before the coordinator they follow), then the
-    /// servers.
+    /// Stops every role and server, in the reverse of the order they
+    /// started (the servers before the actors they front; the trainers and
+    /// predictors before the coordinator they follow).
     pub async fn stop(self) {
-        for (_, cell, _) in self.actors.iter().rev() {
-            cell.stop(None);
-        }
-        for (_, _, h) in self.actors.into_iter().rev() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
-        }
-        let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            t.abort();
+        if let Some((root, h)) = self.root {
+            root.stop(None);
+            let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
         }
     }
 }

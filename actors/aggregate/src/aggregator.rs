@@ -20,6 +20,7 @@ use tracing::info;
 
 use crate::resample::resample;
 
+#[derive(Clone, Copy)]
 pub struct AggregatorActor;
 
 /// What one run did, per ticker.

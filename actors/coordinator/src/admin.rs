@@ -4,26 +4,27 @@
 //! Reads (jobs, models) go to the database; anything that changes the
 //! cluster goes through the coordinator actor, which owns the state.
 
-use ractor::{call_t, ActorRef};
+use ractor::call_t;
 use tickmesh_core::db::{Db, JobRow, ModelVersion};
+use tickmesh_core::supervision::Slot;
 use tickmesh_core::types::{validate_ticker, Interval};
 use tickmesh_proto::v1::admin_server::Admin;
 use tickmesh_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{AdminState, CoordinatorMsg};
-use crate::grpc::{start_training, unavailable, CALL_TIMEOUT_MS};
+use crate::grpc::{current, start_training, unavailable, CALL_TIMEOUT_MS};
 
 /// Jobs one ListJobs returns at most.
 const MAX_LIST: u32 = 10_000;
 
 pub struct AdminService {
-    actor: ActorRef<CoordinatorMsg>,
+    actor: Slot<CoordinatorMsg>,
     db: Db,
 }
 
 impl AdminService {
-    pub fn new(actor: ActorRef<CoordinatorMsg>, db: Db) -> Self {
+    pub fn new(actor: Slot<CoordinatorMsg>, db: Db) -> Self {
         AdminService { actor, db }
     }
 }
@@ -91,7 +92,7 @@ impl AdminService {
     async fn set_state(&self, node: &str, state: AdminState) -> Result<NodeInfo, Status> {
         let node = node_name(node)?;
         call_t!(
-            self.actor,
+            current(&self.actor)?,
             |reply| CoordinatorMsg::SetNodeState { node, state, reply },
             CALL_TIMEOUT_MS
         )
@@ -113,7 +114,7 @@ impl AdminService {
     ) -> Result<ModelInfo, Status> {
         let (ticker, interval) = ticker_interval(ticker, interval)?;
         let m = call_t!(
-            self.actor,
+            current(&self.actor)?,
             |reply| CoordinatorMsg::ChangeChampion {
                 ticker,
                 interval,
@@ -134,8 +135,12 @@ impl Admin for AdminService {
         &self,
         _: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesReply>, Status> {
-        let nodes =
-            call_t!(self.actor, CoordinatorMsg::ListNodes, CALL_TIMEOUT_MS).map_err(unavailable)?;
+        let nodes = call_t!(
+            current(&self.actor)?,
+            CoordinatorMsg::ListNodes,
+            CALL_TIMEOUT_MS
+        )
+        .map_err(unavailable)?;
         Ok(Response::new(ListNodesReply { nodes }))
     }
 
@@ -197,7 +202,7 @@ impl Admin for AdminService {
         &self,
         req: Request<StartTrainingRequest>,
     ) -> Result<Response<StartTrainingReply>, Status> {
-        start_training(&self.actor, req.into_inner())
+        start_training(&current(&self.actor)?, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -221,7 +226,7 @@ impl Admin for AdminService {
                 ))
             })?;
         start_training(
-            &self.actor,
+            &current(&self.actor)?,
             StartTrainingRequest {
                 tickers: vec![ticker],
                 interval: interval.to_string(),

@@ -58,6 +58,7 @@ use crate::start_consumer::{StartConsumerArgs, StartModelConsumer};
 pub type AssignmentTx = mpsc::Sender<Result<Assignment, Status>>;
 pub type ModelTx = mpsc::Sender<Result<ModelUpdate, Status>>;
 
+#[derive(Clone, Copy)]
 pub struct CoordinatorActor;
 
 /// A node's registration.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ractor::{call_t, ActorRef};
 use tickmesh_core::db::Db;
+use tickmesh_core::supervision::Slot;
 use tickmesh_core::types::{validate_ticker, Interval};
 use tickmesh_proto::auth::Guard;
 use tickmesh_proto::v1::admin_server::AdminServer;
@@ -37,13 +38,19 @@ const MAX_HELD: usize = 10_000;
 pub const MAX_TICKERS_PER_REQUEST: usize = 10_000;
 
 pub struct CoordinatorService {
-    actor: ActorRef<CoordinatorMsg>,
+    actor: Slot<CoordinatorMsg>,
     heartbeat: Duration,
     lease: Duration,
 }
 
 pub(crate) fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("coordinator actor: {e}"))
+}
+
+/// The coordinator actor's current incarnation.
+pub(crate) fn current(slot: &Slot<CoordinatorMsg>) -> Result<ActorRef<CoordinatorMsg>, Status> {
+    slot.get()
+        .ok_or_else(|| Status::unavailable("the coordinator actor is starting"))
 }
 
 /// Validates a start request and queues its jobs (Coordinator.StartTraining
@@ -128,7 +135,7 @@ impl Coordinator for CoordinatorService {
             running: r.running.into_iter().map(|h| (h.job_id, h.epoch)).collect(),
         };
         call_t!(
-            self.actor,
+            current(&self.actor)?,
             |reply| CoordinatorMsg::Register { reg, reply },
             CALL_TIMEOUT_MS
         )
@@ -153,7 +160,7 @@ impl Coordinator for CoordinatorService {
         }
         let held = r.held.into_iter().map(|h| (h.job_id, h.epoch)).collect();
         let out = call_t!(
-            self.actor,
+            current(&self.actor)?,
             |reply| CoordinatorMsg::Heartbeat {
                 node: r.node,
                 incarnation: r.incarnation,
@@ -181,7 +188,7 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         call_t!(
-            self.actor,
+            current(&self.actor)?,
             |reply| CoordinatorMsg::WatchAssignments {
                 node: r.node,
                 incarnation: r.incarnation,
@@ -201,7 +208,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<CheckpointAck>, Status> {
         let report = req.into_inner();
         let ack = call_t!(
-            self.actor,
+            current(&self.actor)?,
             |reply| CoordinatorMsg::Report { report, reply },
             CALL_TIMEOUT_MS
         )
@@ -216,7 +223,7 @@ impl Coordinator for CoordinatorService {
         _: Request<WatchModelsRequest>,
     ) -> Result<Response<Self::WatchModelsStream>, Status> {
         let (tx, rx) = mpsc::channel(256);
-        self.actor
+        current(&self.actor)?
             .cast(CoordinatorMsg::WatchModels { tx })
             .map_err(unavailable)?;
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -226,7 +233,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<StartTrainingRequest>,
     ) -> Result<Response<StartTrainingReply>, Status> {
-        start_training(&self.actor, req.into_inner())
+        start_training(&current(&self.actor)?, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -235,7 +242,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<JobProgress>,
     ) -> Result<Response<ProgressAck>, Status> {
-        self.actor
+        current(&self.actor)?
             .cast(CoordinatorMsg::Progress(req.into_inner()))
             .map_err(unavailable)?;
         Ok(Response::new(ProgressAck {}))
@@ -247,7 +254,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<CheckpointAck>, Status> {
         let failure = req.into_inner();
         let ack = call_t!(
-            self.actor,
+            current(&self.actor)?,
             |reply| CoordinatorMsg::Failure { failure, reply },
             CALL_TIMEOUT_MS
         )
@@ -258,7 +265,7 @@ impl Coordinator for CoordinatorService {
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobStatus>, Status> {
         let id = req.into_inner().job_id;
         let job = call_t!(
-            self.actor,
+            current(&self.actor)?,
             |reply| CoordinatorMsg::GetJob {
                 id: id.clone(),
                 reply
@@ -273,6 +280,7 @@ impl Coordinator for CoordinatorService {
 
 /// Serves the coordinator on `listener` until `shutdown` completes.
 /// How the coordinator's gRPC port is served.
+#[derive(Clone)]
 pub struct ServeOptions {
     pub heartbeat: Duration,
     pub lease: Duration,
@@ -294,7 +302,7 @@ pub struct ServeOptions {
 /// coordinator actor's.
 pub async fn serve(
     listener: TcpListener,
-    actor: ActorRef<CoordinatorMsg>,
+    actor: Slot<CoordinatorMsg>,
     o: ServeOptions,
     health: HealthServer<impl Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,

@@ -833,8 +833,13 @@ mod tests {
     #[test]
     fn the_shipped_cluster_toml_is_valid() {
         let text = include_str!("../../../cluster.toml");
-        let cfg = parse(text).unwrap();
+        // No cookie in the file: distributed mode wants one from the environment.
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("cluster.cookie"), "{err}");
+        let env = HashMap::from([("TICKMESH_COOKIE".to_string(), "a-secret".to_string())]);
+        let cfg = ClusterConfig::parse(text, "cluster.toml", &env).unwrap();
         assert!(!cfg.nodes.is_empty());
+        assert_eq!(cfg.cluster.cookie.as_deref(), Some("a-secret"));
     }
 
     #[test]

@@ -79,6 +79,7 @@ impl RestartBudget {
 pub struct SupervisionMetrics {
     restarts: Mutex<BTreeMap<(String, String), u64>>,
     escalations: Mutex<BTreeMap<String, u64>>,
+    last: Mutex<BTreeMap<String, String>>,
 }
 
 /// The process's supervision counters.
@@ -97,13 +98,26 @@ impl SupervisionMetrics {
             .or_default() += 1;
     }
 
-    pub fn escalated(&self, supervisor: &str) {
+    pub fn escalated(&self, supervisor: &str, reason: &str) {
         *self
             .escalations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(supervisor.to_string())
             .or_default() += 1;
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(supervisor.to_string(), reason.to_string());
+    }
+
+    /// Why `supervisor` last gave up.
+    pub fn last_escalation(&self, supervisor: &str) -> Option<String> {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(supervisor)
+            .cloned()
     }
 
     /// Restarts of `child` under `supervisor` so far.
@@ -184,19 +198,176 @@ impl ChildSpec {
         A: Actor + Clone + Sync,
         F: Fn() -> A::Arguments + Send + Sync + 'static,
     {
+        ChildSpec::actor_in(name, actor, args, None)
+    }
+
+    /// The same, publishing each incarnation in `slot` for those that call it.
+    pub fn actor_in<A, F>(
+        name: impl Into<String>,
+        actor: A,
+        args: F,
+        slot: Option<Slot<A::Msg>>,
+    ) -> Self
+    where
+        A: Actor + Clone + Sync,
+        F: Fn() -> A::Arguments + Send + Sync + 'static,
+    {
         ChildSpec::new(name, move |sup: ActorCell| {
-            let (actor, args) = (actor.clone(), args());
+            let (actor, args, slot) = (actor.clone(), args(), slot.clone());
             async move {
                 let (r, _) = Actor::spawn_linked(None, actor, args, sup).await?;
+                if let Some(s) = slot {
+                    s.set(r.clone());
+                }
                 Ok(r.get_cell())
             }
         })
     }
 }
 
+/// The current incarnation of a supervised actor, for those that call it:
+/// its start function sets it, so callers never hold a reference to an
+/// instance that a restart replaced.
+pub struct Slot<M: ractor::Message>(Arc<std::sync::RwLock<Option<ActorRef<M>>>>);
+
+impl<M: ractor::Message> Clone for Slot<M> {
+    fn clone(&self) -> Self {
+        Slot(self.0.clone())
+    }
+}
+
+impl<M: ractor::Message> Default for Slot<M> {
+    fn default() -> Self {
+        Slot(Arc::new(std::sync::RwLock::new(None)))
+    }
+}
+
+impl<M: ractor::Message> Slot<M> {
+    /// A slot holding `r`.
+    pub fn of(r: ActorRef<M>) -> Self {
+        let s = Slot::default();
+        s.set(r);
+        s
+    }
+
+    pub fn set(&self, r: ActorRef<M>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    /// The current instance; `None` before the first start.
+    pub fn get(&self) -> Option<ActorRef<M>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+type ServerFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type ShutdownFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A server (gRPC, HTTP) or a long-running task as a supervised child: the
+/// actor runs `run(shutdown)` and fails when it returns before being
+/// stopped, so its supervisor restarts it like any other child. Stopping
+/// the actor resolves `shutdown` and waits (up to 10 s) for the server to
+/// let go of its port.
+#[derive(Clone, Copy)]
+pub struct ServerActor;
+
+#[derive(Clone)]
+pub struct ServerArgs {
+    pub name: String,
+    pub run: Arc<dyn Fn(ShutdownFuture) -> ServerFuture + Send + Sync>,
+}
+
+impl ServerArgs {
+    pub fn new<F, Fut>(name: impl Into<String>, run: F) -> Self
+    where
+        F: Fn(ShutdownFuture) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        ServerArgs {
+            name: name.into(),
+            run: Arc::new(move |sd| Box::pin(run(sd))),
+        }
+    }
+}
+
+/// Messages of [`ServerActor`].
+pub enum ServerMsg {
+    /// The server returned on its own (why).
+    Ended(String),
+}
+
+impl ractor::Message for ServerMsg {}
+
+pub struct ServerState {
+    name: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for ServerActor {
+    type Msg = ServerMsg;
+    type State = ServerState;
+    type Arguments = ServerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ServerMsg>,
+        args: ServerArgs,
+    ) -> Result<ServerState, ActorProcessingErr> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown: ShutdownFuture = Box::pin(async move {
+            let _ = rx.await;
+        });
+        let server = (args.run)(shutdown);
+        let task = tokio::spawn(async move {
+            let why = match tokio::spawn(server).await {
+                Ok(Ok(())) => "it returned".to_string(),
+                Ok(Err(e)) => e,
+                Err(e) => format!("it panicked: {e}"),
+            };
+            let _ = myself.cast(ServerMsg::Ended(why));
+        });
+        Ok(ServerState {
+            name: args.name,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<ServerMsg>,
+        msg: ServerMsg,
+        st: &mut ServerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ServerMsg::Ended(why) => {
+                st.task = None;
+                Err(format!("the {} server stopped: {why}", st.name).into())
+            }
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<ServerMsg>,
+        st: &mut ServerState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(tx) = st.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = st.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        Ok(())
+    }
+}
+
 /// See the module doc.
+#[derive(Clone, Copy)]
 pub struct Supervisor;
 
+#[derive(Clone)]
 pub struct SupervisorArgs {
     /// Names the supervisor in logs and metrics.
     pub name: String,
@@ -239,13 +410,17 @@ impl SupervisorState {
         let child = self.specs[i].name.clone();
         self.cells[i] = None;
         let Some(backoff) = self.budget.allow() else {
-            metrics().escalated(&self.name);
-            error!(supervisor = %self.name, %child, reason = %why, "restart budget spent; escalating");
-            return Err(format!(
+            let reason = format!(
                 "supervisor `{}`: child `{child}` exited more than {} times within {} s; the last: {why}",
                 self.name, self.budget.cfg.max_restarts, self.budget.cfg.window_secs
-            )
-            .into());
+            );
+            metrics().escalated(&self.name, &reason);
+            error!(supervisor = %self.name, %child, reason = %why, "restart budget spent; escalating");
+            // A failed supervisor leaves no child behind.
+            for c in self.cells.iter_mut().rev().filter_map(Option::take) {
+                c.stop(Some("its supervisor gave up".into()));
+            }
+            return Err(reason.into());
         };
         let set: Vec<usize> = match self.strategy {
             Strategy::OneForOne => vec![i],

@@ -25,6 +25,7 @@ use axum::{Json, Router};
 use ractor::{call_t, ActorRef};
 use serde_json::json;
 use tickmesh_core::config::ModelKind;
+use tickmesh_core::supervision::Slot;
 use tickmesh_core::types::{validate_ticker, Interval};
 use tickmesh_proto::auth::{CoordinatorConn, Link};
 use tickmesh_proto::v1::{GetJobRequest, StartTrainingRequest};
@@ -35,7 +36,7 @@ use crate::ServeError;
 
 #[derive(Clone)]
 pub struct HttpState {
-    pub registry: ActorRef<RegistryMsg>,
+    registry: Slot<RegistryMsg>,
     pub max_steps: usize,
     /// The coordinator's gRPC endpoint, for `/ml/train`.
     coordinator: Option<CoordinatorConn>,
@@ -50,7 +51,7 @@ struct Counters {
 }
 
 impl HttpState {
-    pub fn new(registry: ActorRef<RegistryMsg>, max_steps: usize) -> Self {
+    pub fn new(registry: Slot<RegistryMsg>, max_steps: usize) -> Self {
         HttpState {
             registry,
             max_steps,
@@ -123,7 +124,7 @@ async fn forecast(
     let result = async {
         let (ticker, interval, n_steps) = params(&q, st.max_steps)?;
         call_t!(
-            st.registry,
+            registry(&st)?,
             |reply| RegistryMsg::Forecast {
                 ticker,
                 interval,
@@ -182,6 +183,13 @@ fn train_params(
         .transpose()
         .map_err(|e| ServeError::BadRequest(e.to_string()))?;
     Ok((ticker, interval, epochs, model))
+}
+
+/// The predictor registry's current incarnation.
+fn registry(st: &HttpState) -> Result<ActorRef<RegistryMsg>, ServeError> {
+    st.registry
+        .get()
+        .ok_or_else(|| ServeError::Unavailable("the predictor registry is starting".into()))
 }
 
 fn coordinator(st: &HttpState) -> Result<CoordinatorConn, ServeError> {
@@ -279,7 +287,11 @@ async fn train_status(State(st): State<HttpState>, Path(id): Path<String>) -> Re
 }
 
 async fn models(State(st): State<HttpState>) -> Response {
-    match call_t!(st.registry, RegistryMsg::List, 10_000) {
+    let registry = match registry(&st) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match call_t!(registry, RegistryMsg::List, 10_000) {
         Ok(list) => Json(json!({ "models": list })).into_response(),
         Err(e) => ServeError::Unavailable(format!("predictor registry: {e}")).into_response(),
     }

@@ -10,13 +10,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tickmesh_core::db::Db;
 use tickmesh_core::store::SharedStore;
 use tickmesh_core::types::Interval;
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::predictor::{
     ForecastResponse, ModelInfo, PredictorActor, PredictorArgs, PredictorMsg, VersionRef,
 };
 use crate::ServeError;
 
+#[derive(Clone, Copy)]
 pub struct PredictorSupervisor;
 
 /// Messages of [`PredictorSupervisor`].
@@ -89,6 +90,33 @@ impl Actor for PredictorSupervisor {
             predictors: HashMap::new(),
             serving: BTreeMap::new(),
         })
+    }
+
+    /// A (re)started registry serves the champions at once, from the
+    /// registry table, without waiting for the coordinator's stream.
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match st.args.db.champions().await {
+            Ok(champions) => {
+                for m in champions {
+                    myself.cast(RegistryMsg::ModelAvailable {
+                        ticker: m.ticker,
+                        interval: m.interval,
+                        version: VersionRef {
+                            version: m.version,
+                            sha256: m.sha256,
+                        },
+                    })?;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the champions; waiting for the coordinator's stream")
+            }
+        }
+        Ok(())
     }
 
     async fn handle(

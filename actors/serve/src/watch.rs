@@ -1,11 +1,11 @@
 //! Follows the coordinator's `WatchModels` stream and tells the predictor
 //! registry about every version; reconnects with backoff when the stream
-//! breaks, and stops when the registry is gone. A coordinator that refuses
-//! the node's cookie stops the registry (the node exits, saying why).
+//! breaks. It runs as a supervised task of its node; a coordinator that
+//! refuses the node's cookie makes it fail with the reason.
 
 use std::time::Duration;
 
-use ractor::ActorRef;
+use tickmesh_core::supervision::Slot;
 use tickmesh_core::types::Interval;
 use tickmesh_proto::auth::Link;
 use tickmesh_proto::v1::WatchModelsRequest;
@@ -14,8 +14,20 @@ use tracing::{info, warn};
 use crate::predictor::VersionRef;
 use crate::registry::RegistryMsg;
 
-/// Runs until the registry stops.
-pub async fn follow_models(link: Link, node: String, registry: ActorRef<RegistryMsg>) {
+/// Runs until `shutdown`; Err when the coordinator refuses this node.
+pub async fn follow_models(
+    link: Link,
+    node: String,
+    registry: Slot<RegistryMsg>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    tokio::select! {
+        r = follow(link, node, registry) => r,
+        _ = shutdown => Ok(()),
+    }
+}
+
+async fn follow(link: Link, node: String, registry: Slot<RegistryMsg>) -> Result<(), String> {
     let coordinator = link.addr.clone();
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -30,12 +42,11 @@ pub async fn follow_models(link: Link, node: String, registry: ActorRef<Registry
         .await;
         if let Err(e) = &stream {
             if e.code() == tonic::Code::Unauthenticated {
-                // Retrying cannot help: the serve role stops, and its node exits saying why.
-                registry.stop(Some(format!(
+                // Retrying cannot help: the watcher fails, and its supervisor decides.
+                return Err(format!(
                     "the coordinator at {coordinator} refused this node: {} (cluster.cookie / TICKMESH_COOKIE)",
                     e.message()
-                )));
-                return;
+                ));
             }
         }
         match stream {
@@ -57,8 +68,9 @@ pub async fn follow_models(link: Link, node: String, registry: ActorRef<Registry
                                     sha256: u.sha256,
                                 },
                             };
-                            if registry.cast(msg).is_err() {
-                                return;
+                            // A registry being restarted reads the champions itself.
+                            if let Some(r) = registry.get() {
+                                let _ = r.cast(msg);
                             }
                         }
                         Ok(None) => break,
@@ -70,9 +82,6 @@ pub async fn follow_models(link: Link, node: String, registry: ActorRef<Registry
                 }
             }
             Err(e) => warn!(%coordinator, error = %e.message(), "cannot watch model versions yet"),
-        }
-        if registry.get_status() != ractor::ActorStatus::Running {
-            return;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

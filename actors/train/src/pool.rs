@@ -34,6 +34,7 @@ use tracing::{error, info, warn};
 use crate::lease::{term, Leases};
 use crate::trainer::{job_runs_prefix, Job, TrainOutcome, TrainerActor, TrainerArgs, TrainerMsg};
 
+#[derive(Clone, Copy)]
 pub struct TrainerPool;
 
 /// Messages of [`TrainerPool`].
