@@ -4,6 +4,8 @@
 //! coordinator node with a cluster port) connect to the seed, and the mesh
 //! is transitive. `NodeAgentMsg::Describe` is a remote RPC whose reply is
 //! encoded with bincode, so any member can ask every other one what it is.
+//! A connection that has not authenticated (the cookie) within
+//! [`HANDSHAKE_TIMEOUT`] is closed.
 
 use std::time::Duration;
 
@@ -106,7 +108,48 @@ pub async fn start_server(
     let (server, _) = Actor::spawn(None, server, ())
         .await
         .map_err(|e| anyhow!("ractor_cluster node server on {host}:{port}: {e}"))?;
+    server
+        .cast(NodeServerMessage::SubscribeToEvents {
+            id: "handshake-guard".into(),
+            subscription: Box::new(HandshakeGuard {
+                timeout: HANDSHAKE_TIMEOUT,
+            }),
+        })
+        .map_err(|e| anyhow!("ractor_cluster node server: {e}"))?;
     Ok(server)
+}
+
+/// How long an incoming mesh connection may take to authenticate.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes mesh sessions that have not authenticated within `timeout` (a
+/// stranger that connects and says nothing, or a peer with a wrong cookie):
+/// ractor_cluster itself would keep them open for ever.
+struct HandshakeGuard {
+    timeout: Duration,
+}
+
+impl ractor_cluster::NodeEventSubscription for HandshakeGuard {
+    fn node_session_opened(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        let timeout = self.timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let authenticated = call_t!(
+                ses.actor,
+                ractor_cluster::NodeSessionMessage::GetAuthenticationState,
+                1_000
+            )
+            .unwrap_or(false);
+            if !authenticated && ses.actor.get_status() == ractor::ActorStatus::Running {
+                warn!(peer = %ses.peer_addr, timeout_s = timeout.as_secs(), "mesh connection not authenticated in time; closed (wrong cookie?)");
+                ses.actor.stop(Some("handshake timeout".into()));
+            }
+        });
+    }
+
+    fn node_session_disconnected(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
+
+    fn node_session_authenticated(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
 }
 
 /// Connects to the seed, retrying in the background until it answers.

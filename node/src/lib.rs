@@ -7,10 +7,12 @@
 //! - [`chart`]: the forecast-vs-actual PNG.
 //! - [`cluster`]: ractor_cluster membership (node servers, node agents).
 //! - [`bench`]: the training-throughput benchmark beside PyTorch.
+//! - [`bench_cp`]: the control plane's placement and failover benchmark.
 //! - [`train_cli`]: `tickmesh train`, `evaluate` and `doctor`.
 
 pub mod admin_cli;
 pub mod bench;
+pub mod bench_cp;
 pub mod chart;
 pub mod cluster;
 pub mod demo;

@@ -128,6 +128,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Placement of N jobs over simulated trainer nodes and failover after kills (scripts/bench/control_plane.sh).
+    #[command(hide = true)]
+    BenchControlPlane {
+        #[arg(long, default_value_t = 1000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        #[arg(long, default_value_t = 1)]
+        heartbeat_secs: u64,
+        #[arg(long, default_value_t = 3)]
+        lease_secs: u64,
+        /// coordinator.retry_backoff_ms (a re-owned job waits it too).
+        #[arg(long, default_value_t = 0)]
+        retry_backoff_ms: u64,
+        /// The job table in the PostgreSQL of --config instead of a fresh SQLite file.
+        #[arg(long)]
+        postgres_config: Option<PathBuf>,
+    },
     /// Training throughput of each model kind (scripts/bench/train.sh runs it beside PyTorch).
     #[command(hide = true)]
     BenchTrain {
@@ -363,6 +383,40 @@ async fn run(cli: Cli) -> Result<()> {
                     last.date_naive()
                 );
                 print!("{}", report.table());
+            }
+        }
+        Cmd::BenchControlPlane {
+            jobs,
+            nodes,
+            kills,
+            heartbeat_secs,
+            lease_secs,
+            retry_backoff_ms,
+            postgres_config,
+        } => {
+            if nodes < 2 || jobs == 0 {
+                return Err(
+                    UsageError("--nodes must be at least 2 and --jobs at least 1".into()).into(),
+                );
+            }
+            let db = match postgres_config {
+                Some(p) => {
+                    Some(tickmesh_core::db::Db::connect_postgres(&load(&p)?.postgres).await?)
+                }
+                None => None,
+            };
+            let out = tickmesh::bench_cp::run(tickmesh::bench_cp::Options {
+                jobs,
+                nodes,
+                kills,
+                heartbeat_secs,
+                lease_secs,
+                retry_backoff_ms,
+                db,
+            })
+            .await?;
+            for line in out {
+                println!("{line}");
             }
         }
         Cmd::BenchTrain {

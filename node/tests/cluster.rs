@@ -129,4 +129,30 @@ cluster_port = {c2}
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a wrong cookie must fail: {stderr}");
     assert!(stderr.contains("cookie"), "{stderr}");
+
+    // A connection that never authenticates is closed by the handshake timeout.
+    use std::io::Read;
+    let mut stranger = std::net::TcpStream::connect(("127.0.0.1", c1)).unwrap();
+    stranger
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let opened = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match stranger.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "the silent connection was not closed: {e} after {:?}",
+                opened.elapsed()
+            ),
+        }
+    }
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(20),
+        "closed after {took:?}; the handshake timeout is 10 s"
+    );
 }

@@ -185,6 +185,10 @@ device = "cpu"
     }
 
     fn start(&mut self, node: &str) {
+        self.start_env(node, &[]);
+    }
+
+    fn start_env(&mut self, node: &str, env: &[(&str, &str)]) {
         let log = self.dir.path().join(format!(
             "{node}-{}.log",
             self.procs.iter().filter(|(n, _)| n == node).count()
@@ -193,6 +197,7 @@ device = "cpu"
             .args(["run", "--node", node, "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -564,13 +569,14 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
 async fn a_restarted_coordinator_loses_no_job_and_a_failing_job_does_not_block_the_next() {
     let _one = SERIAL.lock().await;
     let tickers = ["RSTA", "RSTB", "RSTC"];
-    let mut c = Cluster::new(&["t1"], &tickers, Some("TINY"), 6).await;
+    let mut c = Cluster::new(&["t1"], &["RSTA", "RSTB", "RSTC", "BOOM"], Some("TINY"), 6).await;
     // Cut TINY down to a handful of rows: accepted, then failing in training.
     trim_rows(&c.db, "TINY", 12).await;
     c.start("coord");
-    c.start("t1");
-    // TINY first: its failures must not hold up the jobs behind it.
-    let mut order = vec!["TINY"];
+    // BOOM's training thread panics (a failpoint).
+    c.start_env("t1", &[("TICKMESH_FAILPOINT_PANIC_TICKER", "BOOM")]);
+    // TINY and BOOM first: their failures must not hold up the jobs behind them.
+    let mut order = vec!["TINY", "BOOM"];
     order.extend(tickers);
     let ids = c.train(&order).await;
     c.wait_jobs("the first job running", Duration::from_secs(60), |js| {
@@ -586,9 +592,13 @@ async fn a_restarted_coordinator_loses_no_job_and_a_failing_job_does_not_block_t
 
     let jobs = c
         .wait_jobs("every job finished", Duration::from_secs(300), |js| {
-            js.len() == 4 && js.iter().all(|j| j.state == "done" || j.state == "failed")
+            js.len() == 5 && js.iter().all(|j| j.state == "done" || j.state == "failed")
         })
         .await;
+    let boom = jobs.iter().find(|j| j.ticker == "BOOM").unwrap();
+    assert_eq!(boom.state, "failed", "{boom:?}");
+    assert_eq!(boom.attempts, 2, "a panicking job is retried, then failed");
+    assert!(boom.reason.contains("panicked"), "{}", boom.reason);
     let mut got: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     got.sort();
     let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -725,7 +735,8 @@ async fn refuse_forged_and_oversized(c: &Cluster) {
     assert_eq!(r.refused.len(), 10_000);
     assert!(r.refused[0].contains("unknown ticker"), "{}", r.refused[0]);
     eprintln!("10,000 unknown tickers refused in {:?}", t.elapsed());
-    assert!(c.db.jobs(&[], 100_000).await.unwrap().len() <= 4);
+    let n = c.db.jobs(&[], 100_000).await.unwrap().len();
+    assert!(n <= 5, "{n} jobs: the flood queued some");
     // An oversized request.
     let huge = client
         .start_training(StartTrainingRequest {
@@ -1080,7 +1091,7 @@ fn make_certs(dir: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() {
     let _one = SERIAL.lock().await;
-    let mut c = Cluster::new(&["t1"], &["TLSA"], None, 4).await;
+    let mut c = Cluster::new(&["t1", "t9"], &["TLSA"], None, 4).await;
     let certs = c.dir.path().join("certs");
     std::fs::create_dir_all(&certs).unwrap();
     make_certs(&certs);
@@ -1166,5 +1177,34 @@ async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    assert!(c.proc("coord").alive() && c.proc("t1").alive());
+
+    // A trainer with a wrong cookie: its pool is refused, restarted by the
+    // node's root supervisor within its budget, and the node gives up and
+    // exits non-zero saying why.
+    c.start_env("t9", &[("TICKMESH_COOKIE", "not-the-cookie")]);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = c.proc("t9").child.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "t9 kept running with a wrong cookie{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&c.proc("t9").log).unwrap();
+    assert!(
+        log.contains("gives up") && log.contains("refused this node"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("child exited; restarting").count(),
+        3,
+        "max_restarts restarts before giving up: {log}"
+    );
     assert!(c.proc("coord").alive() && c.proc("t1").alive());
 }

@@ -19,9 +19,13 @@
 //!   heartbeat renews the leases of the jobs it still holds and is told which
 //!   ones are no longer its own (revoked). A lease that runs out, a failure
 //!   report, or a node that comes back without the job ends the attempt: the
-//!   job is queued again after a jittered, doubling backoff while attempts
-//!   remain (`max_attempts`), then marked failed with the reason. The next
+//!   job is queued again while attempts remain (`max_attempts`), then marked
+//!   failed with the reason. A job that failed waits a jittered, doubling
+//!   backoff first; one whose node went away is queued at once. The next
 //!   attempt resumes from the job's last snapshot.
+//! - **Operators** (the Admin API): cordoned and draining nodes get nothing
+//!   new; a drain publishes NOT_SERVING for the node first; promote and
+//!   rollback change the champion and push it to the predictors.
 //! - **Fencing.** Progress, checkpoint and failure reports must name the
 //!   job's current node, epoch (and version); anything else is refused. A
 //!   node name is held by one process (its incarnation) while it is alive.
@@ -594,6 +598,7 @@ async fn register(st: &mut CoordinatorState, reg: Registration) -> Result<(), St
                 st,
                 &id,
                 format!("node {} came back without the job", reg.node),
+                Ended::NodeLost,
             )
             .await;
         }
@@ -678,7 +683,13 @@ async fn heartbeat(
         .cloned()
         .collect();
     for id in lost {
-        end_attempt(st, &id, format!("node {node} no longer holds the job")).await;
+        end_attempt(
+            st,
+            &id,
+            format!("node {node} no longer holds the job"),
+            Ended::NodeLost,
+        )
+        .await;
     }
     renew(st, node, &renewed).await?;
     Ok(HeartbeatOutcome {
@@ -706,6 +717,7 @@ async fn tick(st: &mut CoordinatorState) {
                 "the lease on node {node} ran out ({} s without renewal)",
                 st.args.lease.as_secs()
             ),
+            Ended::NodeLost,
         )
         .await;
     }
@@ -864,15 +876,34 @@ async fn assign_pending(st: &mut CoordinatorState) {
             if let Some(n) = st.nodes.get_mut(&node) {
                 n.assignments = None;
             }
-            end_attempt(st, &id, format!("node {node}'s assignment stream closed")).await;
+            end_attempt(
+                st,
+                &id,
+                format!("node {node}'s assignment stream closed"),
+                Ended::NodeLost,
+            )
+            .await;
         }
     }
 }
 
-/// Ends the current attempt of an assigned job: queued again after a
-/// backoff while attempts remain, failed otherwise. Written to the database
-/// first.
-async fn end_attempt(st: &mut CoordinatorState, id: &str, reason: String) {
+/// Why an attempt ended, which decides when the job may run again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The job itself failed (a failure report, a refused checkpoint): the
+    /// retry waits a jittered backoff that doubles with each attempt.
+    Failed,
+    /// Its node went away (lease ran out, the node came back without it, its
+    /// stream closed): the job is queued again at once. It still counts
+    /// against `max_attempts`, so a job that kills every node it lands on
+    /// ends failed.
+    NodeLost,
+}
+
+/// Ends the current attempt of an assigned job: queued again (after a
+/// backoff when the job failed) while attempts remain, failed otherwise.
+/// Written to the database first.
+async fn end_attempt(st: &mut CoordinatorState, id: &str, reason: String, why: Ended) {
     let Some(job) = st.jobs.get(id) else { return };
     let mut row = job.row.clone();
     if let Some(node) = row.node.as_ref().and_then(|n| st.nodes.get_mut(n)) {
@@ -888,7 +919,10 @@ async fn end_attempt(st: &mut CoordinatorState, id: &str, reason: String) {
         warn!(job = %id, ticker = %row.ticker, interval = %row.interval, reason = %row.reason, "job failed");
     } else {
         let base = st.args.retry_backoff.as_millis() as u64;
-        let backoff = base.saturating_mul(1 << (row.attempts.max(1) - 1).min(10));
+        let backoff = match why {
+            Ended::Failed => base.saturating_mul(1 << (row.attempts.max(1) - 1).min(10)),
+            Ended::NodeLost => 0,
+        };
         let jitter = rand::random::<u64>() % (backoff / 2 + 1);
         row.state = "queued".into();
         row.not_before = now + chrono::Duration::milliseconds((backoff + jitter) as i64);
@@ -979,7 +1013,7 @@ async fn progress(st: &mut CoordinatorState, p: JobProgress) {
 
 async fn fail_attempt(st: &mut CoordinatorState, f: JobFailure) -> Result<(), String> {
     current(st, &f.job_id, &f.node, f.epoch)?;
-    end_attempt(st, &f.job_id, f.reason).await;
+    end_attempt(st, &f.job_id, f.reason, Ended::Failed).await;
     Ok(())
 }
 
@@ -1012,7 +1046,7 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
     };
     if let Err(e) = st.args.db.insert_model_version(&m).await {
         let reason = format!("the model registry refused version {}: {e}", r.version);
-        end_attempt(st, &r.job_id, reason.clone()).await;
+        end_attempt(st, &r.job_id, reason.clone(), Ended::Failed).await;
         return Err(reason);
     }
     if let Some(n) = st.nodes.get_mut(&r.node) {
@@ -1149,13 +1183,5 @@ async fn requeue_now(st: &mut CoordinatorState, id: &str, reason: String) {
     if let Some(j) = st.jobs.get_mut(id) {
         j.row.attempts = (j.row.attempts - 1).max(0);
     }
-    end_attempt(st, id, reason).await;
-    if let Some(j) = st.jobs.get_mut(id) {
-        if j.row.state == "queued" {
-            j.row.not_before = Utc::now();
-            if let Err(e) = st.args.db.upsert_job(&j.row).await {
-                warn!(job = %id, error = %e, "cannot record the requeue");
-            }
-        }
-    }
+    end_attempt(st, id, reason, Ended::NodeLost).await;
 }

@@ -282,6 +282,10 @@ pub async fn train_job(
     };
     let job_id = job.id.clone();
     let (meta, files) = tokio::task::spawn_blocking(move || -> Result<(Meta, Files)> {
+        // Failpoint for the process tests: a training thread that panics.
+        if std::env::var("TICKMESH_FAILPOINT_PANIC_TICKER").is_ok_and(|t| t == ticker) {
+            panic!("failpoint TICKMESH_FAILPOINT_PANIC_TICKER={ticker}");
+        }
         let ds = Dataset::build(
             &rows,
             &c.features,
