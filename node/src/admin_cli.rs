@@ -339,10 +339,16 @@ pub async fn run(cfg: &ClusterConfig, cmd: AdminCmd) -> Result<()> {
                 port
             };
             let name = format!("admin-{}", std::process::id());
-            let server = cluster::start_server(&name, cookie, "127.0.0.1", port).await?;
-            ractor_cluster::client_connect(&server, seed.as_str())
-                .await
-                .map_err(|e| anyhow!("cannot reach the cluster seed at {seed}: {e}"))?;
+            let tls = cluster::mesh_tls(cfg, "127.0.0.1")?;
+            let server =
+                cluster::start_server(&name, cookie, "127.0.0.1", port, tls.as_ref()).await?;
+            if tls.is_some() {
+                for peer in cluster::peers(cfg, &name, true) {
+                    cluster::connect(&server, &peer, tls.as_ref()).await?;
+                }
+            } else {
+                cluster::connect(&server, &seed, None).await?;
+            }
             let nodes = cluster::describe_remote_nodes(Duration::from_secs(10)).await?;
             if nodes.is_empty() {
                 // The seed accepts the TCP connection and then refuses the

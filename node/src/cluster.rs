@@ -5,7 +5,8 @@
 //! is transitive. `NodeAgentMsg::Describe` is a remote RPC whose reply is
 //! encoded with bincode, so any member can ask every other one what it is.
 //! A connection that has not authenticated (the cookie) within
-//! [`HANDSHAKE_TIMEOUT`] is closed.
+//! [`HANDSHAKE_TIMEOUT`] is closed. With `[cluster] tls_*` the mesh speaks
+//! TLS only, and each node connects to every other configured node itself.
 
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::node::NodeConnectionMode;
 use ractor_cluster::{BytesConvertable, NodeServer, NodeServerMessage, RactorClusterMessage};
 use serde::{Deserialize, Serialize};
+use tickmesh_core::config::ClusterConfig;
+use tickmesh_proto::auth::MeshTls;
 use tracing::{info, warn};
 
 /// The process group every node agent joins.
@@ -87,20 +90,46 @@ impl Actor for NodeAgent {
     }
 }
 
+/// The mesh's TLS from `[cluster] tls_*` (for a peer on `host` when no
+/// `tls_domain` is set); `None` when the mesh is plaintext.
+pub fn mesh_tls(cfg: &ClusterConfig, host: &str) -> Result<Option<MeshTls>> {
+    let c = &cfg.cluster;
+    let (Some(cert), Some(key), Some(ca)) = (&c.tls_cert_file, &c.tls_key_file, &c.tls_ca_file)
+    else {
+        return Ok(None);
+    };
+    let domain = c.tls_domain.clone().unwrap_or_else(|| host.to_string());
+    MeshTls::load(cert, key, ca, &domain)
+        .map(Some)
+        .map_err(|e| anyhow!("cluster.tls_*: {e}"))
+}
+
 /// Starts this process's node server on `port` (127.0.0.1 when `host` is).
+/// With TLS the server accepts TLS only, and the node connects to its peers
+/// itself (ractor_cluster's transitive connections are plaintext).
 pub async fn start_server(
     name: &str,
     cookie: &str,
     host: &str,
     port: u16,
+    tls: Option<&MeshTls>,
 ) -> Result<ActorRef<NodeServerMessage>> {
+    let (encryption, mode) = match tls {
+        Some(t) => (
+            Some(ractor_cluster::IncomingEncryptionMode::Tls(
+                t.acceptor.clone(),
+            )),
+            NodeConnectionMode::Isolated,
+        ),
+        None => (None, NodeConnectionMode::Transitive),
+    };
     let mut server = NodeServer::new(
         port,
         cookie.to_string(),
         name.to_string(),
         host.to_string(),
-        None,
-        Some(NodeConnectionMode::Transitive),
+        encryption,
+        Some(mode),
     );
     if let Ok(ip) = host.parse() {
         server = server.with_listen_addr(ip);
@@ -152,24 +181,58 @@ impl ractor_cluster::NodeEventSubscription for HandshakeGuard {
     fn node_session_authenticated(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
 }
 
-/// Connects to the seed, retrying in the background until it answers.
-pub fn join_seed(server: ActorRef<NodeServerMessage>, seed: String) {
+/// Opens a mesh connection to the node server at `addr` (over TLS when given).
+pub async fn connect(
+    server: &ActorRef<NodeServerMessage>,
+    addr: &str,
+    tls: Option<&MeshTls>,
+) -> Result<()> {
+    match tls {
+        Some(t) => {
+            ractor_cluster::client_connect_enc(server, addr, t.connector.clone(), t.domain.clone())
+                .await
+        }
+        None => ractor_cluster::client_connect(server, addr).await,
+    }
+    .map_err(|e| anyhow!("cannot reach the mesh node at {addr}: {e}"))
+}
+
+/// Connects to `peer`, retrying in the background until it answers.
+pub fn join(server: ActorRef<NodeServerMessage>, peer: String, tls: Option<MeshTls>) {
     tokio::spawn(async move {
         let mut wait = Duration::from_millis(200);
         loop {
-            match ractor_cluster::client_connect(&server, seed.as_str()).await {
+            match connect(&server, &peer, tls.as_ref()).await {
                 Ok(()) => {
-                    info!(%seed, "joined the cluster");
+                    info!(%peer, tls = tls.is_some(), "joined the cluster");
                     return;
                 }
                 Err(e) => {
-                    warn!(%seed, error = %e, "cannot reach the cluster seed yet");
+                    warn!(%peer, error = %e, "cannot reach the cluster peer yet");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
         }
     });
+}
+
+/// The mesh addresses this node connects to: the seed (the rest follows
+/// transitively), or with TLS every other node with a `cluster_port`.
+pub fn peers(cfg: &ClusterConfig, me: &str, tls: bool) -> Vec<String> {
+    if tls {
+        cfg.nodes
+            .iter()
+            .filter(|n| n.name != me)
+            .filter_map(|n| n.cluster_addr())
+            .collect()
+    } else {
+        cfg.cluster_seed()
+            .filter(|(s, _)| s != me)
+            .map(|(_, a)| a)
+            .into_iter()
+            .collect()
+    }
 }
 
 /// Spawns this node's agent.

@@ -486,7 +486,9 @@ async fn run(cli: Cli) -> Result<()> {
                     .cookie
                     .as_deref()
                     .context("a node with a cluster_port needs cluster.cookie")?;
-                let server = cluster::start_server(&node, cookie, &nc.host, port).await?;
+                let tls = cluster::mesh_tls(&cfg, &nc.host)?;
+                let server =
+                    cluster::start_server(&node, cookie, &nc.host, port, tls.as_ref()).await?;
                 cluster::start_agent(cluster::NodeDescription {
                     node: node.clone(),
                     roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
@@ -495,9 +497,9 @@ async fn run(cli: Cli) -> Result<()> {
                     pid: std::process::id(),
                 })
                 .await?;
-                if let Some((seed_name, seed)) = cfg.cluster_seed().filter(|(s, _)| *s != node) {
-                    tracing::info!(seed = %seed_name, addr = %seed, "joining the cluster");
-                    cluster::join_seed(server, seed);
+                for peer in cluster::peers(&cfg, &node, tls.is_some()) {
+                    tracing::info!(%peer, "joining the cluster");
+                    cluster::join(server.clone(), peer, tls.clone());
                 }
             }
             tracing::info!(node = %node, ?roles, "node started");

@@ -3,6 +3,8 @@
 //! processes bincode-encoded); with a wrong cookie it fails instead of
 //! listing an empty mesh.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -155,4 +157,112 @@ cluster_port = {c2}
         took >= Duration::from_secs(9) && took < Duration::from_secs(20),
         "closed after {took:?}; the handshake timeout is 10 s"
     );
+}
+
+/// `tickmesh admin mesh` with `config` (and `env`): (success, stdout, stderr).
+fn admin_mesh(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = tickmesh()
+        .args([
+            "admin",
+            "mesh",
+            "--port",
+            &free_port().to_string(),
+            "--config",
+        ])
+        .arg(config)
+        .env_remove("TICKMESH_COOKIE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_tls_mesh_forms_over_tls_and_refuses_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    common::make_certs(&certs);
+    let (grpc, http, c1, c2) = (free_port(), free_port(), free_port(), free_port());
+    let body = |tls: bool| {
+        format!(
+            r#"
+[cluster]
+name = "tls-mesh-test"
+backend = "embedded"
+cookie = "tls-mesh-cookie"
+{tls}
+
+[embedded]
+data_dir = "{data}"
+
+[coordinator]
+listen = "127.0.0.1:{grpc}"
+
+[serve]
+http_listen = "127.0.0.1:{http}"
+
+[[nodes]]
+name = "coord"
+roles = ["coordinator", "aggregate"]
+cluster_port = {c1}
+
+[[nodes]]
+name = "predictor"
+roles = ["serve"]
+cluster_port = {c2}
+"#,
+            tls = if tls {
+                format!(
+                    "tls_cert_file = \"{0}/server.pem\"\ntls_key_file = \"{0}/server.key\"\ntls_ca_file = \"{0}/ca.pem\"\ntls_domain = \"127.0.0.1\"",
+                    certs.display()
+                )
+            } else {
+                String::new()
+            },
+            data = dir.path().join("data").display()
+        )
+    };
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, body(true)).unwrap();
+    let plain = dir.path().join("plain.toml");
+    std::fs::write(&plain, body(false)).unwrap();
+    let run = |node: &str| {
+        Killed(
+            tickmesh()
+                .args(["run", "--node", node, "--config"])
+                .arg(&config)
+                .env_remove("TICKMESH_COOKIE")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _coord = run("coord");
+    let _pred = run("predictor");
+    let start = Instant::now();
+    loop {
+        let (ok, stdout, stderr) = admin_mesh(&config, &[]);
+        if ok && stdout.contains("2 nodes") {
+            assert!(
+                stdout.contains("coord ") && stdout.contains("predictor"),
+                "{stdout}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the TLS mesh never showed both nodes: {stdout} {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Plaintext to the TLS mesh: no node answers.
+    let (ok, stdout, stderr) = admin_mesh(&plain, &[]);
+    assert!(!ok, "plaintext joined a TLS mesh: {stdout}");
+    assert!(!stdout.contains("2 nodes"), "{stdout} {stderr}");
 }

@@ -1023,78 +1023,13 @@ async fn operators_cordon_drain_hand_off_promote_and_roll_back_through_the_admin
     assert_eq!(states, vec![("t1", "drained"), ("t2", "ready")]);
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, made with openssl.
-fn make_certs(dir: &std::path::Path) {
-    let ossl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl (scripts/setup.sh installs it)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=tickmesh test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    ossl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=coordinator",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:coordinator\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.pem",
-    ]);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() {
     let _one = SERIAL.lock().await;
     let mut c = Cluster::new(&["t1", "t9"], &["TLSA"], None, 4).await;
     let certs = c.dir.path().join("certs");
     std::fs::create_dir_all(&certs).unwrap();
-    make_certs(&certs);
+    common::make_certs(&certs);
     let text = std::fs::read_to_string(&c.config).unwrap().replace(
         "[coordinator]\n",
         &format!(
@@ -1124,7 +1059,7 @@ async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() 
     // TLS without the CA's trust: refused too.
     let other = c.dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
-    make_certs(&other);
+    common::make_certs(&other);
     let untrusted = Link::plain(&addr, Some(COOKIE))
         .with_tls(&other.join("ca.pem"), "127.0.0.1")
         .unwrap();

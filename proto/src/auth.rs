@@ -155,6 +155,48 @@ pub fn server_tls(cert: &Path, key: &Path) -> Result<ServerTlsConfig, String> {
     Ok(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)))
 }
 
+/// The ractor_cluster mesh's TLS: every node server presents `cert`/`key`
+/// (PEM) and every node verifies its peers with `ca` under `domain`.
+#[derive(Clone)]
+pub struct MeshTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub connector: tokio_rustls::TlsConnector,
+    pub domain: rustls_pki_types::ServerName<'static>,
+}
+
+impl MeshTls {
+    pub fn load(cert: &Path, key: &Path, ca: &Path, domain: &str) -> Result<Self, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        install_crypto();
+        let certs = CertificateDer::pem_file_iter(cert)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+        let key_der =
+            PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key_der)
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+            roots
+                .add(c.map_err(|e| format!("{}: {e}", ca.display()))?)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let domain = ServerName::try_from(domain.to_string())
+            .map_err(|e| format!("TLS name `{domain}`: {e}"))?;
+        Ok(MeshTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server)),
+            connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(client)),
+            domain,
+        })
+    }
+}
+
 /// How to reach the coordinator's gRPC port.
 #[derive(Clone, Default)]
 pub struct Link {

@@ -61,6 +61,14 @@ pub struct ClusterSection {
     /// `cluster_port`, and by a coordinator listening beyond loopback.
     /// `TICKMESH_COOKIE` overrides it.
     pub cookie: Option<String>,
+    /// PEM certificate chain and key every node's mesh server presents: the
+    /// mesh speaks TLS only. Both or neither, and `tls_ca_file` with them.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// The CA every node verifies its mesh peers with.
+    pub tls_ca_file: Option<PathBuf>,
+    /// The name in the nodes' certificates (default: each peer's host).
+    pub tls_domain: Option<String>,
 }
 
 impl Default for ClusterSection {
@@ -69,6 +77,10 @@ impl Default for ClusterSection {
             name: "tickmesh".into(),
             backend: Backend::Embedded,
             cookie: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_domain: None,
         }
     }
 }
@@ -698,6 +710,15 @@ impl ClusterConfig {
                     );
                 }
             }
+        }
+        let c = &self.cluster;
+        if c.tls_cert_file.is_some() != c.tls_key_file.is_some()
+            || (c.tls_cert_file.is_some() && c.tls_ca_file.is_none())
+        {
+            return bad(
+                "cluster.tls_cert_file",
+                "the mesh's TLS needs tls_cert_file, tls_key_file and tls_ca_file together".into(),
+            );
         }
         if self.coordinator.tls_cert_file.is_some() != self.coordinator.tls_key_file.is_some() {
             return bad(
