@@ -152,6 +152,7 @@ fn clip_grad_norm(params: &[Tensor], max: f64) {
 
 /// Adam with bias correction (β = 0.9/0.999, ε = 1e-8; no weight decay, no amsgrad),
 /// with its moments in tensors we own, so a [`Snapshot`] can carry them.
+/// Its steps equal `torch.optim.Adam`'s to 1e-6 (test `torch_parity`).
 struct Adam {
     lr: f64,
     beta1: f64,
@@ -534,4 +535,134 @@ pub fn fit_with(
         samples_per_sec: (n_train * epochs_run) as f64 / secs0.max(1e-9),
         device,
     })
+}
+
+#[cfg(test)]
+mod torch_parity {
+    //! `Adam` and `clip_grad_norm` against `torch.optim.Adam` and
+    //! `torch.nn.utils.clip_grad_norm_` (scripts/py/adam_parity.py, run by
+    //! the torch venv that scripts/setup.sh installs).
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn python() -> String {
+        let py = std::env::var("TICKMESH_PYTHON").unwrap_or_else(|_| "python".into());
+        let ok = std::process::Command::new(&py)
+            .args(["-c", "import torch, safetensors"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "`{py}` cannot import torch and safetensors: run scripts/setup.sh and `. scripts/env.sh` (scripts/test.sh does both)"
+        );
+        py
+    }
+
+    /// Runs `steps` steps of ours and of PyTorch's from the same parameters
+    /// and gradients; the largest difference of the final parameters.
+    fn compare(lr: f64, clip: f64, steps: usize, seed: u64) -> f64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let shapes: [(&str, &[i64]); 3] = [("a", &[7, 5]), ("b", &[5]), ("c", &[3, 2, 4])];
+        let mut rand_t = |shape: &[i64], scale: f32| {
+            let n: i64 = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+            Tensor::from_slice(&v).reshape(shape)
+        };
+        let mut saved: Vec<(String, Tensor)> = Vec::new();
+        let params: Vec<Tensor> = shapes
+            .iter()
+            .map(|(n, s)| {
+                let t = rand_t(s, 1.0);
+                saved.push((format!("p.{n}"), t.copy()));
+                t.set_requires_grad(true)
+            })
+            .collect();
+        let mut grads = Vec::new();
+        for step in 0..steps {
+            // Gradients of every size, some large enough to be clipped.
+            let scale = if step % 3 == 0 { 5.0 } else { 0.05 };
+            let g: Vec<Tensor> = shapes.iter().map(|(_, s)| rand_t(s, scale)).collect();
+            for ((n, _), t) in shapes.iter().zip(&g) {
+                saved.push((format!("g.{step}.{n}"), t.copy()));
+            }
+            grads.push(g);
+        }
+        let inp = dir.path().join("in.safetensors");
+        let named: Vec<(&str, &Tensor)> = saved.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&named, &inp).unwrap();
+
+        let mut opt = Adam::new(&params, lr);
+        for g in &grads {
+            Adam::zero_grad(&params);
+            // sum(p · g) has gradient g.
+            let loss = params
+                .iter()
+                .zip(g)
+                .map(|(p, g)| (p * g).sum(Kind::Float))
+                .reduce(|a, b| a + b)
+                .unwrap();
+            loss.backward();
+            if clip > 0.0 {
+                clip_grad_norm(&params, clip);
+            }
+            opt.step(&params);
+        }
+
+        let out = dir.path().join("out.json");
+        let st = std::process::Command::new(python())
+            .arg(
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../scripts/py/adam_parity.py"),
+            )
+            .args([
+                "--inp",
+                inp.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args(["--lr", &lr.to_string(), "--clip", &clip.to_string()])
+            .args(["--steps", &steps.to_string()])
+            .env("PYTHONWARNINGS", "ignore")
+            .status()
+            .unwrap();
+        assert!(st.success(), "adam_parity.py failed");
+        let theirs: std::collections::HashMap<String, Vec<f32>> =
+            serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        let mut worst = 0.0f64;
+        let mut moved = 0.0f64;
+        for ((n, _), p) in shapes.iter().zip(&params) {
+            let start = &saved
+                .iter()
+                .find(|(k, _)| *k == format!("p.{n}"))
+                .unwrap()
+                .1;
+            moved = moved.max((p.detach() - start).abs().max().double_value(&[]));
+            let ours: Vec<f32> = Vec::try_from(p.detach().flatten(0, -1)).unwrap();
+            let t = &theirs[*n];
+            assert_eq!(ours.len(), t.len());
+            for (a, b) in ours.iter().zip(t) {
+                worst = worst.max((a - b).abs() as f64);
+            }
+        }
+        assert!(moved > 1e-3, "the steps moved the parameters ({moved})");
+        worst
+    }
+
+    #[test]
+    fn adam_equals_torch_optim_adam() {
+        let d = compare(1e-3, 0.0, 25, 1);
+        eprintln!("Adam, lr 1e-3, 25 steps: max |ours - torch| = {d:e}");
+        assert!(d <= 1e-6, "max |ours - torch| = {d}");
+        let d = compare(0.05, 0.0, 10, 2);
+        eprintln!("Adam, lr 0.05, 10 steps: max |ours - torch| = {d:e}");
+        assert!(d <= 1e-6, "max |ours - torch| = {d} at lr 0.05");
+    }
+
+    #[test]
+    fn clipping_then_adam_equals_clip_grad_norm_then_torch_optim_adam() {
+        let d = compare(1e-3, 1.0, 25, 3);
+        eprintln!("clip 1.0 then Adam, 25 steps: max |ours - torch| = {d:e}");
+        assert!(d <= 1e-6, "max |ours - torch| = {d}");
+    }
 }
