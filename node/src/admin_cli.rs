@@ -339,7 +339,7 @@ pub async fn run(cfg: &ClusterConfig, cmd: AdminCmd) -> Result<()> {
                 port
             };
             let name = format!("admin-{}", std::process::id());
-            let tls = cluster::mesh_tls(cfg, "127.0.0.1")?;
+            let tls = cluster::mesh_tls(cfg)?;
             let server =
                 cluster::start_server(&name, cookie, "127.0.0.1", port, tls.as_ref()).await?;
             if tls.is_some() {

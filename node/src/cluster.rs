@@ -90,16 +90,14 @@ impl Actor for NodeAgent {
     }
 }
 
-/// The mesh's TLS from `[cluster] tls_*` (for a peer on `host` when no
-/// `tls_domain` is set); `None` when the mesh is plaintext.
-pub fn mesh_tls(cfg: &ClusterConfig, host: &str) -> Result<Option<MeshTls>> {
+/// The mesh's TLS from `[cluster] tls_*`; `None` when the mesh is plaintext.
+pub fn mesh_tls(cfg: &ClusterConfig) -> Result<Option<MeshTls>> {
     let c = &cfg.cluster;
     let (Some(cert), Some(key), Some(ca)) = (&c.tls_cert_file, &c.tls_key_file, &c.tls_ca_file)
     else {
         return Ok(None);
     };
-    let domain = c.tls_domain.clone().unwrap_or_else(|| host.to_string());
-    MeshTls::load(cert, key, ca, &domain)
+    MeshTls::load(cert, key, ca, c.tls_domain.as_deref())
         .map(Some)
         .map_err(|e| anyhow!("cluster.tls_*: {e}"))
 }
@@ -189,8 +187,8 @@ pub async fn connect(
 ) -> Result<()> {
     match tls {
         Some(t) => {
-            ractor_cluster::client_connect_enc(server, addr, t.connector.clone(), t.domain.clone())
-                .await
+            let name = t.name_for(addr).map_err(|e| anyhow!("{e}"))?;
+            ractor_cluster::client_connect_enc(server, addr, t.connector.clone(), name).await
         }
         None => ractor_cluster::client_connect(server, addr).await,
     }

@@ -486,7 +486,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .cookie
                     .as_deref()
                     .context("a node with a cluster_port needs cluster.cookie")?;
-                let tls = cluster::mesh_tls(&cfg, &nc.host)?;
+                let tls = cluster::mesh_tls(&cfg)?;
                 let server =
                     cluster::start_server(&node, cookie, &nc.host, port, tls.as_ref()).await?;
                 cluster::start_agent(cluster::NodeDescription {

@@ -240,6 +240,7 @@ pub async fn start(
                 store: adapters.store.clone(),
                 train: cfg.train.clone(),
                 device,
+                // Replaced by each pool incarnation (see TrainerPool::pre_start).
                 slots: Arc::new(Semaphore::new(parallel)),
                 leases: Leases::default(),
             },

@@ -51,11 +51,30 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
 
     let http = node.bound.http.unwrap();
     let client = reqwest::Client::new();
+    // The embedded coordinator's admin token; without it (or with another)
+    // POST /ml/train is 401 and queues nothing.
+    let token = std::fs::read_to_string(cfg.embedded_token_path())
+        .unwrap()
+        .trim()
+        .to_string();
+    for auth in [None, Some("a-wrong-admin-token-value")] {
+        let mut req = client.post(format!("http://{http}/ml/train?ticker=APIT&interval=15m"));
+        if let Some(t) = auth {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            401,
+            "{auth:?}: {}",
+            r.text().await.unwrap()
+        );
+    }
     let post = |q: &str| {
         let url = format!("http://{http}/ml/train?{q}");
-        let c = client.clone();
+        let (c, token) = (client.clone(), token.clone());
         async move {
-            let r = c.post(&url).send().await.unwrap();
+            let r = c.post(&url).bearer_auth(&token).send().await.unwrap();
             let status = r.status().as_u16();
             (status, r.json::<Value>().await.unwrap())
         }

@@ -73,4 +73,18 @@ fn a_distributed_coordinator_does_not_start_without_an_admin_token() {
         err.contains("no admin token") && err.contains("TICKMESH_ADMIN_TOKEN"),
         "{err}"
     );
+    // A blank or short token is no token.
+    let out = tickmesh()
+        .args(["run", "--node", "coordinator", "--config"])
+        .arg(&good)
+        .env("TICKMESH_ADMIN_TOKEN", "  short  ")
+        .env("TICKMESH_COOKIE", "a-long-shared-secret")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("TICKMESH_ADMIN_TOKEN") && err.contains("at least 16"),
+        "{err}"
+    );
 }

@@ -41,7 +41,7 @@ fn two_nodes_form_a_mesh() {
 [cluster]
 name = "mesh-test"
 backend = "embedded"
-cookie = "secret-cookie"
+cookie = "secret-mesh-cookie"
 
 [embedded]
 data_dir = "{data}"
@@ -125,7 +125,7 @@ cluster_port = {c2}
             "--config",
         ])
         .arg(&config)
-        .env("TICKMESH_COOKIE", "not-the-cookie")
+        .env("TICKMESH_COOKIE", "not-the-cluster-cookie")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -194,7 +194,7 @@ fn a_tls_mesh_forms_over_tls_and_refuses_plaintext() {
 [cluster]
 name = "tls-mesh-test"
 backend = "embedded"
-cookie = "tls-mesh-cookie"
+cookie = "tls-mesh-test-cookie"
 {tls}
 
 [embedded]
@@ -218,7 +218,7 @@ cluster_port = {c2}
 "#,
             tls = if tls {
                 format!(
-                    "tls_cert_file = \"{0}/server.pem\"\ntls_key_file = \"{0}/server.key\"\ntls_ca_file = \"{0}/ca.pem\"\ntls_domain = \"127.0.0.1\"",
+                    "tls_cert_file = \"{0}/server.pem\"\ntls_key_file = \"{0}/server.key\"\ntls_ca_file = \"{0}/ca.pem\"",
                     certs.display()
                 )
             } else {

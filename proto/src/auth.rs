@@ -65,7 +65,8 @@ impl Bearer {
         })
     }
 
-    /// Every call fails with DEADLINE_EXCEEDED after `d` (sent as `grpc-timeout`).
+    /// Every call carries `grpc-timeout: d`: the server gives up on it then
+    /// (the client sees CANCELLED or DEADLINE_EXCEEDED).
     pub fn with_deadline(mut self, d: Duration) -> Self {
         self.deadline = Some(d);
         self
@@ -156,16 +157,30 @@ pub fn server_tls(cert: &Path, key: &Path) -> Result<ServerTlsConfig, String> {
 }
 
 /// The ractor_cluster mesh's TLS: every node server presents `cert`/`key`
-/// (PEM) and every node verifies its peers with `ca` under `domain`.
+/// (PEM) and every node verifies its peers with `ca`, under `domain` when
+/// set, else under each peer's own host.
 #[derive(Clone)]
 pub struct MeshTls {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub connector: tokio_rustls::TlsConnector,
-    pub domain: rustls_pki_types::ServerName<'static>,
+    pub domain: Option<rustls_pki_types::ServerName<'static>>,
 }
 
 impl MeshTls {
-    pub fn load(cert: &Path, key: &Path, ca: &Path, domain: &str) -> Result<Self, String> {
+    /// The name to verify the peer at `addr` (`host:port`) under.
+    pub fn name_for(&self, addr: &str) -> Result<rustls_pki_types::ServerName<'static>, String> {
+        if let Some(d) = &self.domain {
+            return Ok(d.clone());
+        }
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr, |(h, _)| h)
+            .trim_matches(['[', ']']);
+        rustls_pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("TLS name `{host}`: {e}"))
+    }
+
+    pub fn load(cert: &Path, key: &Path, ca: &Path, domain: Option<&str>) -> Result<Self, String> {
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
         install_crypto();
@@ -187,8 +202,11 @@ impl MeshTls {
         let client = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let domain = ServerName::try_from(domain.to_string())
-            .map_err(|e| format!("TLS name `{domain}`: {e}"))?;
+        let domain = domain
+            .map(|d| {
+                ServerName::try_from(d.to_string()).map_err(|e| format!("TLS name `{d}`: {e}"))
+            })
+            .transpose()?;
         Ok(MeshTls {
             acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server)),
             connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(client)),

@@ -242,7 +242,7 @@ pub struct AdminConfig {
     /// refuses to start without a token; an embedded one makes one and
     /// keeps it in `{embedded.data_dir}/admin.token`.
     pub token_file: Option<PathBuf>,
-    /// Seconds an admin call may take before it fails with DEADLINE_EXCEEDED.
+    /// Seconds an admin call may take (server and CLI) before it is cancelled.
     pub deadline_secs: Option<u64>,
     /// The token from `TICKMESH_ADMIN_TOKEN` (never read from the file).
     #[serde(skip)]
@@ -514,6 +514,17 @@ pub struct NodeConfig {
     pub jobs: Option<usize>,
 }
 
+/// A token or cookie: at least 16 printable ASCII characters, no spaces.
+pub fn check_secret(s: &str) -> std::result::Result<(), String> {
+    if s.len() < 16 {
+        return Err(format!("{} characters; at least 16", s.len()));
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("only printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
 /// True for `127.x.x.x:port` and `[::1]:port`.
 fn is_loopback(addr: &str) -> bool {
     addr.parse::<SocketAddr>()
@@ -684,8 +695,9 @@ impl ClusterConfig {
             return bad("serve.max_steps", "must be at least 1".into());
         }
         match &self.cluster.cookie {
-            Some(c) if c.trim().is_empty() => {
-                return bad("cluster.cookie", "must not be empty".into());
+            Some(c) if check_secret(c).is_err() => {
+                let why = check_secret(c).unwrap_err();
+                return bad("cluster.cookie", why);
             }
             Some(_) => {}
             None => {
@@ -796,21 +808,16 @@ impl ClusterConfig {
     /// The admin bearer token: `TICKMESH_ADMIN_TOKEN`, else `[admin] token_file`;
     /// `None` when neither is set.
     pub fn admin_token(&self) -> Result<Option<String>> {
-        if let Some(t) = &self.admin.token_env {
-            return Ok(Some(t.clone()));
-        }
-        let Some(path) = &self.admin.token_file else {
+        let (t, from) = if let Some(t) = &self.admin.token_env {
+            (t.clone(), "TICKMESH_ADMIN_TOKEN".to_string())
+        } else if let Some(path) = &self.admin.token_file {
+            let t = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            (t.trim().to_string(), path.display().to_string())
+        } else {
             return Ok(None);
         };
-        let t = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let t = t.trim();
-        if t.is_empty() {
-            return Err(Error::invalid(
-                "admin.token_file",
-                format!("{} is empty", path.display()),
-            ));
-        }
-        Ok(Some(t.to_string()))
+        check_secret(&t).map_err(|m| Error::invalid("admin token", format!("{from}: {m}")))?;
+        Ok(Some(t))
     }
 
     /// Where an embedded coordinator keeps the admin token it made.
@@ -857,10 +864,16 @@ mod tests {
         // No cookie in the file: distributed mode wants one from the environment.
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("cluster.cookie"), "{err}");
-        let env = HashMap::from([("TICKMESH_COOKIE".to_string(), "a-secret".to_string())]);
+        let env = HashMap::from([(
+            "TICKMESH_COOKIE".to_string(),
+            "a-shared-secret-of-the-test".to_string(),
+        )]);
         let cfg = ClusterConfig::parse(text, "cluster.toml", &env).unwrap();
         assert!(!cfg.nodes.is_empty());
-        assert_eq!(cfg.cluster.cookie.as_deref(), Some("a-secret"));
+        assert_eq!(
+            cfg.cluster.cookie.as_deref(),
+            Some("a-shared-secret-of-the-test")
+        );
     }
 
     #[test]

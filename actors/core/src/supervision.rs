@@ -7,7 +7,8 @@
 //!   `one_for_one` (that child), `one_for_all` (every child, stopped in
 //!   reverse order first) or `rest_for_one` (that child and those started
 //!   after it). The backoff is a timer (`send_after`), never a sleep in a
-//!   handler. When the budget is spent the supervisor fails with the reason
+//!   handler; a failure while a restart waits joins it, so the children
+//!   still start together and in order. When the budget is spent the supervisor fails with the reason
 //!   (escalation): its own parent decides, and a node whose root supervisor
 //!   fails exits non-zero.
 //! - [`metrics`]: restart and escalation counts of every supervisor in the
@@ -302,6 +303,18 @@ pub struct ServerState {
     name: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// The server itself: aborted when it outlives its shutdown (or the
+    /// actor dies without `post_stop`), so a restart can bind its port.
+    server: tokio::task::AbortHandle,
+}
+
+impl Drop for ServerState {
+    fn drop(&mut self) {
+        self.server.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
 }
 
 impl Actor for ServerActor {
@@ -318,9 +331,10 @@ impl Actor for ServerActor {
         let shutdown: ShutdownFuture = Box::pin(async move {
             let _ = rx.await;
         });
-        let server = (args.run)(shutdown);
+        let server = tokio::spawn((args.run)(shutdown));
+        let abort = server.abort_handle();
         let task = tokio::spawn(async move {
-            let why = match tokio::spawn(server).await {
+            let why = match server.await {
                 Ok(Ok(())) => "it returned".to_string(),
                 Ok(Err(e)) => e,
                 Err(e) => format!("it panicked: {e}"),
@@ -331,6 +345,7 @@ impl Actor for ServerActor {
             name: args.name,
             shutdown: Some(tx),
             task: Some(task),
+            server: abort,
         })
     }
 
@@ -357,8 +372,14 @@ impl Actor for ServerActor {
             let _ = tx.send(());
         }
         if let Some(t) = st.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+            if tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .is_err()
+            {
+                warn!(server = %st.name, "did not stop within 10 s; aborted");
+            }
         }
+        st.server.abort();
         Ok(())
     }
 }
@@ -378,8 +399,9 @@ pub struct SupervisorArgs {
 
 /// Messages of [`Supervisor`].
 pub enum SupervisorMsg {
-    /// The backoff has passed: start these children again (by index).
-    Restart(Vec<usize>),
+    /// The backoff has passed: start the pending children again, in order
+    /// (only the latest generation's timer does).
+    Restart(u64),
     /// The children now running, by name (for tests and `/metrics`).
     Children(ractor::RpcReplyPort<Vec<(String, Option<ActorCell>)>>),
 }
@@ -396,6 +418,10 @@ pub struct SupervisorState {
     stopping: HashSet<ActorId>,
     /// Stopped siblings to wait for before their replacements start.
     draining: Vec<ActorCell>,
+    /// Children waiting to be started again, and the generation of the one
+    /// `Restart` timer that may start them (older timers are ignored).
+    pending: std::collections::BTreeSet<usize>,
+    generation: u64,
 }
 
 impl SupervisorState {
@@ -441,7 +467,12 @@ impl SupervisorState {
             metrics().restarted(&self.name, &self.specs[j].name);
         }
         warn!(supervisor = %self.name, %child, reason = %why, strategy = ?self.strategy, restarting = set.len(), backoff_ms = backoff.as_millis() as u64, "child exited; restarting");
-        myself.send_after(backoff, move || SupervisorMsg::Restart(set));
+        // One pending set: a failure while a restart waits merges into it,
+        // and the children then start together, in order.
+        self.pending.extend(set);
+        self.generation += 1;
+        let g = self.generation;
+        myself.send_after(backoff, move || SupervisorMsg::Restart(g));
         Ok(())
     }
 }
@@ -471,6 +502,8 @@ impl Actor for Supervisor {
             cells,
             stopping: HashSet::new(),
             draining: Vec::new(),
+            pending: Default::default(),
+            generation: 0,
         })
     }
 
@@ -492,19 +525,26 @@ impl Actor for Supervisor {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupervisorMsg::Restart(set) => {
-                // Replacements start only once the stopped siblings are gone
-                // (they may hold ports or names).
+            SupervisorMsg::Restart(g) => {
+                if g != st.generation {
+                    return Ok(());
+                }
+                // Replacements start only once the stopped children are gone
+                // (they may hold ports or names). Each was told to stop when
+                // the restart was scheduled; this waits out its `post_stop`.
                 for c in std::mem::take(&mut st.draining) {
                     let _ = c.wait(Some(Duration::from_secs(10))).await;
                 }
-                for j in set {
+                let set: Vec<usize> = std::mem::take(&mut st.pending).into_iter().collect();
+                for (k, &j) in set.iter().enumerate() {
                     if st.cells[j].is_some() {
                         continue;
                     }
                     match (st.specs[j].start)(myself.get_cell()).await {
                         Ok(c) => st.cells[j] = Some(c),
                         Err(e) => {
+                            // The rest wait for the next attempt with this one.
+                            st.pending.extend(&set[k + 1..]);
                             let why = format!("restart failed: {e}");
                             return st.child_exited(&myself, j, &why);
                         }
@@ -590,10 +630,17 @@ mod strategy_tests {
         type Arguments = ();
 
         async fn pre_start(&self, _: ActorRef<FlakyMsg>, _: ()) -> Result<(), ActorProcessingErr> {
-            self.log
-                .lock()
-                .unwrap()
-                .push(format!("start {}", self.name));
+            let me = format!("start {}", self.name);
+            let n = {
+                let mut log = self.log.lock().unwrap();
+                log.push(me.clone());
+                log.iter().filter(|l| **l == me).count()
+            };
+            // `always_fails`: its first start panics in post_start; after
+            // that it cannot start at all.
+            if self.always_fails && n > 1 {
+                return Err(format!("{} cannot start", self.name).into());
+            }
             Ok(())
         }
 
@@ -833,7 +880,12 @@ mod strategy_tests {
             .iter()
             .filter(|l| *l == "start c")
             .count();
-        assert_eq!(c_starts, 4);
+        assert_eq!(c_starts, 4, "one start, then three restarts that fail");
         assert_eq!(metrics().escalations("t-start"), 1);
+        let why = metrics().last_escalation("t-start").unwrap();
+        assert!(
+            why.contains("restart failed") && why.contains("c cannot start"),
+            "{why}"
+        );
     }
 }

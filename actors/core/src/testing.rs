@@ -39,8 +39,8 @@ pub async fn distributed_config(label: &str) -> ClusterConfig {
         ClusterConfig::parse("", "test", &HashMap::new()).expect("default config is valid");
     cfg.cluster.backend = Backend::Distributed;
     // Distributed mode has no default secrets.
-    cfg.cluster.cookie = Some(format!("{label}-cookie"));
-    cfg.admin.token_env = Some(format!("{label}-admin-token"));
+    cfg.cluster.cookie = Some(format!("{label}-cookie-for-tests"));
+    cfg.admin.token_env = Some(format!("{label}-admin-token-for-tests"));
     cfg.kafka.brokers = env_or("TICKMESH_TEST_KAFKA", "127.0.0.1:19092");
     cfg.s3.endpoint_url = env_or("TICKMESH_TEST_S3", "http://127.0.0.1:19000");
     cfg.postgres.port = env_or("TICKMESH_TEST_PG_PORT", "15432")

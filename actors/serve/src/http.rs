@@ -40,6 +40,8 @@ pub struct HttpState {
     pub max_steps: usize,
     /// The coordinator's gRPC endpoint, for `/ml/train`.
     coordinator: Option<CoordinatorConn>,
+    /// The same coordinator, for `Admin.Train` with the caller's token.
+    link: Option<Link>,
     counters: Arc<Counters>,
 }
 
@@ -56,6 +58,7 @@ impl HttpState {
             registry,
             max_steps,
             coordinator: None,
+            link: None,
             counters: Arc::default(),
         }
     }
@@ -63,6 +66,7 @@ impl HttpState {
     /// Sends `/ml/train` requests to the coordinator `link` reaches.
     pub fn with_coordinator(mut self, link: &Link) -> Result<Self, String> {
         self.coordinator = Some(link.coordinator()?);
+        self.link = Some(link.clone());
         Ok(self)
     }
 }
@@ -77,6 +81,7 @@ impl IntoResponse for ServeError {
             ServeError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
             ServeError::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
             ServeError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+            ServeError::Unauthorized(m) => error(StatusCode::UNAUTHORIZED, m),
         }
     }
 }
@@ -202,15 +207,40 @@ fn grpc_error(e: tonic::Status) -> ServeError {
     match e.code() {
         tonic::Code::InvalidArgument => ServeError::BadRequest(e.message().to_string()),
         tonic::Code::NotFound => ServeError::NotFound(e.message().to_string()),
+        tonic::Code::Unauthenticated => ServeError::Unauthorized(e.message().to_string()),
         _ => ServeError::Unavailable(format!("coordinator: {}", e.message())),
     }
 }
 
-async fn train(State(st): State<HttpState>, Query(q): Query<HashMap<String, String>>) -> Response {
+/// `POST /ml/train` queues work, so it takes the Admin API's credential:
+/// the caller's `Authorization: Bearer <admin token>` is passed on to
+/// `Admin.Train`, and the coordinator checks it (401 without it or when it
+/// is wrong).
+async fn train(
+    State(st): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let result = async {
         let (ticker, interval, epochs, model) = train_params(&q)?;
-        let reply = coordinator(&st)?
-            .start_training(StartTrainingRequest {
+        let token = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ServeError::Unauthorized(
+                    "POST /ml/train needs `Authorization: Bearer <admin token>` (TICKMESH_ADMIN_TOKEN)"
+                        .into(),
+                )
+            })?;
+        let link = st.link.clone().ok_or_else(|| {
+            ServeError::Unavailable("this node has no coordinator to send training jobs to".into())
+        })?;
+        let reply = link
+            .with_secret(Some(token))
+            .admin()
+            .map_err(|e| ServeError::Unauthorized(format!("the token: {e}")))?
+            .train(StartTrainingRequest {
                 tickers: vec![ticker],
                 interval: interval.to_string(),
                 model: model.map(|m| m.to_string()).unwrap_or_default(),

@@ -25,4 +25,6 @@ pub enum ServeError {
     BadRequest(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Unauthorized(String),
 }

@@ -65,6 +65,8 @@ pub enum PredictorMsg {
     Load(VersionRef),
     /// A background load finished: serve this model from now on.
     Swap(Box<Forecaster>),
+    /// A background load of this version failed (a later `Load` tries again).
+    LoadFailed(i64),
     /// Forecast `n_steps` after the latest data.
     Forecast {
         n_steps: usize,
@@ -135,6 +137,8 @@ pub struct PredictorState {
     /// finished load may swap in (a rollback names an older version; a slow
     /// load of a superseded version is dropped).
     wanted: Option<i64>,
+    /// The version a background load is reading (a second `Load` of it waits for it).
+    loading: Option<i64>,
     history: HistoryCache,
 }
 
@@ -166,6 +170,7 @@ impl Actor for PredictorActor {
             args,
             current: None,
             wanted: None,
+            loading: None,
             history: HistoryCache::default(),
         })
     }
@@ -179,13 +184,11 @@ impl Actor for PredictorActor {
         match msg {
             PredictorMsg::Load(v) => {
                 let serving = st.current.as_ref().map(|(_, i)| i.version);
-                if st.wanted == Some(v.version) && serving == Some(v.version) {
-                    return Ok(());
-                }
                 st.wanted = Some(v.version);
-                if serving == Some(v.version) {
+                if serving == Some(v.version) || st.loading == Some(v.version) {
                     return Ok(());
                 }
+                st.loading = Some(v.version);
                 let a = st.args.clone();
                 tokio::spawn(async move {
                     let loaded = async {
@@ -216,13 +219,22 @@ impl Actor for PredictorActor {
                         }
                         Err(e) => {
                             warn!(ticker = %a.ticker, interval = %a.interval, version = v.version, error = %e,
-                            "model version refused; the current version keeps serving")
+                            "model version refused; the current version keeps serving");
+                            let _ = myself.cast(PredictorMsg::LoadFailed(v.version));
                         }
                     }
                 });
             }
+            PredictorMsg::LoadFailed(v) => {
+                if st.loading == Some(v) {
+                    st.loading = None;
+                }
+            }
             PredictorMsg::Swap(f) => {
                 let info = info_of(&f.meta);
+                if st.loading == Some(info.version) {
+                    st.loading = None;
+                }
                 if st.wanted != Some(info.version) {
                     return Ok(());
                 }

@@ -99,17 +99,22 @@ impl Actor for PredictorSupervisor {
         myself: ActorRef<Self::Msg>,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // Applied here, before any queued message: an update the
+        // coordinator's stream delivered meanwhile is newer, and comes after.
         match st.args.db.champions().await {
             Ok(champions) => {
                 for m in champions {
-                    myself.cast(RegistryMsg::ModelAvailable {
-                        ticker: m.ticker,
-                        interval: m.interval,
-                        version: VersionRef {
-                            version: m.version,
-                            sha256: m.sha256,
-                        },
-                    })?;
+                    let key = (m.ticker, m.interval);
+                    if st.predictors.contains_key(&key) {
+                        continue;
+                    }
+                    let version = VersionRef {
+                        version: m.version,
+                        sha256: m.sha256,
+                    };
+                    let p = spawn_predictor(&myself, &st.args, &key).await?;
+                    p.cast(PredictorMsg::Load(version.clone()))?;
+                    st.predictors.insert(key, (p, version));
                 }
             }
             Err(e) => {

@@ -80,7 +80,7 @@ pub struct TrainerPoolState {
     client: CoordinatorConn,
     timing: Arc<Mutex<Timing>>,
     trainers: HashMap<(String, Interval), (ActorRef<TrainerMsg>, Option<Job>)>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 fn held(leases: &Leases) -> Vec<HeldJob> {
@@ -106,6 +106,27 @@ impl Backoff {
     }
 }
 
+/// The pool's session and heartbeat tasks, aborted when the pool's state is
+/// dropped: also when the pool fails, where ractor skips `post_stop`, so an
+/// old incarnation never keeps heartbeating for a new one.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Whether the pool has stopped (its tasks then end too).
+fn gone(me: &ActorRef<PoolMsg>) -> bool {
+    matches!(
+        me.get_status(),
+        ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+    )
+}
+
 /// Registers and watches assignments, again and again, until the pool stops.
 async fn session(
     me: ActorRef<PoolMsg>,
@@ -121,6 +142,9 @@ async fn session(
             backoff.wait().await;
         }
         first = false;
+        if gone(&me) {
+            return;
+        }
         let reply = match client
             .register_node(RegisterNodeRequest {
                 node: args.node.clone(),
@@ -195,6 +219,7 @@ async fn session(
 
 /// Renews the leases of the held jobs every heartbeat period.
 async fn heartbeats(
+    me: ActorRef<PoolMsg>,
     node: String,
     mut client: CoordinatorConn,
     incarnation: u64,
@@ -203,6 +228,9 @@ async fn heartbeats(
 ) {
     let mut admin_state = String::new();
     loop {
+        if gone(&me) {
+            return;
+        }
         let t = *timing.lock().unwrap_or_else(|p| p.into_inner());
         tokio::time::sleep(t.heartbeat).await;
         let sent = Instant::now();
@@ -256,6 +284,13 @@ impl Actor for TrainerPool {
         myself: ActorRef<Self::Msg>,
         args: TrainerPoolArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let mut args = args;
+        // Each incarnation has its own leases and slots: a restarted pool
+        // announces no job (the coordinator takes back what the old one
+        // held), and what the old one's training threads still hold runs
+        // out instead of being renewed.
+        args.trainer.leases = Leases::default();
+        args.trainer.slots = Arc::new(tokio::sync::Semaphore::new(args.slots.max(1) as usize));
         let client = args.coordinator.coordinator()?;
         let incarnation = rand::random::<u64>();
         let timing = Arc::new(Mutex::new(Timing {
@@ -270,6 +305,7 @@ impl Actor for TrainerPool {
             timing.clone(),
         ));
         let heartbeat = tokio::spawn(heartbeats(
+            myself.clone(),
             args.node.clone(),
             client.clone(),
             incarnation,
@@ -281,7 +317,7 @@ impl Actor for TrainerPool {
             client,
             timing,
             trainers: HashMap::new(),
-            tasks: vec![session, heartbeat],
+            tasks: Tasks(vec![session, heartbeat]),
         })
     }
 
@@ -290,7 +326,7 @@ impl Actor for TrainerPool {
         _: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        for t in &state.tasks {
+        for t in &state.tasks.0 {
             t.abort();
         }
         Ok(())
