@@ -163,7 +163,7 @@ pub async fn start(
             async move {
                 tickmesh_coordinator::grpc::serve(l, slot, opts, hs, sd)
                     .await
-                    .map_err(|e| format!("{e}: {}", error_chain(&e)))
+                    .map_err(|e| format!("{e}{}", tickmesh_proto::auth::source_chain(&e)))
             }
         })?);
     }
@@ -313,17 +313,6 @@ fn root_name(node: &str) -> String {
     format!("node:{node}")
 }
 
-/// `: cause: cause…` of an error's sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut s = e.source();
-    while let Some(c) = s {
-        out.push(c.to_string());
-        s = c.source();
-    }
-    out.join(": ")
-}
-
 /// How this process reaches the coordinator's gRPC port at `addr`: with
 /// `secret` (the cluster cookie, or the admin token) and, when the port
 /// speaks TLS, the configured CA and name.
@@ -361,12 +350,10 @@ pub fn admin_token(cfg: &ClusterConfig) -> Result<String> {
             "no admin token: a distributed coordinator needs one for tickmesh.v1.Admin (set TICKMESH_ADMIN_TOKEN or [admin] token_file)"
         ));
     }
-    let path = cfg.embedded_token_path();
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        if !t.trim().is_empty() {
-            return Ok(t.trim().to_string());
-        }
+    if let Some(t) = embedded_token(cfg) {
+        return Ok(t);
     }
+    let path = cfg.embedded_token_path();
     let token: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
@@ -400,14 +387,19 @@ pub fn client_admin_token(cfg: &ClusterConfig) -> Result<String> {
     if let Some(t) = cfg.admin_token()? {
         return Ok(t);
     }
-    let path = cfg.embedded_token_path();
-    match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-        _ => Err(anyhow!(
+    embedded_token(cfg).ok_or_else(|| {
+        anyhow!(
             "no admin token: set TICKMESH_ADMIN_TOKEN or [admin] token_file (an embedded coordinator keeps its own in {}, made when it starts)",
-            path.display()
-        )),
-    }
+            cfg.embedded_token_path().display()
+        )
+    })
+}
+
+/// The token an embedded coordinator made, if there is one.
+fn embedded_token(cfg: &ClusterConfig) -> Option<String> {
+    let t = std::fs::read_to_string(cfg.embedded_token_path()).ok()?;
+    let t = t.trim();
+    (!t.is_empty()).then(|| t.to_string())
 }
 
 impl Node {

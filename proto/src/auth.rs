@@ -318,7 +318,7 @@ impl Link {
 }
 
 /// `: cause: cause…` of an error's sources.
-fn source_chain(e: &dyn std::error::Error) -> String {
+pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = String::new();
     let mut s = e.source();
     while let Some(c) = s {

@@ -695,11 +695,11 @@ impl ClusterConfig {
             return bad("serve.max_steps", "must be at least 1".into());
         }
         match &self.cluster.cookie {
-            Some(c) if check_secret(c).is_err() => {
-                let why = check_secret(c).unwrap_err();
-                return bad("cluster.cookie", why);
+            Some(c) => {
+                if let Err(why) = check_secret(c) {
+                    return bad("cluster.cookie", why);
+                }
             }
-            Some(_) => {}
             None => {
                 let why = if self.cluster.backend == Backend::Distributed {
                     Some("distributed mode".to_string())

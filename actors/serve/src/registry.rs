@@ -75,6 +75,22 @@ async fn spawn_predictor(
     Ok(p)
 }
 
+/// Tells the predictor of `key` (spawned on first use) to load `version`.
+async fn load(
+    myself: &ActorRef<RegistryMsg>,
+    st: &mut RegistryState,
+    key: Key,
+    version: VersionRef,
+) -> Result<(), ActorProcessingErr> {
+    let p = match st.predictors.get(&key) {
+        Some((p, _)) => p.clone(),
+        None => spawn_predictor(myself, &st.args, &key).await?,
+    };
+    p.cast(PredictorMsg::Load(version.clone()))?;
+    st.predictors.insert(key, (p, version));
+    Ok(())
+}
+
 impl Actor for PredictorSupervisor {
     type Msg = RegistryMsg;
     type State = RegistryState;
@@ -112,9 +128,7 @@ impl Actor for PredictorSupervisor {
                         version: m.version,
                         sha256: m.sha256,
                     };
-                    let p = spawn_predictor(&myself, &st.args, &key).await?;
-                    p.cast(PredictorMsg::Load(version.clone()))?;
-                    st.predictors.insert(key, (p, version));
+                    load(&myself, st, key, version).await?;
                 }
             }
             Err(e) => {
@@ -136,13 +150,7 @@ impl Actor for PredictorSupervisor {
                 interval,
                 version,
             } => {
-                let key = (ticker, interval);
-                let p = match st.predictors.get(&key) {
-                    Some((p, _)) => p.clone(),
-                    None => spawn_predictor(&myself, &st.args, &key).await?,
-                };
-                p.cast(PredictorMsg::Load(version.clone()))?;
-                st.predictors.insert(key, (p, version));
+                load(&myself, st, (ticker, interval), version).await?;
             }
             RegistryMsg::Serving(info) => {
                 st.serving
