@@ -8,11 +8,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tickmesh_descriptor.bin"))
-        .compile_protos(
-            &["tickmesh/v1/coordinator.proto", "tickmesh/v1/admin.proto"],
-            &["."],
-        )?;
-    println!("cargo:rerun-if-changed=tickmesh/v1/coordinator.proto");
+        // A job's state also answers `GetJob` on the mesh (bincode, serde).
+        .type_attribute(
+            ".tickmesh.v1.JobStatus",
+            "#[derive(serde::Serialize, serde::Deserialize)]",
+        )
+        .compile_protos(&["tickmesh/v1/admin.proto"], &["."])?;
     println!("cargo:rerun-if-changed=tickmesh/v1/admin.proto");
     Ok(())
 }

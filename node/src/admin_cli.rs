@@ -340,11 +340,12 @@ pub async fn run(cfg: &ClusterConfig, cmd: AdminCmd) -> Result<()> {
             };
             let name = format!("admin-{}", std::process::id());
             let tls = cluster::mesh_tls(cfg)?;
-            let server =
-                cluster::start_server(&name, cookie, "127.0.0.1", port, tls.as_ref()).await?;
+            let server = cluster::start_server(&name, cookie, "127.0.0.1", port, tls.as_ref())
+                .await?
+                .server;
             if tls.is_some() {
-                for peer in cluster::peers(cfg, &name, true) {
-                    cluster::connect(&server, &peer, tls.as_ref()).await?;
+                for (_, addr) in cluster::peers(cfg, &name, true) {
+                    cluster::connect(&server, &addr, tls.as_ref()).await?;
                 }
             } else {
                 cluster::connect(&server, &seed, None).await?;

@@ -1,15 +1,17 @@
 //! `tickmesh bench-control-plane`: the coordinator's placement and failover,
-//! measured in one process over real gRPC on loopback against a real
-//! (SQLite or PostgreSQL) job table. Simulated trainer nodes register,
-//! watch their assignments and heartbeat exactly as `TrainerPool` does,
-//! but never train: the figures are the control plane's alone.
+//! measured in one process against a real (SQLite or PostgreSQL) job table.
+//! Simulated trainer nodes have a trainer port (in the `trainers` group),
+//! register and heartbeat with the coordinator's port exactly as
+//! `TrainerPool` does, but never train: the figures are the control
+//! plane's alone. They share the coordinator's process, so the mesh's
+//! encoding and network hop are not in these figures.
 //!
-//! - **Placement**: one `StartTraining` for `jobs` tickers with aggregated
-//!   data; the time until the last assignment reached its node, and each
-//!   job's time from the request.
-//! - **Failover**: `kills` times, a node holding jobs stops (its streams and
-//!   heartbeats end, as a SIGKILL ends them); the time until every one of
-//!   its jobs reached another node. A killed node comes back (a new
+//! - **Placement**: one `Admin.Train` (gRPC, loopback) for `jobs` tickers
+//!   with aggregated data; the time until the last assignment reached its
+//!   node, and each job's time from the request.
+//! - **Failover**: `kills` times, a node holding jobs stops (its port
+//!   leaves the group and its heartbeats end, as a SIGKILL ends its mesh
+//!   session); the time until every one of its jobs reached another node. A killed node comes back (a new
 //!   incarnation) once its name is free, so every kill finds a full node.
 //!
 //! scripts/bench/control_plane.sh runs it (release build).
@@ -20,21 +22,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use chrono::{TimeZone, Utc};
-use ractor::Actor;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs};
 use tickmesh_coordinator::grpc::{serve, ServeOptions};
 use tickmesh_core::config::FEATURE_COLUMNS;
 use tickmesh_core::db::{AggRow, Db};
 use tickmesh_core::supervision::{RestartBudget, Slot};
 use tickmesh_core::types::Interval;
-use tickmesh_proto::auth::{CoordinatorConn, Link};
-use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
-use tickmesh_proto::v1::{
-    HeartbeatRequest, HeldJob, RegisterNodeRequest, StartTrainingRequest, WatchAssignmentsRequest,
+use tickmesh_proto::auth::Link;
+use tickmesh_proto::mesh::{
+    self, CoordinatorPortMsg, Heartbeat, HeldJob, Register, TrainerPortMsg,
 };
+use tickmesh_proto::v1::admin_client::AdminClient;
+use tickmesh_proto::v1::StartTrainingRequest;
 use tokio::task::JoinHandle;
 
-const COOKIE: &str = "bench-control-plane-cookie";
+const ADMIN_TOKEN: &str = "bench-control-plane-admin-token";
 const INTERVAL: Interval = Interval::D1;
 
 #[derive(Debug, Clone)]
@@ -54,74 +57,100 @@ pub struct Options {
 /// Where each job is now: (node, epoch, when it arrived there).
 type Placement = Arc<Mutex<HashMap<String, (String, i64, Instant)>>>;
 
-/// A simulated trainer node: its assignment stream and heartbeats.
+/// A simulated trainer node: its port and heartbeats.
 struct SimNode {
-    tasks: Vec<JoinHandle<()>>,
+    port: ActorRef<TrainerPortMsg>,
+    heartbeat: JoinHandle<()>,
 }
 
 impl SimNode {
-    fn kill(self) {
-        for t in self.tasks {
-            t.abort();
-        }
+    async fn kill(self) {
+        self.heartbeat.abort();
+        let _ = self.port.stop_and_wait(None, None).await;
     }
 }
 
-/// Registers `name` (retrying while the name is held), then watches and heartbeats.
+/// A simulated node's trainer port: records where each assignment landed.
+struct SimPort;
+
+impl Actor for SimPort {
+    type Msg = TrainerPortMsg;
+    type State = (String, Placement);
+    type Arguments = (mesh::Scope, String, Placement);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        (scope, name, placed): Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        scope.join(mesh::TRAINERS, myself.get_cell());
+        Ok((name, placed))
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        (name, placed): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let TrainerPortMsg::Assign(a) = msg;
+        let a = a.into_result()?;
+        placed
+            .lock()
+            .unwrap()
+            .insert(a.job_id, (name.clone(), a.epoch, Instant::now()));
+        Ok(())
+    }
+}
+
+/// Starts `name`'s port and registers it (retrying while the name is
+/// held), then heartbeats.
 async fn start_node(
-    link: &Link,
+    scope: &mesh::Scope,
     name: &str,
     slots: u32,
     hb: Duration,
     placed: Placement,
 ) -> Result<SimNode> {
-    let mut c: CoordinatorConn = CoordinatorClient::new(
-        link.connect(Duration::from_secs(10))
-            .await
-            .map_err(anyhow::Error::msg)?,
-    );
+    let (port, _) = Actor::spawn(
+        Some(scope.trainer_port(name)),
+        SimPort,
+        (scope.clone(), name.to_string(), placed.clone()),
+    )
+    .await?;
     let incarnation = rand::random::<u64>();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let r = c
-            .register_node(RegisterNodeRequest {
-                node: name.to_string(),
-                roles: vec!["train".into()],
-                cpus: 1,
-                gpus: 0,
-                incarnation,
-                slots,
-                running: Vec::new(),
-            })
-            .await;
+        let req = Register {
+            node: name.to_string(),
+            roles: vec!["train".into()],
+            cpus: 1,
+            gpus: 0,
+            incarnation,
+            slots,
+            running: Vec::new(),
+        };
+        let r = scope
+            .ask(
+                "register",
+                |reply| CoordinatorPortMsg::Register(req.into(), reply),
+                Duration::from_secs(30),
+            )
+            .await
+            .and_then(|r| r);
         match r {
             Ok(_) => break,
-            Err(e) if e.code() == tonic::Code::AlreadyExists && Instant::now() < deadline => {
+            Err(e) if e.contains("already registered") && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => return Err(anyhow!("register {name}: {e}")),
         }
     }
-    let mut stream = c
-        .watch_assignments(WatchAssignmentsRequest {
-            node: name.to_string(),
-            incarnation,
-        })
-        .await?
-        .into_inner();
-    let (n, p) = (name.to_string(), placed.clone());
-    let watch = tokio::spawn(async move {
-        while let Ok(Some(a)) = stream.message().await {
-            p.lock()
-                .unwrap()
-                .insert(a.job_id, (n.clone(), a.epoch, Instant::now()));
-        }
-    });
-    let (n, p) = (name.to_string(), placed);
+    let (n, scope) = (name.to_string(), scope.clone());
     let heartbeat = tokio::spawn(async move {
         loop {
             tokio::time::sleep(hb).await;
-            let held: Vec<HeldJob> = p
+            let held: Vec<HeldJob> = placed
                 .lock()
                 .unwrap()
                 .iter()
@@ -131,18 +160,21 @@ async fn start_node(
                     epoch: *epoch,
                 })
                 .collect();
-            let _ = c
-                .heartbeat(HeartbeatRequest {
-                    node: n.clone(),
-                    incarnation,
-                    held,
-                })
+            let req = Heartbeat {
+                node: n.clone(),
+                incarnation,
+                held,
+            };
+            let _ = scope
+                .ask(
+                    "heartbeat",
+                    |reply| CoordinatorPortMsg::Heartbeat(req.into(), reply),
+                    Duration::from_secs(30),
+                )
                 .await;
         }
     });
-    Ok(SimNode {
-        tasks: vec![watch, heartbeat],
-    })
+    Ok(SimNode { port, heartbeat })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -187,6 +219,7 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
         Duration::from_secs(o.lease_secs),
     );
     let slot = Slot::default();
+    let scope = mesh::Scope::local();
     let (coord, _) = Actor::spawn(
         None,
         CoordinatorActor,
@@ -200,6 +233,7 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
             intake: None,
             budget: RestartBudget::new(Default::default()),
             health: None,
+            scope: scope.clone(),
         },
     )
     .await?;
@@ -212,10 +246,7 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
         listener,
         slot,
         ServeOptions {
-            heartbeat: hb,
-            lease,
-            cookie: Some(COOKIE.into()),
-            admin_token: "bench-admin-token".into(),
+            admin_token: ADMIN_TOKEN.into(),
             deadline: Duration::from_secs(60),
             tls: None,
             db: db.clone(),
@@ -225,7 +256,7 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
             let _ = stop_rx.await;
         },
     ));
-    let link = Link::plain(&addr.to_string(), Some(COOKIE));
+    let link = Link::plain(&addr.to_string(), Some(ADMIN_TOKEN));
     let placed: Placement = Arc::default();
     // Capacity for every job with one node down: a killed node's jobs fit elsewhere.
     let slots = (o.jobs.div_ceil(o.nodes.saturating_sub(1).max(1))) as u32;
@@ -233,19 +264,19 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
     for i in 0..o.nodes {
         let name = format!("sim-{i:02}");
         nodes.push(Some(
-            start_node(&link, &name, slots, hb, placed.clone()).await?,
+            start_node(&scope, &name, slots, hb, placed.clone()).await?,
         ));
     }
 
     // Placement.
-    let mut client = CoordinatorClient::new(
+    let mut client = AdminClient::new(
         link.connect(Duration::from_secs(10))
             .await
             .map_err(anyhow::Error::msg)?,
     );
     let t0 = Instant::now();
     let r = client
-        .start_training(StartTrainingRequest {
+        .train(StartTrainingRequest {
             tickers: tickers.clone(),
             interval: INTERVAL.to_string(),
             model: String::new(),
@@ -311,7 +342,7 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
         if victims.is_empty() {
             return Err(anyhow!("kill {k}: {name} holds no job"));
         }
-        nodes[i].take().expect("running").kill();
+        nodes[i].take().expect("running").kill().await;
         let killed = Instant::now();
         loop {
             let moved = {
@@ -337,7 +368,7 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
         );
         failovers.push(took);
         // It comes back as a new process: empty, so the next kill finds others full.
-        nodes[i] = Some(start_node(&link, &name, slots, hb, placed.clone()).await?);
+        nodes[i] = Some(start_node(&scope, &name, slots, hb, placed.clone()).await?);
     }
     let mut f = summary("failover", failovers);
     f["lease_s"] = o.lease_secs.into();
@@ -345,7 +376,7 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
     f["retry_backoff_ms"] = o.retry_backoff_ms.into();
     out.push(f);
     for n in nodes.into_iter().flatten() {
-        n.kill();
+        n.kill().await;
     }
     let _ = stop_tx.send(());
     let _ = server.await;

@@ -1,22 +1,31 @@
-//! ractor_cluster membership: every node of `tickmesh run` that has a
-//! `cluster_port` starts a `NodeServer` on it and a `NodeAgent` in the
-//! process group `tickmesh.nodes`; nodes other than the seed (the first
-//! coordinator node with a cluster port) connect to the seed, and the mesh
-//! is transitive. `NodeAgentMsg::Describe` is a remote RPC whose reply is
-//! encoded with bincode, so any member can ask every other one what it is.
-//! A connection that has not authenticated (the cookie) within
-//! [`HANDSHAKE_TIMEOUT`] is closed. With `[cluster] tls_*` the mesh speaks
-//! TLS only, and each node connects to every other configured node itself.
+//! The ractor_cluster mesh, the cluster's one membership: every node of
+//! `tickmesh run` that has a `cluster_port` starts a `NodeServer` on it and
+//! a `NodeAgent` in the process group `tickmesh.nodes`; nodes other than the
+//! seed (the first coordinator node with a cluster port) keep a [`link`] to
+//! the seed, and the mesh is transitive. Trainer pools, predictor
+//! registries and the coordinator talk through their ports on it (see
+//! `tickmesh_proto::mesh` and docs/mesh-protocol.md).
+//!
+//! A link reconnects with a jittered, doubling backoff whenever its session
+//! ends; a peer that refuses the handshake (a wrong cookie) fails the link
+//! with that reason, and the node's supervisor decides. A connection that
+//! has not authenticated within [`HANDSHAKE_TIMEOUT`] is closed.
+//! `NodeAgentMsg::Describe` is a remote RPC whose reply is encoded with
+//! bincode, so any member can ask every other one what it is. With
+//! `[cluster] tls_*` the mesh speaks TLS only, and each node links to every
+//! other configured node itself.
 
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::node::NodeConnectionMode;
+use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{BytesConvertable, NodeServer, NodeServerMessage, RactorClusterMessage};
 use serde::{Deserialize, Serialize};
 use tickmesh_core::config::ClusterConfig;
 use tickmesh_proto::auth::MeshTls;
+use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 /// The process group every node agent joins.
@@ -102,6 +111,53 @@ pub fn mesh_tls(cfg: &ClusterConfig) -> Result<Option<MeshTls>> {
         .map_err(|e| anyhow!("cluster.tls_*: {e}"))
 }
 
+/// This process's node server and what happens to its sessions.
+#[derive(Clone)]
+pub struct Mesh {
+    pub server: ActorRef<NodeServerMessage>,
+    events: broadcast::Sender<SessionEvent>,
+}
+
+/// A mesh session's step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Authenticated,
+    Disconnected,
+}
+
+#[derive(Debug, Clone)]
+struct SessionEvent {
+    step: Step,
+    /// This node dialled the peer (a link's own connection).
+    outgoing: bool,
+    peer_addr: String,
+}
+
+/// Sends every session's steps to the links.
+struct Events(broadcast::Sender<SessionEvent>);
+
+impl Events {
+    fn send(&self, step: Step, ses: &NodeServerSessionInformation) {
+        let _ = self.0.send(SessionEvent {
+            step,
+            outgoing: !ses.is_server,
+            peer_addr: ses.peer_addr.clone(),
+        });
+    }
+}
+
+impl ractor_cluster::NodeEventSubscription for Events {
+    fn node_session_opened(&self, _: NodeServerSessionInformation) {}
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        self.send(Step::Disconnected, &ses);
+    }
+
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        self.send(Step::Authenticated, &ses);
+    }
+}
+
 /// Starts this process's node server on `port` (127.0.0.1 when `host` is).
 /// With TLS the server accepts TLS only, and the node connects to its peers
 /// itself (ractor_cluster's transitive connections are plaintext).
@@ -111,7 +167,7 @@ pub async fn start_server(
     host: &str,
     port: u16,
     tls: Option<&MeshTls>,
-) -> Result<ActorRef<NodeServerMessage>> {
+) -> Result<Mesh> {
     let (encryption, mode) = match tls {
         Some(t) => (
             Some(ractor_cluster::IncomingEncryptionMode::Tls(
@@ -143,7 +199,14 @@ pub async fn start_server(
             }),
         })
         .map_err(|e| anyhow!("ractor_cluster node server: {e}"))?;
-    Ok(server)
+    let (events, _) = broadcast::channel(256);
+    server
+        .cast(NodeServerMessage::SubscribeToEvents {
+            id: "links".into(),
+            subscription: Box::new(Events(events.clone())),
+        })
+        .map_err(|e| anyhow!("ractor_cluster node server: {e}"))?;
+    Ok(Mesh { server, events })
 }
 
 /// How long an incoming mesh connection may take to authenticate.
@@ -195,39 +258,107 @@ pub async fn connect(
     .map_err(|e| anyhow!("cannot reach the mesh node at {addr}: {e}"))
 }
 
-/// Connects to `peer`, retrying in the background until it answers.
-pub fn join(server: ActorRef<NodeServerMessage>, peer: String, tls: Option<MeshTls>) {
-    tokio::spawn(async move {
-        let mut wait = Duration::from_millis(200);
-        loop {
-            match connect(&server, &peer, tls.as_ref()).await {
-                Ok(()) => {
-                    info!(%peer, tls = tls.is_some(), "joined the cluster");
-                    return;
-                }
-                Err(e) => {
-                    warn!(%peer, error = %e, "cannot reach the cluster peer yet");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
+/// Whether this node has an authenticated session with the node named `peer`.
+async fn connected(server: &ActorRef<NodeServerMessage>, peer: &str) -> Result<bool, String> {
+    let sessions = call_t!(server, NodeServerMessage::GetSessions, 5_000)
+        .map_err(|e| format!("this node's mesh server does not answer: {e}"))?;
+    // ractor_cluster names a node `NAME@HOST`.
+    Ok(sessions.values().any(|s| {
+        s.peer_name
+            .as_ref()
+            .is_some_and(|n| n.name.split('@').next() == Some(peer))
+    }))
+}
+
+/// Keeps this node connected to the mesh node `peer` at `addr` until
+/// `shutdown`: connects, and connects again with a jittered, doubling
+/// backoff (200 ms to 5 s) whenever the session ends or the peer cannot be
+/// reached. Fails when the peer refuses the handshake (the session ends
+/// before it authenticated, and no other session with the peer exists):
+/// a wrong cookie, which retrying cannot fix.
+pub async fn link(
+    mesh: Mesh,
+    peer: String,
+    addr: String,
+    tls: Option<MeshTls>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    tokio::select! {
+        r = keep_linked(&mesh, &peer, &addr, tls.as_ref()) => r,
+        _ = shutdown => Ok(()),
+    }
+}
+
+async fn keep_linked(
+    mesh: &Mesh,
+    peer: &str,
+    addr: &str,
+    tls: Option<&MeshTls>,
+) -> Result<(), String> {
+    let mut wait = Duration::from_millis(200);
+    let mut first = true;
+    loop {
+        if !first {
+            let jitter = rand::random::<u64>() % (wait.as_millis() as u64 / 2 + 1);
+            tokio::time::sleep(wait + Duration::from_millis(jitter)).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+        first = false;
+        if !connected(&mesh.server, peer).await? {
+            let mut events = mesh.events.subscribe();
+            if let Err(e) = connect(&mesh.server, addr, tls).await {
+                warn!(%peer, error = %e, "cannot reach the mesh peer yet");
+                continue;
+            }
+            let dialled: Vec<String> = tokio::net::lookup_host(addr)
+                .await
+                .map(|a| a.map(|a| a.to_string()).collect())
+                .unwrap_or_default();
+            let handshake =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT + Duration::from_secs(2), async {
+                    loop {
+                        match events.recv().await {
+                            Ok(e) if e.outgoing && dialled.contains(&e.peer_addr) => {
+                                return e.step == Step::Authenticated
+                            }
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(broadcast::error::RecvError::Closed) => return false,
+                        }
+                    }
+                })
+                .await;
+            if handshake != Ok(true) {
+                // Both ends may have dialled each other: one session survives.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if !connected(&mesh.server, peer).await? {
+                    return Err(format!(
+                        "the mesh node `{peer}` at {addr} refused this node's handshake: wrong cluster.cookie (TICKMESH_COOKIE){}?",
+                        if tls.is_some() { " or TLS identity" } else { "" }
+                    ));
                 }
             }
         }
-    });
+        info!(%peer, %addr, tls = tls.is_some(), "linked to the mesh peer");
+        wait = Duration::from_millis(200);
+        while connected(&mesh.server, peer).await? {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        warn!(%peer, %addr, "the mesh session to the peer ended; reconnecting");
+    }
 }
 
-/// The mesh addresses this node connects to: the seed (the rest follows
-/// transitively), or with TLS every other node with a `cluster_port`.
-pub fn peers(cfg: &ClusterConfig, me: &str, tls: bool) -> Vec<String> {
+/// The mesh nodes (name, address) this node links to: the seed (the rest
+/// follows transitively), or with TLS every other node with a `cluster_port`.
+pub fn peers(cfg: &ClusterConfig, me: &str, tls: bool) -> Vec<(String, String)> {
     if tls {
         cfg.nodes
             .iter()
             .filter(|n| n.name != me)
-            .filter_map(|n| n.cluster_addr())
+            .filter_map(|n| Some((n.name.clone(), n.cluster_addr()?)))
             .collect()
     } else {
         cfg.cluster_seed()
             .filter(|(s, _)| s != me)
-            .map(|(_, a)| a)
             .into_iter()
             .collect()
     }

@@ -22,7 +22,7 @@ use chrono::NaiveDate;
 use clap::{Parser, Subcommand};
 use tickmesh::admin_cli::{self, AdminCmd};
 use tickmesh::train_cli::{self, Source, UsageError};
-use tickmesh::{cluster, demo, roles};
+use tickmesh::{demo, roles};
 use tickmesh_core::config::{Backend, ClusterConfig};
 use tickmesh_core::types::{topics, Interval};
 use tickmesh_core::Adapters;
@@ -480,28 +480,6 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let adapters = Adapters::connect(&cfg).await?;
             let mut n = roles::start(&cfg, &node, &roles, &adapters).await?;
-            if let Some(port) = nc.cluster_port {
-                let cookie = cfg
-                    .cluster
-                    .cookie
-                    .as_deref()
-                    .context("a node with a cluster_port needs cluster.cookie")?;
-                let tls = cluster::mesh_tls(&cfg)?;
-                let server =
-                    cluster::start_server(&node, cookie, &nc.host, port, tls.as_ref()).await?;
-                cluster::start_agent(cluster::NodeDescription {
-                    node: node.clone(),
-                    roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
-                    coordinator: n.bound.coordinator.map(|a| a.to_string()),
-                    http: n.bound.http.map(|a| a.to_string()),
-                    pid: std::process::id(),
-                })
-                .await?;
-                for peer in cluster::peers(&cfg, &node, tls.is_some()) {
-                    tracing::info!(%peer, "joining the cluster");
-                    cluster::join(server.clone(), peer, tls.clone());
-                }
-            }
             tracing::info!(node = %node, ?roles, "node started");
             let r = n.wait().await;
             n.stop().await;

@@ -1,14 +1,16 @@
 //! Starts the roles of one node on connected adapters:
 //!
-//! - `coordinator`: `CoordinatorActor` (supervising its `StartModelConsumer`)
-//!   and its gRPC server.
-//! - `ingest`: a `Supervisor` with a `BarsConsumerActor` on `h_alpaca`.
-//! - `aggregate`: `AggregatorActor` (driven by `tickmesh aggregate` and the demo).
-//! - `train`: `TrainerPool`, registered with the coordinator.
-//! - `serve`: `PredictorSupervisor`, the model watcher and the HTTP API.
+//! - the mesh (a node with a `cluster_port`): its ractor_cluster server,
+//!   its agent, and a supervised link to each peer (see [`crate::cluster`]);
+//! - `coordinator`: `CoordinatorActor` (supervising its `StartModelConsumer`
+//!   and its mesh port) and its gRPC server (Admin, health, reflection);
+//! - `ingest`: a `Supervisor` with a `BarsConsumerActor` on `h_alpaca`;
+//! - `aggregate`: `AggregatorActor` (driven by `tickmesh aggregate` and the demo);
+//! - `train`: `TrainerPool` (and its mesh port), registered with the coordinator;
+//! - `serve`: `PredictorSupervisor` (and its mesh port) and the HTTP API.
 //!
-//! All of them, and the gRPC and HTTP servers, are children of one root
-//! [`Supervisor`] per node, restarted by the `[supervision]` policy.
+//! All of them, the links and the gRPC and HTTP servers, are children of
+//! one root [`Supervisor`] per node, restarted by the `[supervision]` policy.
 //! [`Node::wait`] returns when the process is interrupted (Ok) or when the
 //! root gives up (Err: the node must exit non-zero, saying why).
 
@@ -49,9 +51,9 @@ pub struct Bound {
 
 /// A running node: one root [`Supervisor`] (`node:NAME`, the
 /// `[supervision]` policy) owning every role's top actor and every server,
-/// in this order: coordinator, coordinator gRPC, ingest, aggregate, train,
-/// serve (the predictor registry), forecast HTTP, model watch. Stopped in
-/// the reverse order.
+/// in this order: the mesh links, coordinator, coordinator gRPC, ingest,
+/// aggregate, train, serve (the predictor registry), forecast HTTP.
+/// Stopped in the reverse order.
 pub struct Node {
     pub name: String,
     pub bound: Bound,
@@ -60,6 +62,8 @@ pub struct Node {
     pub aggregator: Slot<AggregatorMsg>,
     pub coordinator: Slot<CoordinatorMsg>,
     pub registry: Slot<RegistryMsg>,
+    /// The ractor_cluster node server, when the node has a `cluster_port`.
+    pub mesh: Option<ractor::ActorRef<ractor_cluster::NodeServerMessage>>,
     root: Option<(ActorCell, JoinHandle<()>)>,
 }
 
@@ -106,10 +110,41 @@ pub async fn start(
         aggregator: Slot::default(),
         coordinator: Slot::default(),
         registry: Slot::default(),
+        mesh: None,
         root: None,
     };
     let mut children = Vec::new();
     let mut coordinator_addr = cfg.coordinator.listen.clone();
+    let nc = cfg.nodes.iter().find(|n| n.name == name);
+
+    let mesh = match nc.and_then(|n| Some((n, n.cluster_port?))) {
+        Some((nc, port)) => {
+            let cookie = cfg
+                .cluster
+                .cookie
+                .as_deref()
+                .context("a node with a cluster_port needs cluster.cookie")?;
+            let tls = crate::cluster::mesh_tls(cfg)?;
+            let mesh =
+                crate::cluster::start_server(name, cookie, &nc.host, port, tls.as_ref()).await?;
+            for (peer, addr) in crate::cluster::peers(cfg, name, tls.is_some()) {
+                info!(%peer, %addr, "linking to the mesh");
+                let (mesh, tls) = (mesh.clone(), tls.clone());
+                let child = format!("mesh link {peer}");
+                let link = ServerArgs::new(child.clone(), move |sd| {
+                    crate::cluster::link(mesh.clone(), peer.clone(), addr.clone(), tls.clone(), sd)
+                });
+                children.push(ChildSpec::actor(child, ServerActor, move || link.clone()));
+            }
+            Some(mesh)
+        }
+        None => None,
+    };
+    // On a mesh the cluster's scope; alone, one of the process's own.
+    let scope = match &mesh {
+        Some(_) => tickmesh_proto::mesh::Scope::new(&cfg.cluster.name),
+        None => tickmesh_proto::mesh::Scope::local(),
+    };
 
     if roles.contains(&Role::Coordinator) {
         let admin_token = admin_token(cfg)?;
@@ -134,6 +169,7 @@ pub async fn start(
             intake: Some((adapters.bus.clone(), adapters.publisher.clone())),
             budget: RestartBudget::new(cfg.supervision.clone()),
             health: Some(health),
+            scope: scope.clone(),
         };
         children.push(ChildSpec::actor_in(
             "coordinator",
@@ -148,15 +184,12 @@ pub async fn start(
         coordinator_addr = addr.to_string();
         node.bound.coordinator = Some(addr);
         let opts = tickmesh_coordinator::grpc::ServeOptions {
-            heartbeat: Duration::from_secs(cfg.coordinator.heartbeat_secs),
-            lease: Duration::from_secs(cfg.coordinator.lease_secs),
-            cookie: cfg.cluster.cookie.clone(),
             admin_token,
             deadline: admin_deadline(cfg),
             tls,
             db: adapters.db.clone(),
         };
-        info!(%addr, tls = opts.tls.is_some(), cookie = cfg.cluster.cookie.is_some(), "coordinator gRPC serving (Coordinator, Admin, health, reflection)");
+        info!(%addr, tls = opts.tls.is_some(), "coordinator gRPC serving (Admin, health, reflection)");
         let slot = node.coordinator.clone();
         children.push(server_child("coordinator gRPC", listener, move |l, sd| {
             let (slot, opts, hs) = (slot.clone(), opts.clone(), health_server.clone());
@@ -195,7 +228,6 @@ pub async fn start(
         ));
     }
 
-    let nc = cfg.nodes.iter().find(|n| n.name == name);
     let device_setting = nc
         .and_then(|n| n.device.clone())
         .unwrap_or_else(|| cfg.train.device.clone());
@@ -231,7 +263,7 @@ pub async fn start(
         });
         let args = TrainerPoolArgs {
             node: name.to_string(),
-            coordinator: coordinator_link(cfg, &coordinator_addr, cfg.cluster.cookie.as_deref())?,
+            scope: scope.clone(),
             cpus,
             gpus,
             slots: parallel as u32,
@@ -250,6 +282,8 @@ pub async fn start(
 
     if roles.contains(&Role::Serve) {
         let args = RegistryArgs {
+            node: name.to_string(),
+            scope: scope.clone(),
             store: adapters.store.clone(),
             db: adapters.db.clone(),
             device,
@@ -265,10 +299,10 @@ pub async fn start(
             .with_context(|| format!("bind serve.http_listen {}", cfg.serve.http_listen))?;
         let addr = listener.local_addr()?;
         node.bound.http = Some(addr);
-        let link = coordinator_link(cfg, &coordinator_addr, cfg.cluster.cookie.as_deref())?;
-        let state = HttpState::new(node.registry.clone(), cfg.serve.max_steps)
-            .with_coordinator(&link)
-            .map_err(|e| anyhow!("serve role: {e}"))?;
+        // POST /ml/train goes to Admin.Train with the caller's token.
+        let link = coordinator_link(cfg, &coordinator_addr, None)?;
+        let state = HttpState::new(node.registry.clone(), cfg.serve.max_steps, scope.clone())
+            .with_coordinator(&link);
         children.push(server_child("forecast HTTP", listener, move |l, sd| {
             let state = state.clone();
             async move {
@@ -277,19 +311,19 @@ pub async fn start(
                     .map_err(|e| e.to_string())
             }
         })?);
-        let (registry, node_name) = (node.registry.clone(), name.to_string());
-        let watch = ServerArgs::new("model watch", move |sd| {
-            tickmesh_serve::watch::follow_models(
-                link.clone(),
-                node_name.clone(),
-                registry.clone(),
-                sd,
-            )
-        });
-        children.push(ChildSpec::actor("model watch", ServerActor, move || {
-            watch.clone()
-        }));
         info!(%addr, "forecast API serving");
+    }
+
+    if let Some(mesh) = &mesh {
+        crate::cluster::start_agent(crate::cluster::NodeDescription {
+            node: name.to_string(),
+            roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
+            coordinator: node.bound.coordinator.map(|a| a.to_string()),
+            http: node.bound.http.map(|a| a.to_string()),
+            pid: std::process::id(),
+        })
+        .await?;
+        node.mesh = Some(mesh.server.clone());
     }
 
     if !children.is_empty() {
@@ -430,6 +464,9 @@ impl Node {
         if let Some((root, h)) = self.root {
             root.stop(None);
             let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
+        }
+        if let Some(m) = self.mesh {
+            m.stop(None);
         }
     }
 }

@@ -5,9 +5,11 @@
 //! a partition as the process sees it) writes nothing more after it thaws; a
 //! coordinator SIGKILLed and restarted mid-run loses no job and trains none
 //! twice; a failing job is retried, then marked failed, while the next job
-//! still runs; and forged or oversized requests are refused while the
-//! cluster keeps serving. Every check reads the job table, the lineage in
-//! `job_attempts`, the registry and the checkpoints themselves.
+//! still runs; and forged, malformed or oversized requests (on the mesh and
+//! on the Admin API) are refused while the cluster keeps serving. The nodes
+//! talk over the ractor_cluster mesh (each has a cluster port). Every check
+//! reads the job table, the lineage in `job_attempts`, the registry and the
+//! checkpoints themselves.
 
 mod common;
 
@@ -15,16 +17,15 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ractor::RpcReplyPort;
+use ractor_cluster::{BytesConvertable, RactorClusterMessage};
 use tickmesh_core::db::{Db, JobRow};
 use tickmesh_core::store::{buckets, LocalStore, ObjectStore};
 use tickmesh_core::types::Interval;
-use tickmesh_proto::auth::{AdminConn, CoordinatorConn, Link};
+use tickmesh_proto::auth::{AdminConn, Link};
+use tickmesh_proto::mesh::{CoordinatorPortMsg, Register, Registered, Scope, Wire};
 use tickmesh_proto::v1::admin_client::AdminClient;
-use tickmesh_proto::v1::coordinator_client::CoordinatorClient;
-use tickmesh_proto::v1::{
-    GetJobRequest, HeartbeatRequest, ListNodesRequest, RegisterNodeRequest, StartTrainingRequest,
-    WatchAssignmentsRequest,
-};
+use tickmesh_proto::v1::{ListJobsRequest, ListNodesRequest, StartTrainingRequest};
 
 const INTERVAL: Interval = Interval::M1;
 const COOKIE: &str = "control-plane-cookie";
@@ -101,6 +102,8 @@ struct Cluster {
     dir: tempfile::TempDir,
     config: PathBuf,
     grpc: u16,
+    /// The coordinator node's mesh port.
+    mesh: u16,
     db: Db,
     store: LocalStore,
     procs: Vec<(String, Proc)>,
@@ -131,10 +134,14 @@ impl Cluster {
             .await
             .unwrap();
         let grpc = free_port();
-        let mut nodes = String::from("[[nodes]]\nname = \"coord\"\nroles = [\"coordinator\"]\n");
+        let mesh = free_port();
+        let mut nodes = format!(
+            "[[nodes]]\nname = \"coord\"\nroles = [\"coordinator\"]\ncluster_port = {mesh}\n"
+        );
         for t in trainers {
             nodes.push_str(&format!(
-                "\n[[nodes]]\nname = \"{t}\"\nroles = [\"train\"]\njobs = 1\ndevice = \"cpu\"\n"
+                "\n[[nodes]]\nname = \"{t}\"\nroles = [\"train\"]\njobs = 1\ndevice = \"cpu\"\ncluster_port = {}\n",
+                free_port()
             ));
         }
         let config = dir.path().join("cluster.toml");
@@ -179,6 +186,7 @@ device = "cpu"
             dir,
             config,
             grpc,
+            mesh,
             store,
             procs: Vec::new(),
         }
@@ -251,24 +259,19 @@ device = "cpu"
         out
     }
 
-    /// A Coordinator client with `secret` as its bearer.
-    async fn client_with(&self, secret: Option<&str>) -> CoordinatorConn {
-        let ch = Link::plain(&format!("127.0.0.1:{}", self.grpc), secret)
-            .connect(Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
-        CoordinatorClient::new(ch)
-    }
-
-    /// A Coordinator client with the cluster's cookie.
-    async fn client(&self) -> CoordinatorConn {
-        self.client_with(Some(COOKIE)).await
-    }
-
     /// An Admin client with the token the embedded coordinator made.
     async fn admin(&self) -> AdminConn {
-        let token = std::fs::read_to_string(self.dir.path().join("data/admin.token"))
-            .unwrap_or_else(|e| panic!("the coordinator's admin.token: {e}{}", self.logs()));
+        let path = self.dir.path().join("data/admin.token");
+        let start = Instant::now();
+        let token = loop {
+            match std::fs::read_to_string(&path) {
+                Ok(t) => break t,
+                Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                    panic!("the coordinator's admin.token: {e}{}", self.logs())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
         self.admin_with(Some(token.trim())).await
     }
 
@@ -282,9 +285,9 @@ device = "cpu"
 
     async fn train(&self, tickers: &[&str]) -> Vec<String> {
         let r = self
-            .client()
+            .admin()
             .await
-            .start_training(StartTrainingRequest {
+            .train(StartTrainingRequest {
                 tickers: tickers.iter().map(|t| t.to_string()).collect(),
                 interval: INTERVAL.to_string(),
                 model: String::new(),
@@ -620,15 +623,18 @@ async fn a_restarted_coordinator_loses_no_job_and_a_failing_job_does_not_block_t
             "{t} trained once across the restart: {attempts:?}"
         );
     }
-    let status = c
-        .client()
+    let listed = c
+        .admin()
         .await
-        .get_job(GetJobRequest {
-            job_id: tiny.id.clone(),
+        .list_jobs(ListJobsRequest {
+            ticker: "TINY".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .jobs;
+    let status = listed.iter().find(|j| j.job_id == tiny.id).unwrap();
     assert_eq!(status.state, "failed");
     assert_eq!(status.attempts, 2);
     assert!(
@@ -653,23 +659,29 @@ async fn trim_rows(db: &Db, ticker: &str, n: usize) {
     );
 }
 
-async fn refuse_forged_and_oversized(c: &Cluster) {
-    // No cookie, or a wrong one: the Coordinator service is closed.
-    for secret in [None, Some("not-the-cookie")] {
-        let r = c
-            .client_with(secret)
-            .await
-            .register_node(RegisterNodeRequest {
-                node: "intruder".into(),
-                roles: vec!["train".into()],
-                gpus: 8,
-                slots: 100,
-                ..Default::default()
-            })
-            .await;
-        let e = r.expect_err("a node without the cookie is refused");
-        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{secret:?}: {e:?}");
+/// A payload that is not what the port expects: `n` bytes of 0xff.
+struct Garbage(usize);
+
+impl BytesConvertable for Garbage {
+    fn into_bytes(self) -> Vec<u8> {
+        vec![0xff; self.0]
     }
+    fn from_bytes(b: Vec<u8>) -> Self {
+        Garbage(b.len())
+    }
+}
+
+/// What a broken or hostile peer (one that has the cookie) sends to the
+/// coordinator's port: the variant names are the port's.
+#[derive(RactorClusterMessage)]
+enum Evil {
+    #[rpc]
+    Register(Garbage, RpcReplyPort<Wire<Result<Registered, String>>>),
+}
+
+/// Forged, malformed and oversized requests, each refused with its reason
+/// while the cluster keeps working.
+async fn refuse_forged_and_oversized(c: &Cluster) {
     // No admin token, a wrong one, or the cookie: Admin is closed.
     for token in [None, Some("wrong-token"), Some(COOKIE)] {
         let e = c
@@ -680,7 +692,56 @@ async fn refuse_forged_and_oversized(c: &Cluster) {
             .expect_err("Admin without its token is refused");
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{token:?}: {e:?}");
     }
-    // The right token is served, and the intruder never became a node.
+    // A peer on the mesh (it has the cookie) forges and garbles.
+    let port = free_port();
+    let intruder = tickmesh::cluster::start_server("intruder", COOKIE, "127.0.0.1", port, None)
+        .await
+        .unwrap();
+    tickmesh::cluster::connect(&intruder.server, &format!("127.0.0.1:{}", c.mesh), None)
+        .await
+        .unwrap();
+    let scope = Scope::new("control-plane-test");
+    let start = Instant::now();
+    while scope.coordinator().is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the coordinator's port never appeared on the mesh{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // t1 runs a job, so it is registered and alive: its name is taken.
+    let forged = Register {
+        node: "t1".into(),
+        roles: vec!["train".into()],
+        gpus: 8,
+        incarnation: 42,
+        slots: 100,
+        ..Default::default()
+    };
+    let r = scope
+        .ask(
+            "register",
+            |reply| CoordinatorPortMsg::Register(forged.into(), reply),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the coordinator answers");
+    let e = r.expect_err("a registration under a live node's name is refused");
+    assert!(e.contains("already registered by a live process"), "{e}");
+    // A payload that does not decode, and one over the limit: refused with
+    // the reason, the port keeps serving.
+    let evil: ractor::ActorRef<Evil> = scope.coordinator().unwrap().get_cell().into();
+    for (n, why) in [(100, "does not decode"), (5 << 20, "at most")] {
+        let r = ractor::call_t!(evil, Evil::Register, 20_000, Garbage(n))
+            .unwrap_or_else(|e| panic!("{n} bytes of garbage: the port did not answer: {e}"));
+        match r {
+            Wire::Ok(Err(e)) => assert!(e.contains(why), "{n} bytes: {e}"),
+            other => panic!("{n} bytes of garbage: {other:?}"),
+        }
+    }
+    intruder.server.stop(None);
+    // The intruder never became a node.
     let nodes = c
         .admin()
         .await
@@ -689,40 +750,13 @@ async fn refuse_forged_and_oversized(c: &Cluster) {
         .unwrap()
         .into_inner()
         .nodes;
-    assert!(nodes.iter().all(|n| n.node != "intruder"), "{nodes:?}");
-    let mut client = c.client().await;
-    // t1 runs a job, so it is registered and alive: its name is taken.
-    let r = client
-        .register_node(RegisterNodeRequest {
-            node: "t1".into(),
-            roles: vec!["train".into()],
-            gpus: 8,
-            incarnation: 42,
-            slots: 100,
-            ..Default::default()
-        })
-        .await;
-    assert_eq!(
-        r.err().map(|s| s.code()),
-        Some(tonic::Code::AlreadyExists),
-        "a registration under a live node's name is refused"
-    );
-    let watch = client
-        .watch_assignments(WatchAssignmentsRequest {
-            node: "t1".into(),
-            incarnation: 42,
-        })
-        .await;
-    assert_eq!(
-        watch.err().map(|s| s.code()),
-        Some(tonic::Code::FailedPrecondition),
-        "a forged assignment stream is refused"
-    );
+    assert!(nodes.iter().all(|n| n.gpus != 8), "{nodes:?}");
+    let mut admin = c.admin().await;
     // 10,000 unknown tickers: refused, nothing queued.
     let flood: Vec<String> = (0..10_000).map(|i| format!("Z{i:05}")).collect();
     let t = Instant::now();
-    let r = client
-        .start_training(StartTrainingRequest {
+    let r = admin
+        .train(StartTrainingRequest {
             tickers: flood,
             interval: INTERVAL.to_string(),
             model: String::new(),
@@ -738,8 +772,8 @@ async fn refuse_forged_and_oversized(c: &Cluster) {
     let n = c.db.jobs(&[], 100_000).await.unwrap().len();
     assert!(n <= 5, "{n} jobs: the flood queued some");
     // An oversized request.
-    let huge = client
-        .start_training(StartTrainingRequest {
+    let huge = admin
+        .train(StartTrainingRequest {
             tickers: vec!["A".repeat(5 << 20)],
             interval: INTERVAL.to_string(),
             model: String::new(),
@@ -799,7 +833,10 @@ async fn operators_cordon_drain_hand_off_promote_and_roll_back_through_the_admin
     let text = std::fs::read_to_string(&c.config).unwrap().replace(
         "http_listen = \"127.0.0.1:0\"",
         &format!("http_listen = \"127.0.0.1:{http}\""),
-    ) + "\n[[nodes]]\nname = \"p1\"\nroles = [\"serve\"]\n";
+    ) + &format!(
+        "\n[[nodes]]\nname = \"p1\"\nroles = [\"serve\"]\ncluster_port = {}\n",
+        free_port()
+    );
     std::fs::write(&c.config, text).unwrap();
     // Jobs here come from the Admin API only: drop the aggregation's start_model messages.
     let spool = c
@@ -1040,18 +1077,17 @@ async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() 
     std::fs::write(&c.config, text).unwrap();
     c.start("coord");
     c.start("t1");
-    // The trainer registers over TLS (it reads the CA from the config).
+    // The trainer registers on the mesh.
     c.wait_log("t1", "trainer pool registered", Duration::from_secs(60))
         .await;
     let addr = format!("127.0.0.1:{}", c.grpc);
-    // Plaintext to the TLS port: no call gets through.
-    let plain = Link::plain(&addr, Some(COOKIE));
+    let token = std::fs::read_to_string(c.dir.path().join("data/admin.token")).unwrap();
+    let token = token.trim();
+    // Plaintext to the TLS port: no call gets through, even with the token.
+    let plain = Link::plain(&addr, Some(token));
     let r = match plain.connect(Duration::from_secs(5)).await {
-        Ok(ch) => CoordinatorClient::new(ch)
-            .heartbeat(HeartbeatRequest {
-                node: "nobody".into(),
-                ..Default::default()
-            })
+        Ok(ch) => AdminClient::new(ch)
+            .list_nodes(ListNodesRequest {})
             .await
             .map(|_| ())
             .map_err(|e| format!("{:?}: {}", e.code(), e.message())),
@@ -1063,15 +1099,12 @@ async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() 
     let other = c.dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
     common::make_certs(&other);
-    let untrusted = Link::plain(&addr, Some(COOKIE))
+    let untrusted = Link::plain(&addr, Some(token))
         .with_tls(&other.join("ca.pem"), "127.0.0.1")
         .unwrap();
     let r = match untrusted.connect(Duration::from_secs(5)).await {
-        Ok(ch) => CoordinatorClient::new(ch)
-            .heartbeat(HeartbeatRequest {
-                node: "nobody".into(),
-                ..Default::default()
-            })
+        Ok(ch) => AdminClient::new(ch)
+            .list_nodes(ListNodesRequest {})
             .await
             .map(|_| ())
             .map_err(|e| e.to_string()),
@@ -1082,21 +1115,9 @@ async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() 
         "a server the client's CA did not sign is not trusted"
     );
     // The same call over TLS with the cluster's CA works: the refusals
-    // above were the transport's. (A heartbeat of an unknown node succeeds
-    // on any working connection.)
-    let trusted = Link::plain(&addr, Some(COOKIE))
-        .with_tls(&certs.join("ca.pem"), "127.0.0.1")
-        .unwrap();
-    CoordinatorClient::new(trusted.connect(Duration::from_secs(10)).await.unwrap())
-        .heartbeat(HeartbeatRequest {
-            node: "nobody".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("a heartbeat over TLS with the cluster's CA");
-    // Operators over TLS, with the token, while the node keeps serving.
-    let token = std::fs::read_to_string(c.dir.path().join("data/admin.token")).unwrap();
-    let link = Link::plain(&addr, Some(token.trim()))
+    // above were the transport's. Operators over TLS, with the token, while
+    // the node keeps serving.
+    let link = Link::plain(&addr, Some(token))
         .with_tls(&certs.join("ca.pem"), "127.0.0.1")
         .unwrap();
     let ch = link.connect(Duration::from_secs(10)).await.unwrap();
@@ -1134,9 +1155,10 @@ async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() 
     assert!(stderr.contains("Unauthenticated"), "{stderr}");
     assert!(c.proc("coord").alive() && c.proc("t1").alive());
 
-    // A trainer with a wrong cookie: its pool is refused, restarted by the
-    // node's root supervisor within its budget, and the node gives up and
-    // exits non-zero saying why.
+    // A trainer with a wrong cookie: the coordinator's node refuses its mesh
+    // handshake; its link to the mesh is restarted by the node's root
+    // supervisor within its budget, and the node gives up and exits
+    // non-zero saying why.
     c.start_env("t9", &[("TICKMESH_COOKIE", "not-the-cluster-cookie")]);
     let start = Instant::now();
     let status = loop {
@@ -1153,7 +1175,7 @@ async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() 
     assert!(!status.success(), "{status:?}");
     let log = std::fs::read_to_string(&c.proc("t9").log).unwrap();
     assert!(
-        log.contains("gives up") && log.contains("refused this node"),
+        log.contains("gives up") && log.contains("refused this node's handshake"),
         "{log}"
     );
     assert_eq!(

@@ -22,12 +22,9 @@ use tonic::transport::{
 use tonic::{Request, Status};
 
 use crate::v1::admin_client::AdminClient;
-use crate::v1::coordinator_client::CoordinatorClient;
 
 /// A channel whose every call carries a [`Bearer`].
 pub type Authed = InterceptedService<Channel, Bearer>;
-/// A client of the `Coordinator` service.
-pub type CoordinatorConn = CoordinatorClient<Authed>;
 /// A client of the `Admin` service.
 pub type AdminConn = AdminClient<Authed>;
 
@@ -304,11 +301,6 @@ impl Link {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
-    }
-
-    /// A lazy `Coordinator` client.
-    pub fn coordinator(&self) -> Result<CoordinatorConn, String> {
-        Ok(CoordinatorClient::new(self.lazy()?).max_decoding_message_size(MAX_REPLY_BYTES))
     }
 
     /// A lazy `Admin` client.

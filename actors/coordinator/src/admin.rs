@@ -1,5 +1,5 @@
 //! The tonic `tickmesh.v1.Admin` service: what operators and external
-//! clients call. Served beside `Coordinator` on the same port (see
+//! clients call, on the coordinator's gRPC port (see
 //! [`crate::grpc::serve`]); every call has passed the admin token's guard.
 //! Reads (jobs, models) go to the database; anything that changes the
 //! cluster goes through the coordinator actor, which owns the state.

@@ -1,7 +1,9 @@
-//! `CoordinatorActor`: receives node registrations and heartbeats, start
-//! requests (gRPC and the `start_model` consumer), progress, checkpoint and
-//! failure reports; sends assignments to trainer nodes and model versions
-//! to predictors.
+//! `CoordinatorActor`: receives node registrations and heartbeats,
+//! progress, checkpoint and failure reports (from its mesh port, see
+//! [`crate::port`]), start requests (Admin and the `start_model` consumer)
+//! and the mesh's membership changes of the `trainers` and `predictors`
+//! groups; sends assignments to trainer pools' ports and model versions to
+//! predictors' ports, as ractor_cluster messages.
 //!
 //! Jobs live in the database (`jobs`, see [`JobRow`]) and are written there
 //! before anything acts on them, so a restarted coordinator reloads every
@@ -29,38 +31,44 @@
 //! - **Fencing.** Progress, checkpoint and failure reports must name the
 //!   job's current node, epoch (and version); anything else is refused. A
 //!   node name is held by one process (its incarnation) while it is alive.
+//! - **Membership.** A trainer node is assignable while its pool's port is
+//!   in the mesh's `trainers` group: when its mesh session ends the port
+//!   leaves, and the node is lost at once (nothing new goes to it; its jobs
+//!   move when their leases run out, since a cut-off node may still be
+//!   training). A node that stops heartbeating is lost after one lease too.
 //! - **Models.** An accepted checkpoint is registered as champion in
-//!   `model_versions` and sent to every predictor watching; a watcher that
-//!   cannot keep up is dropped (it reconnects and gets the champions again).
+//!   `model_versions` and cast to every port in the `predictors` group; a
+//!   predictor port that joins (a node that starts or reconnects) is sent
+//!   every champion. Casts never wait on the receiver.
 //!
 //! It supervises its `StartModelConsumer`: a failed consumer is restarted
 //! after a backoff (a timer, never a sleep in the handler) while the restart
 //! budget lasts; then the coordinator stops, and its node exits non-zero.
+//! Its mesh port is its child too: if the port dies, so does the coordinator
+//! (and its supervisor starts both again).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use ractor::pg::GroupChangeMessage;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tickmesh_core::bus::{BusConfig, SharedPublisher};
 use tickmesh_core::config::ModelKind;
 use tickmesh_core::db::{Db, JobRow, ModelVersion};
 use tickmesh_core::supervision::{stopped_child, RestartBudget};
 use tickmesh_core::types::{model_prefix, Interval};
-use tickmesh_proto::v1::{
-    Assignment, CheckpointAck, CheckpointReport, JobFailure, JobProgress, JobStatus, ModelUpdate,
-    NodeInfo,
+use tickmesh_proto::mesh::{
+    self, Assignment, CheckpointAck, CheckpointReport, JobFailure, JobProgress, ModelUpdate,
+    PredictorPortMsg, TrainerPortMsg, PREDICTORS, TRAINERS,
 };
-use tokio::sync::mpsc;
-use tonic::Status;
+use tickmesh_proto::v1::{JobStatus, NodeInfo};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
+use crate::port::{CoordinatorPort, PortArgs};
 use crate::start_consumer::{StartConsumerArgs, StartModelConsumer};
-
-pub type AssignmentTx = mpsc::Sender<Result<Assignment, Status>>;
-pub type ModelTx = mpsc::Sender<Result<ModelUpdate, Status>>;
 
 #[derive(Clone, Copy)]
 pub struct CoordinatorActor;
@@ -105,15 +113,6 @@ pub enum CoordinatorMsg {
         held: Vec<(String, i64)>,
         reply: RpcReplyPort<Result<HeartbeatOutcome, String>>,
     },
-    /// A registered trainer node opens its assignment stream.
-    WatchAssignments {
-        node: String,
-        incarnation: u64,
-        tx: AssignmentTx,
-        reply: RpcReplyPort<Result<(), String>>,
-    },
-    /// A predictor opens its model stream; champions are sent at once.
-    WatchModels { tx: ModelTx },
     /// Train these tickers on this interval (with optional overrides of
     /// the trainers' config); replies with the job ids and the refusals.
     Start {
@@ -221,6 +220,9 @@ pub struct CoordinatorArgs {
     /// Where each trainer node's health is published (SERVING while it
     /// takes work; NOT_SERVING when drained or lost).
     pub health: Option<HealthReporter>,
+    /// The cluster's namespace on the mesh: the coordinator's port is
+    /// registered in it, and its groups are watched.
+    pub scope: mesh::Scope,
 }
 
 struct Node {
@@ -230,7 +232,8 @@ struct Node {
     roles: Vec<String>,
     incarnation: u64,
     last_seen: Instant,
-    assignments: Option<AssignmentTx>,
+    /// Its trainer pool's mesh port, while in the `trainers` group.
+    port: Option<ActorRef<TrainerPortMsg>>,
     /// Open jobs assigned to it.
     running: HashSet<String>,
 }
@@ -244,9 +247,9 @@ impl Node {
         self.roles.iter().any(|r| r == "train")
             && self.free() > 0
             && self
-                .assignments
+                .port
                 .as_ref()
-                .is_some_and(|tx| !tx.is_closed() && tx.capacity() > 0)
+                .is_some_and(|p| p.get_status() == ractor::ActorStatus::Running)
     }
 }
 
@@ -261,6 +264,7 @@ struct Job {
 pub struct CoordinatorState {
     args: CoordinatorArgs,
     consumer: Option<ActorCell>,
+    port: Option<ActorCell>,
     nodes: HashMap<String, Node>,
     jobs: HashMap<String, Job>,
     /// The open (queued or assigned) job of each ticker-interval.
@@ -268,7 +272,6 @@ pub struct CoordinatorState {
     /// Queued job ids, in the order they were queued.
     queue: VecDeque<String>,
     finished: VecDeque<String>,
-    watchers: Vec<ModelTx>,
     /// Operators' node states (`cordoned`, `draining`), kept in the database.
     admin: HashMap<String, String>,
 }
@@ -290,12 +293,12 @@ impl Actor for CoordinatorActor {
         let mut st = CoordinatorState {
             args,
             consumer: None,
+            port: None,
             nodes: HashMap::new(),
             jobs: HashMap::new(),
             open: HashMap::new(),
             queue: VecDeque::new(),
             finished: VecDeque::new(),
-            watchers: Vec::new(),
             admin: HashMap::new(),
         };
         st.admin = st.args.db.node_states().await?.into_iter().collect();
@@ -327,6 +330,14 @@ impl Actor for CoordinatorActor {
         }
         myself.send_interval(st.args.heartbeat, || CoordinatorMsg::Tick);
         st.consumer = spawn_consumer(&myself, &st.args).await?;
+        st.args.scope.monitor(myself.get_cell());
+        let port = PortArgs {
+            coordinator: myself.clone(),
+            heartbeat: st.args.heartbeat,
+            lease: st.args.lease,
+            scope: st.args.scope.clone(),
+        };
+        st.port = Some(CoordinatorPort::spawn(port, myself.get_cell()).await?);
         Ok(st)
     }
 
@@ -336,9 +347,17 @@ impl Actor for CoordinatorActor {
         evt: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ProcessGroupChanged(change) = &evt {
+            membership(st, change).await;
+            assign_pending(st).await;
+            return Ok(());
+        }
         let Some((child, why)) = stopped_child(&evt) else {
             return Ok(());
         };
+        if st.port.as_ref().map(|c| c.get_id()) == Some(child) {
+            return Err(format!("the coordinator's mesh port stopped: {why}").into());
+        }
         if st.consumer.as_ref().map(|c| c.get_id()) != Some(child) {
             return Ok(());
         }
@@ -375,44 +394,6 @@ impl Actor for CoordinatorActor {
             } => {
                 let _ = reply.send(heartbeat(st, &node, incarnation, held).await);
             }
-            CoordinatorMsg::WatchAssignments {
-                node,
-                incarnation,
-                tx,
-                reply,
-            } => {
-                let r = match st.nodes.get_mut(&node) {
-                    Some(n) if n.incarnation == incarnation => {
-                        n.assignments = Some(tx);
-                        n.last_seen = Instant::now();
-                        info!(%node, "trainer watching assignments");
-                        Ok(())
-                    }
-                    Some(_) => Err(format!(
-                        "node `{node}` is registered by another process (incarnation differs)"
-                    )),
-                    None => Err(format!("node `{node}` is not registered")),
-                };
-                let _ = reply.send(r);
-                assign_pending(st).await;
-            }
-            CoordinatorMsg::WatchModels { tx } => match st.args.db.champions().await {
-                Ok(champions) => {
-                    // Sent by a task: a slow reader never holds up the actor.
-                    let first = tx.clone();
-                    tokio::spawn(async move {
-                        for m in champions {
-                            if first.send(Ok(update_of(&m))).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                    st.watchers.push(tx);
-                }
-                Err(e) => {
-                    let _ = tx.try_send(Err(Status::unavailable(format!("model registry: {e}"))));
-                }
-            },
             CoordinatorMsg::Start {
                 tickers,
                 interval,
@@ -603,7 +584,8 @@ async fn register(st: &mut CoordinatorState, reg: Registration) -> Result<(), St
             .await;
         }
     }
-    info!(node = %reg.node, roles = ?reg.roles, cpus = reg.cpus, gpus = reg.gpus, slots = reg.slots, adopted = running.len(), "node registered");
+    let port = trainer_port_of(&st.args.scope, &reg.node, &reg.roles);
+    info!(node = %reg.node, roles = ?reg.roles, cpus = reg.cpus, gpus = reg.gpus, slots = reg.slots, adopted = running.len(), port = port.is_some(), "node registered");
     let ids: Vec<String> = running.iter().cloned().collect();
     let name = reg.node.clone();
     st.nodes.insert(
@@ -615,12 +597,85 @@ async fn register(st: &mut CoordinatorState, reg: Registration) -> Result<(), St
             roles: reg.roles,
             incarnation: reg.incarnation,
             last_seen: Instant::now(),
-            assignments: None,
+            port,
             running,
         },
     );
     publish_health(st, &name).await;
     renew(st, &name, &ids).await
+}
+
+/// The mesh port of `node`'s trainer pool, when it has the train role and
+/// its port is in the `trainers` group (announced by its mesh session).
+fn trainer_port_of(
+    scope: &mesh::Scope,
+    node: &str,
+    roles: &[String],
+) -> Option<ActorRef<TrainerPortMsg>> {
+    if !roles.iter().any(|r| r == "train") {
+        return None;
+    }
+    match scope.one_named(TRAINERS, &scope.trainer_port(node)) {
+        Ok(cell) => cell.map(Into::into),
+        Err(e) => {
+            error!(%node, error = %e, "the node gets no assignment while its port is claimed twice");
+            None
+        }
+    }
+}
+
+/// The mesh's membership changed: a trainer port that left takes its node
+/// with it (lost: nothing new is assigned; its jobs move when their leases
+/// run out); one that joined is picked up by its registered node; a
+/// predictor port that joined is sent every champion.
+async fn membership(st: &mut CoordinatorState, change: &GroupChangeMessage) {
+    match change {
+        GroupChangeMessage::Leave(_, group, cells) if group == TRAINERS => {
+            let gone: HashSet<_> = cells.iter().map(|c| c.get_id()).collect();
+            let lost: Vec<String> = st
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.port.as_ref().is_some_and(|p| gone.contains(&p.get_id())))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in lost {
+                let held = st.nodes.remove(&name).map_or(0, |n| n.running.len());
+                warn!(node = %name, held, "node lost: its mesh session ended; its jobs move when their leases run out");
+                publish_health(st, &name).await;
+            }
+        }
+        GroupChangeMessage::Join(_, group, _) if group == TRAINERS => {
+            let scope = st.args.scope.clone();
+            for (name, n) in st.nodes.iter_mut().filter(|(_, n)| n.port.is_none()) {
+                n.port = trainer_port_of(&scope, name, &n.roles);
+                if n.port.is_some() {
+                    info!(node = %name, "trainer port joined the mesh");
+                }
+            }
+        }
+        GroupChangeMessage::Join(_, group, cells) if group == PREDICTORS => {
+            let champions = match st.args.db.champions().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // They read the champions themselves when they start.
+                    warn!(error = %e, "cannot read the champions for a predictor that joined");
+                    return;
+                }
+            };
+            for cell in cells {
+                let port: ActorRef<PredictorPortMsg> = cell.clone().into();
+                for m in &champions {
+                    let _ = port.cast(PredictorPortMsg::Model(update_of(m).into()));
+                }
+            }
+            info!(
+                predictors = cells.len(),
+                champions = champions.len(),
+                "champions sent to predictors that joined"
+            );
+        }
+        _ => {}
+    }
 }
 
 /// Extends the leases of `ids` (jobs of `node`), in the database first.
@@ -734,7 +789,10 @@ async fn tick(st: &mut CoordinatorState) {
     for name in lost {
         publish_health(st, &name).await;
     }
-    st.watchers.retain(|w| !w.is_closed());
+    let scope = st.args.scope.clone();
+    for (name, n) in st.nodes.iter_mut().filter(|(_, n)| n.port.is_none()) {
+        n.port = trainer_port_of(&scope, name, &n.roles);
+    }
 }
 
 /// Queues one job per ticker that has aggregated data (or reuses the open one).
@@ -863,23 +921,23 @@ async fn assign_pending(st: &mut CoordinatorState) {
         let n = st.nodes.get_mut(&node).expect("picked node exists");
         n.running.insert(id.clone());
         let sent = n
-            .assignments
+            .port
             .as_ref()
-            .is_some_and(|tx| tx.try_send(Ok(a)).is_ok());
+            .is_some_and(|p| p.cast(TrainerPortMsg::Assign(a.into())).is_ok());
         info!(ticker = %row.ticker, interval = %row.interval, %node, epoch = row.epoch, version = row.version, attempt = row.attempts, resume = !row.snapshot_key.is_empty(), job = %id, "job assigned");
         let job = st.jobs.get_mut(&id).expect("job exists");
         job.row = row;
         job.progress = None;
         job.since = Instant::now();
         if !sent {
-            // The stream closed between the check and the send.
+            // The port stopped between the check and the send.
             if let Some(n) = st.nodes.get_mut(&node) {
-                n.assignments = None;
+                n.port = None;
             }
             end_attempt(
                 st,
                 &id,
-                format!("node {node}'s assignment stream closed"),
+                format!("node {node}'s trainer port is gone"),
                 Ended::NodeLost,
             )
             .await;
@@ -1079,17 +1137,15 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
     Ok(())
 }
 
-/// Sends a champion to every predictor watching; one that cannot keep up is
-/// dropped (it reconnects and gets every champion again).
+/// Casts a champion to every predictor port on the mesh (never waiting on
+/// one: a cast is queued by the port's node session).
 fn broadcast(st: &mut CoordinatorState, update: ModelUpdate) {
-    st.watchers
-        .retain(|w| match w.try_send(Ok(update.clone())) {
-            Ok(()) => true,
-            Err(_) => {
-                warn!("a model watcher is not keeping up; dropped (it reconnects)");
-                false
-            }
-        });
+    for cell in st.args.scope.members(PREDICTORS) {
+        let port: ActorRef<PredictorPortMsg> = cell.into();
+        if let Err(e) = port.cast(PredictorPortMsg::Model(update.clone().into())) {
+            warn!(error = %e, "a predictor port is gone; it gets the champions when it joins again");
+        }
+    }
 }
 
 /// The Admin view of a node.

@@ -1,17 +1,20 @@
 //! The coordinator actor in process, on a real SQLite job table and a real
 //! spool bus: the behaviours whose failure would be silent from outside.
 //!
-//! - A predictor that stops reading its model stream is dropped; the actor
-//!   keeps answering (it once awaited the send inside its handler).
+//! - A predictor port that joins the `predictors` group gets every
+//!   champion; one that is stuck never holds up the actor.
 //! - A job that its node stops listing in heartbeats has its attempt ended
 //!   and is queued again.
+//! - A trainer port that leaves the `trainers` group (its node's mesh
+//!   session ended) takes its node out at once; its job moves to another
+//!   node once its lease has run out, not before.
 //! - A `start_model` record that cannot be recorded (the database is gone)
 //!   is not committed: it stays in the spool to be read again.
 
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use ractor::{call_t, Actor, ActorRef};
+use ractor::{call_t, Actor, ActorProcessingErr, ActorRef};
 use tickmesh_coordinator::coordinator::{
     CoordinatorActor, CoordinatorArgs, CoordinatorMsg, Registration,
 };
@@ -20,6 +23,9 @@ use tickmesh_core::config::FEATURE_COLUMNS;
 use tickmesh_core::db::{AggRow, Db, ModelVersion};
 use tickmesh_core::supervision::RestartBudget;
 use tickmesh_core::types::{topics, Interval};
+use tickmesh_proto::mesh::{
+    Assignment, ModelUpdate, PredictorPortMsg, Scope, TrainerPortMsg, PREDICTORS, TRAINERS,
+};
 use tokio::sync::mpsc;
 
 const I: Interval = Interval::D1;
@@ -49,6 +55,7 @@ fn args(db: Db, heartbeat: Duration) -> CoordinatorArgs {
         intake: None,
         budget: RestartBudget::new(Default::default()),
         health: None,
+        scope: Scope::local(),
     }
 }
 
@@ -66,15 +73,83 @@ fn model(version: i64) -> ModelVersion {
     }
 }
 
+/// A port in the `trainers` or `predictors` group that passes what it gets
+/// to a channel, after `delay` per message.
+struct Port<M>(std::marker::PhantomData<fn() -> M>);
+
+struct PortArgs<M> {
+    scope: Scope,
+    group: &'static str,
+    tx: mpsc::UnboundedSender<M>,
+    delay: Duration,
+}
+
+impl<M: ractor::Message> Actor for Port<M> {
+    type Msg = M;
+    type State = PortArgs<M>;
+    type Arguments = PortArgs<M>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<M>,
+        a: PortArgs<M>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        a.scope.join(a.group, myself.get_cell());
+        Ok(a)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<M>,
+        msg: M,
+        a: &mut PortArgs<M>,
+    ) -> Result<(), ActorProcessingErr> {
+        tokio::time::sleep(a.delay).await;
+        let _ = a.tx.send(msg);
+        Ok(())
+    }
+}
+
+async fn port<M: ractor::Message>(
+    scope: &Scope,
+    name: Option<String>,
+    group: &'static str,
+    delay: Duration,
+) -> (ActorRef<M>, mpsc::UnboundedReceiver<M>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (p, _) = Actor::spawn(
+        name,
+        Port(std::marker::PhantomData),
+        PortArgs {
+            scope: scope.clone(),
+            group,
+            tx,
+            delay,
+        },
+    )
+    .await
+    .unwrap();
+    (p, rx)
+}
+
+fn update(m: PredictorPortMsg) -> ModelUpdate {
+    let PredictorPortMsg::Model(u) = m;
+    u.into_result().unwrap()
+}
+
+fn assignment(m: TrainerPortMsg) -> Assignment {
+    let TrainerPortMsg::Assign(a) = m;
+    a.into_result().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_predictor_that_stops_reading_is_dropped_and_the_coordinator_keeps_answering() {
+async fn a_predictor_that_joins_gets_every_champion_and_a_stuck_one_never_holds_up_the_coordinator()
+{
     let dir = tempfile::tempdir().unwrap();
     let db = db(dir.path(), &[]).await;
     for v in 1..=3 {
         db.insert_model_version(&model(v)).await.unwrap();
     }
-    // More champions than the watcher has room for: sending them must not
-    // hold up the actor.
     for t in ["SLOWB", "SLOWC"] {
         db.insert_model_version(&ModelVersion {
             ticker: t.into(),
@@ -83,14 +158,30 @@ async fn a_predictor_that_stops_reading_is_dropped_and_the_coordinator_keeps_ans
         .await
         .unwrap();
     }
-    let (c, _) = Actor::spawn(None, CoordinatorActor, args(db, Duration::from_secs(5)))
-        .await
-        .unwrap();
-    // A watcher with room for one update that never reads.
-    let (tx, mut rx) = mpsc::channel(1);
-    c.cast(CoordinatorMsg::WatchModels { tx }).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Each champion change is pushed to watchers; the full one is dropped.
+    let a = args(db, Duration::from_secs(5));
+    let scope = a.scope.clone();
+    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    // One predictor that reads, one that takes a minute per message.
+    let (_, mut reader) = port::<PredictorPortMsg>(&scope, None, PREDICTORS, Duration::ZERO).await;
+    let (_, _stuck) =
+        port::<PredictorPortMsg>(&scope, None, PREDICTORS, Duration::from_secs(60)).await;
+    // Joining, each gets the champions of SLOW (v3), SLOWB and SLOWC.
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        let u = tokio::time::timeout(Duration::from_secs(5), reader.recv())
+            .await
+            .expect("the champions reach a predictor that joins")
+            .map(update)
+            .unwrap();
+        first.push((u.ticker, u.version));
+    }
+    first.sort();
+    assert_eq!(
+        first,
+        [("SLOW".into(), 3), ("SLOWB".into(), 1), ("SLOWC".into(), 1)]
+    );
+    // Each champion change is cast to every predictor; the stuck one
+    // never holds the coordinator up.
     for v in [1, 2, 1, 2] {
         let t = Instant::now();
         let m = call_t!(
@@ -103,24 +194,17 @@ async fn a_predictor_that_stops_reading_is_dropped_and_the_coordinator_keeps_ans
             },
             2_000
         )
-        .expect("the coordinator answers while a watcher is stuck")
+        .expect("the coordinator answers while a predictor is stuck")
         .unwrap();
         assert_eq!(m.version, v);
         assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        let u = tokio::time::timeout(Duration::from_secs(5), reader.recv())
+            .await
+            .unwrap()
+            .map(update)
+            .unwrap();
+        assert_eq!((u.ticker.as_str(), u.version), ("SLOW", v));
     }
-    // Reading now: the three champions it was owed when it connected (sent
-    // by a task as it reads), at most the one update that fitted, then the
-    // end of the stream: the coordinator dropped it.
-    let mut got = 0;
-    let ended = loop {
-        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            Ok(Some(_)) => got += 1,
-            Ok(None) => break true,
-            Err(_) => break false,
-        }
-    };
-    assert!(ended, "the stuck watcher was never dropped");
-    assert!((3..=4).contains(&got), "{got} messages");
     c.stop(None);
 }
 
@@ -145,32 +229,11 @@ async fn register(c: &ActorRef<CoordinatorMsg>, node: &str) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_its_node_stops_listing_is_taken_back_and_queued_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = db(dir.path(), &["HBX"]).await;
-    let hb = Duration::from_millis(100);
-    let (c, _) = Actor::spawn(None, CoordinatorActor, args(db.clone(), hb))
-        .await
-        .unwrap();
-    register(&c, "n1").await;
-    let (tx, mut rx) = mpsc::channel(8);
-    call_t!(
-        c,
-        |reply| CoordinatorMsg::WatchAssignments {
-            node: "n1".into(),
-            incarnation: 7,
-            tx,
-            reply
-        },
-        2_000
-    )
-    .unwrap()
-    .unwrap();
+async fn start(c: &ActorRef<CoordinatorMsg>, ticker: &str) {
     let started = call_t!(
         c,
         |reply| CoordinatorMsg::Start {
-            tickers: vec!["HBX".into()],
+            tickers: vec![ticker.into()],
             interval: I,
             model: None,
             epochs: None,
@@ -179,8 +242,27 @@ async fn a_job_its_node_stops_listing_is_taken_back_and_queued_again() {
         2_000
     )
     .unwrap();
-    assert_eq!(started.queued, 1);
-    let a = rx.recv().await.unwrap().unwrap();
+    assert_eq!(started.queued, 1, "{started:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_its_node_stops_listing_is_taken_back_and_queued_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path(), &["HBX"]).await;
+    let hb = Duration::from_millis(100);
+    let a = args(db.clone(), hb);
+    let scope = a.scope.clone();
+    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    let (_p, mut rx) = port::<TrainerPortMsg>(
+        &scope,
+        Some(scope.trainer_port("n1")),
+        TRAINERS,
+        Duration::ZERO,
+    )
+    .await;
+    register(&c, "n1").await;
+    start(&c, "HBX").await;
+    let a = assignment(rx.recv().await.unwrap());
     assert_eq!(a.ticker, "HBX");
     // Heartbeats that hold nothing: after the grace (two heartbeats) the
     // attempt ends and the job goes back to the queue (and to n1 again, the
@@ -214,10 +296,81 @@ async fn a_job_its_node_stops_listing_is_taken_back_and_queued_again() {
     let again = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("reassigned")
-        .unwrap()
+        .map(assignment)
         .unwrap();
     assert_eq!(again.job_id, a.job_id);
     assert!(again.epoch > a.epoch);
+    c.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_port_that_leaves_takes_its_node_out_at_once_and_its_job_moves_after_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path(), &["LVX"]).await;
+    let hb = Duration::from_millis(100);
+    let a = args(db.clone(), hb);
+    let scope = a.scope.clone();
+    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    let (p1, mut rx1) = port::<TrainerPortMsg>(
+        &scope,
+        Some(scope.trainer_port("lvx-a")),
+        TRAINERS,
+        Duration::ZERO,
+    )
+    .await;
+    register(&c, "lvx-a").await;
+    start(&c, "LVX").await;
+    let a = assignment(rx1.recv().await.unwrap());
+    // A second node; then the first one's port leaves (its mesh session ended).
+    let (_p2, mut rx2) = port::<TrainerPortMsg>(
+        &scope,
+        Some(scope.trainer_port("lvx-b")),
+        TRAINERS,
+        Duration::ZERO,
+    )
+    .await;
+    register(&c, "lvx-b").await;
+    p1.stop_and_wait(None, None).await.unwrap();
+    let left = Instant::now();
+    let nodes = loop {
+        let nodes = call_t!(c, CoordinatorMsg::ListNodes, 2_000).unwrap();
+        if nodes.iter().all(|n| n.node != "lvx-a") {
+            break nodes;
+        }
+        assert!(left.elapsed() < Duration::from_secs(1), "{nodes:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    // The job is not moved before its lease (20 heartbeats) runs out: the
+    // node may only be cut off, still training.
+    let moved = loop {
+        // lvx-b stays alive (heartbeats) meanwhile.
+        call_t!(
+            c,
+            |reply| CoordinatorMsg::Heartbeat {
+                node: "lvx-b".into(),
+                incarnation: 7,
+                held: Vec::new(),
+                reply
+            },
+            2_000
+        )
+        .unwrap()
+        .unwrap();
+        if let Ok(Some(m)) = tokio::time::timeout(hb, rx2.recv()).await {
+            break assignment(m);
+        }
+        assert!(left.elapsed() < Duration::from_secs(10), "never moved");
+    };
+    assert!(
+        left.elapsed() >= hb * 20 - Duration::from_millis(300),
+        "moved {:?} after the node left, before its lease ran out",
+        left.elapsed()
+    );
+    assert_eq!(moved.job_id, a.job_id);
+    assert!(moved.epoch > a.epoch);
+    let attempts = db.attempts("LVX", I).await.unwrap();
+    assert!(attempts[0].reason.contains("lease"), "{attempts:?}");
     c.stop(None);
 }
 

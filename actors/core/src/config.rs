@@ -55,11 +55,10 @@ impl Role {
 pub struct ClusterSection {
     pub name: String,
     pub backend: Backend,
-    /// Shared secret of the cluster: the ractor_cluster mesh's cookie and the
-    /// credential nodes present to the coordinator's gRPC service. No
-    /// default: required in distributed mode, by nodes with a
-    /// `cluster_port`, and by a coordinator listening beyond loopback.
-    /// `TICKMESH_COOKIE` overrides it.
+    /// Shared secret of the cluster: the ractor_cluster mesh's cookie, which
+    /// every node proves before it may send or receive anything. No
+    /// default: required in distributed mode and by nodes with a
+    /// `cluster_port`. `TICKMESH_COOKIE` overrides it.
     pub cookie: Option<String>,
     /// PEM certificate chain and key every node's mesh server presents: the
     /// mesh speaks TLS only. Both or neither, and `tls_ca_file` with them.
@@ -526,11 +525,6 @@ pub fn check_secret(s: &str) -> std::result::Result<(), String> {
 }
 
 /// True for `127.x.x.x:port` and `[::1]:port`.
-fn is_loopback(addr: &str) -> bool {
-    addr.parse::<SocketAddr>()
-        .is_ok_and(|a| a.ip().is_loopback())
-}
-
 /// `auto`, `cpu`, `cuda` or `cuda:N`.
 pub fn valid_device(d: &str) -> bool {
     matches!(d, "auto" | "cpu" | "cuda")
@@ -694,6 +688,39 @@ impl ClusterConfig {
         if self.serve.max_steps == 0 {
             return bad("serve.max_steps", "must be at least 1".into());
         }
+        // Train and serve nodes talk to the coordinator over the mesh: when
+        // the coordinator runs in another process, both ends need a port.
+        let coordinator = self
+            .nodes
+            .iter()
+            .find(|n| n.roles.contains(&Role::Coordinator));
+        for n in &self.nodes {
+            let remote = (n.roles.contains(&Role::Train) || n.roles.contains(&Role::Serve))
+                && !n.roles.contains(&Role::Coordinator);
+            if !remote {
+                continue;
+            }
+            if n.cluster_port.is_none() {
+                return bad(
+                    &format!("nodes.{}.cluster_port", n.name),
+                    "required: a train or serve node talks to the coordinator over the ractor_cluster mesh".into(),
+                );
+            }
+            if let Some(c) = coordinator.filter(|c| c.cluster_port.is_none()) {
+                return bad(
+                    &format!("nodes.{}.cluster_port", c.name),
+                    format!(
+                        "required: the coordinator's node is the mesh seed of node `{}` ({})",
+                        n.name,
+                        n.roles
+                            .iter()
+                            .map(|r| r.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+        }
         match &self.cluster.cookie {
             Some(c) => {
                 if let Err(why) = check_secret(c) {
@@ -703,15 +730,11 @@ impl ClusterConfig {
             None => {
                 let why = if self.cluster.backend == Backend::Distributed {
                     Some("distributed mode".to_string())
-                } else if let Some(n) = self.nodes.iter().find(|n| n.cluster_port.is_some()) {
-                    Some(format!("node `{}` has a cluster_port", n.name))
-                } else if !is_loopback(&self.coordinator.listen) {
-                    Some(format!(
-                        "coordinator.listen `{}` is not a loopback address",
-                        self.coordinator.listen
-                    ))
                 } else {
-                    None
+                    self.nodes
+                        .iter()
+                        .find(|n| n.cluster_port.is_some())
+                        .map(|n| format!("node `{}` has a cluster_port", n.name))
                 };
                 if let Some(why) = why {
                     return bad(

@@ -9,6 +9,7 @@
 //! - `GET /ml/train/{id}` → the job's state: `queued`, `running` (with the
 //!   last finished epoch and its losses), `done` (with the version and the
 //!   test metrics) or `failed` (with the reason); 404 for an unknown id.
+//!   Asked of the coordinator's port on the mesh.
 //! - `GET /ml/models` → what is served, with metrics beside the naive baseline.
 //! - `GET /health` → `ok`; `GET /metrics` → Prometheus counters.
 
@@ -27,8 +28,9 @@ use serde_json::json;
 use tickmesh_core::config::ModelKind;
 use tickmesh_core::supervision::Slot;
 use tickmesh_core::types::{validate_ticker, Interval};
-use tickmesh_proto::auth::{CoordinatorConn, Link};
-use tickmesh_proto::v1::{GetJobRequest, StartTrainingRequest};
+use tickmesh_proto::auth::Link;
+use tickmesh_proto::mesh::{CoordinatorPortMsg, Scope};
+use tickmesh_proto::v1::StartTrainingRequest;
 use tokio::net::TcpListener;
 
 use crate::registry::RegistryMsg;
@@ -38,10 +40,10 @@ use crate::ServeError;
 pub struct HttpState {
     registry: Slot<RegistryMsg>,
     pub max_steps: usize,
-    /// The coordinator's gRPC endpoint, for `/ml/train`.
-    coordinator: Option<CoordinatorConn>,
-    /// The same coordinator, for `Admin.Train` with the caller's token.
+    /// The coordinator's gRPC port, for `Admin.Train` with the caller's token.
     link: Option<Link>,
+    /// The cluster's scope on the mesh, for job status from the coordinator's port.
+    scope: Scope,
     counters: Arc<Counters>,
 }
 
@@ -53,21 +55,20 @@ struct Counters {
 }
 
 impl HttpState {
-    pub fn new(registry: Slot<RegistryMsg>, max_steps: usize) -> Self {
+    pub fn new(registry: Slot<RegistryMsg>, max_steps: usize, scope: Scope) -> Self {
         HttpState {
             registry,
             max_steps,
-            coordinator: None,
             link: None,
+            scope,
             counters: Arc::default(),
         }
     }
 
     /// Sends `/ml/train` requests to the coordinator `link` reaches.
-    pub fn with_coordinator(mut self, link: &Link) -> Result<Self, String> {
-        self.coordinator = Some(link.coordinator()?);
+    pub fn with_coordinator(mut self, link: &Link) -> Self {
         self.link = Some(link.clone());
-        Ok(self)
+        self
     }
 }
 
@@ -197,12 +198,6 @@ fn registry(st: &HttpState) -> Result<ActorRef<RegistryMsg>, ServeError> {
         .ok_or_else(|| ServeError::Unavailable("the predictor registry is starting".into()))
 }
 
-fn coordinator(st: &HttpState) -> Result<CoordinatorConn, ServeError> {
-    st.coordinator.clone().ok_or_else(|| {
-        ServeError::Unavailable("this node has no coordinator to send training jobs to".into())
-    })
-}
-
 fn grpc_error(e: tonic::Status) -> ServeError {
     match e.code() {
         tonic::Code::InvalidArgument => ServeError::BadRequest(e.message().to_string()),
@@ -276,11 +271,17 @@ async fn train_status(State(st): State<HttpState>, Path(id): Path<String>) -> Re
                 "a job id is 1-128 characters".into(),
             ));
         }
-        let j = coordinator(&st)?
-            .get_job(GetJobRequest { job_id: id })
+        let what = format!("job {id}");
+        let j = st
+            .scope
+            .ask(
+                "job status",
+                |reply| CoordinatorPortMsg::GetJob(id.into(), reply),
+                std::time::Duration::from_secs(10),
+            )
             .await
-            .map_err(grpc_error)?
-            .into_inner();
+            .map_err(ServeError::Unavailable)?
+            .ok_or_else(|| ServeError::NotFound(format!("unknown {what}")))?;
         let mut body = json!({
             "job": j.job_id,
             "ticker": j.ticker,

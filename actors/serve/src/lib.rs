@@ -7,12 +7,13 @@
 //!   spawns them as model versions arrive.
 //! - [`http`]: the axum API (`/ml/forecast`, `/ml/train`, `/ml/models`,
 //!   `/health`, `/metrics`).
-//! - [`watch`]: follows the coordinator's model stream.
+//! - [`port`]: `PredictorPort`, the registry's actor on the mesh (model
+//!   versions from the coordinator).
 
 pub mod http;
+pub mod port;
 pub mod predictor;
 pub mod registry;
-pub mod watch;
 
 use serde::Serialize;
 

@@ -1,17 +1,19 @@
-//! `PredictorSupervisor`: receives model versions (from the coordinator's
-//! stream) and forecast requests (from HTTP). Spawns one linked
+//! `PredictorSupervisor`: receives model versions (from its mesh port, a
+//! child: see [`crate::port`]) and forecast requests (from HTTP). Spawns one linked
 //! `PredictorActor` per (ticker, interval) on its first version, forwards
 //! loads and requests to it, keeps what each one serves for `/ml/models`,
-//! and respawns a predictor that crashed (reloading its version).
+//! and respawns a predictor that crashed (reloading its version). If its
+//! port stops, the registry fails with it (and its supervisor restarts both).
 
 use std::collections::{BTreeMap, HashMap};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tickmesh_core::db::Db;
 use tickmesh_core::store::SharedStore;
 use tickmesh_core::types::Interval;
 use tracing::{error, warn};
 
+use crate::port::PredictorPort;
 use crate::predictor::{
     ForecastResponse, ModelInfo, PredictorActor, PredictorArgs, PredictorMsg, VersionRef,
 };
@@ -45,6 +47,10 @@ impl ractor::Message for RegistryMsg {}
 
 #[derive(Clone)]
 pub struct RegistryArgs {
+    /// The node's name and its cluster's scope: its port is
+    /// `tickmesh.SCOPE.predictor.NODE`.
+    pub node: String,
+    pub scope: tickmesh_proto::mesh::Scope,
     pub store: SharedStore,
     pub db: Db,
     pub device: tch::Device,
@@ -54,6 +60,7 @@ type Key = (String, Interval);
 
 pub struct RegistryState {
     args: RegistryArgs,
+    port: Option<ActorCell>,
     predictors: HashMap<Key, (ActorRef<PredictorMsg>, VersionRef)>,
     serving: BTreeMap<Key, ModelInfo>,
 }
@@ -103,20 +110,22 @@ impl Actor for PredictorSupervisor {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(RegistryState {
             args,
+            port: None,
             predictors: HashMap::new(),
             serving: BTreeMap::new(),
         })
     }
 
     /// A (re)started registry serves the champions at once, from the
-    /// registry table, without waiting for the coordinator's stream.
+    /// registry table, without waiting for the coordinator; then its port
+    /// joins the mesh.
     async fn post_start(
         &self,
         myself: ActorRef<Self::Msg>,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // Applied here, before any queued message: an update the
-        // coordinator's stream delivered meanwhile is newer, and comes after.
+        // Applied here, before any queued message: an update the port
+        // delivers is newer, and comes after.
         match st.args.db.champions().await {
             Ok(champions) => {
                 for m in champions {
@@ -132,9 +141,10 @@ impl Actor for PredictorSupervisor {
                 }
             }
             Err(e) => {
-                warn!(error = %e, "cannot read the champions; waiting for the coordinator's stream")
+                warn!(error = %e, "cannot read the champions; waiting for the coordinator's")
             }
         }
+        st.port = Some(PredictorPort::spawn(&st.args.scope, &st.args.node, myself.clone()).await?);
         Ok(())
     }
 
@@ -182,6 +192,11 @@ impl Actor for PredictorSupervisor {
         evt: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        if let Some((id, why)) = tickmesh_core::supervision::stopped_child(&evt) {
+            if st.port.as_ref().map(|p| p.get_id()) == Some(id) {
+                return Err(format!("the registry's mesh port stopped: {why}").into());
+            }
+        }
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
             let key = st
                 .predictors

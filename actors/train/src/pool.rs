@@ -1,13 +1,16 @@
-//! `TrainerPool`: the train role's node agent. A session task registers the
-//! node with the coordinator (its slots, a random incarnation, and the jobs
-//! it still runs) and watches the assignment stream; when the coordinator
-//! goes away it registers again with a jittered, doubling backoff, and the
-//! trainers keep going meanwhile (a trainer whose lease runs out pauses
+//! `TrainerPool`: the train role's node agent, on the ractor_cluster mesh.
+//! Its [`TrainerPort`] (a child, `tickmesh.trainer.NODE` in the group
+//! `trainers`) receives the coordinator's assignments. A session task
+//! registers the node with the coordinator's port (its slots, a random
+//! incarnation, and the jobs it still runs), then heartbeats: each one
+//! renews the leases of the jobs the node holds and releases those the
+//! coordinator revoked. When the coordinator leaves the mesh or forgets the
+//! node, the session registers again with a jittered, doubling backoff, and
+//! the trainers keep going meanwhile (a trainer whose lease runs out pauses
 //! before its next write for up to one lease term, waiting for the renewal
-//! that re-registration brings). A heartbeat task renews the leases of the
-//! jobs the node holds and releases those the coordinator revoked.
+//! that re-registration brings).
 //!
-//! The pool receives assignments from the session, grants their leases and
+//! The pool receives assignments from its port, grants their leases and
 //! hands each job to the `TrainerActor` of its (ticker, interval) (spawned
 //! linked on first use); it forwards progress (and snapshot keys) and
 //! reports every outcome back with the job's assignment epoch: a
@@ -19,19 +22,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tickmesh_core::config::Role;
 use tickmesh_core::store::buckets;
 use tickmesh_core::types::Interval;
 use tickmesh_model::fit::EpochProgress;
-use tickmesh_proto::auth::{CoordinatorConn, Link};
-use tickmesh_proto::v1::{
-    CheckpointReport, HeartbeatRequest, HeldJob, JobFailure, JobProgress, RegisterNodeRequest,
-    WatchAssignmentsRequest,
+use tickmesh_proto::mesh::{
+    self, CheckpointAck, CheckpointReport, CoordinatorPortMsg, Heartbeat, HeldJob, JobFailure,
+    JobProgress, Register,
 };
 use tracing::{error, info, warn};
 
 use crate::lease::{term, Leases};
+use crate::port::TrainerPort;
 use crate::trainer::{job_runs_prefix, Job, TrainOutcome, TrainerActor, TrainerArgs, TrainerMsg};
 
 #[derive(Clone, Copy)]
@@ -39,7 +42,7 @@ pub struct TrainerPool;
 
 /// Messages of [`TrainerPool`].
 pub enum PoolMsg {
-    /// The coordinator assigned a job (from the session's stream).
+    /// The coordinator assigned a job (from the pool's port).
     Assigned(Job),
     /// A trainer finished a training epoch of a job (and maybe saved a snapshot).
     Progress {
@@ -59,8 +62,8 @@ impl ractor::Message for PoolMsg {}
 #[derive(Clone)]
 pub struct TrainerPoolArgs {
     pub node: String,
-    /// How to reach the coordinator's gRPC server (with the cluster cookie).
-    pub coordinator: Link,
+    /// The cluster's namespace on the mesh.
+    pub scope: mesh::Scope,
     pub cpus: u32,
     pub gpus: u32,
     /// Jobs this node runs at once (the size of `trainer.slots`).
@@ -77,7 +80,7 @@ struct Timing {
 
 pub struct TrainerPoolState {
     args: TrainerPoolArgs,
-    client: CoordinatorConn,
+    port: ActorCell,
     timing: Arc<Mutex<Timing>>,
     trainers: HashMap<(String, Interval), (ActorRef<TrainerMsg>, Option<Job>)>,
     tasks: Tasks,
@@ -127,11 +130,17 @@ fn gone(me: &ActorRef<PoolMsg>) -> bool {
     )
 }
 
-/// Registers and watches assignments, again and again, until the pool stops.
+/// How long a registration may take.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a report may take (each of its tries).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Registers with the coordinator's port and heartbeats, registering again
+/// whenever the coordinator leaves the mesh or forgets the node, until the
+/// pool stops.
 async fn session(
     me: ActorRef<PoolMsg>,
     args: TrainerPoolArgs,
-    mut client: CoordinatorConn,
     incarnation: u64,
     timing: Arc<Mutex<Timing>>,
 ) {
@@ -145,107 +154,86 @@ async fn session(
         if gone(&me) {
             return;
         }
-        let reply = match client
-            .register_node(RegisterNodeRequest {
-                node: args.node.clone(),
-                roles: vec![Role::Train.as_str().into()],
-                cpus: args.cpus,
-                gpus: args.gpus,
-                incarnation,
-                slots: args.slots,
-                running: held(&args.trainer.leases),
-            })
+        let req = Register {
+            node: args.node.clone(),
+            roles: vec![Role::Train.as_str().into()],
+            cpus: args.cpus,
+            gpus: args.gpus,
+            incarnation,
+            slots: args.slots,
+            running: held(&args.trainer.leases),
+        };
+        let reply = args
+            .scope
+            .ask(
+                "register",
+                |reply| CoordinatorPortMsg::Register(req.into(), reply),
+                REGISTER_TIMEOUT,
+            )
             .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(e) if e.code() == tonic::Code::Unauthenticated => {
-                // Retrying cannot help: the node stops, and says why.
-                error!(coordinator = %args.coordinator.addr, error = %e.message(), "the coordinator refused this node's credentials");
-                me.stop(Some(format!(
-                    "the coordinator at {} refused this node: {} (cluster.cookie / TICKMESH_COOKIE)",
-                    args.coordinator.addr,
-                    e.message()
-                )));
-                return;
-            }
+            .and_then(|r| r);
+        let reply = match reply {
+            Ok(r) => r,
             Err(e) => {
-                warn!(coordinator = %args.coordinator.addr, error = %e.message(), "cannot register with the coordinator yet");
+                warn!(node = %args.node, error = %e, "not registered with the coordinator yet");
                 continue;
             }
         };
-        {
+        let t = {
             let mut t = timing.lock().unwrap_or_else(|p| p.into_inner());
             t.heartbeat = Duration::from_secs(reply.heartbeat_secs.max(1));
             t.lease = Duration::from_secs(reply.lease_secs.max(2));
             args.trainer.leases.set_patience(t.lease);
-        }
-        let mut stream = match client
-            .watch_assignments(WatchAssignmentsRequest {
-                node: args.node.clone(),
-                incarnation,
-            })
-            .await
-        {
-            Ok(s) => s.into_inner(),
-            Err(e) => {
-                warn!(error = %e.message(), "cannot watch assignments yet");
-                continue;
-            }
+            *t
         };
-        info!(node = %args.node, coordinator = %args.coordinator.addr, device = %tickmesh_model::device_name(args.trainer.device), slots = args.slots, "trainer pool registered");
+        info!(node = %args.node, device = %tickmesh_model::device_name(args.trainer.device), slots = args.slots, heartbeat_s = t.heartbeat.as_secs(), lease_s = t.lease.as_secs(), "trainer pool registered with the coordinator");
         backoff = Backoff::new();
-        loop {
-            match stream.message().await {
-                Ok(Some(a)) => match job_of(a) {
-                    Ok(job) => {
-                        if me.cast(PoolMsg::Assigned(job)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "assignment ignored"),
-                },
-                Ok(None) => {
-                    warn!("the coordinator closed the assignment stream; registering again");
-                    break;
-                }
-                Err(e) => {
-                    warn!(error = %e.message(), "assignment stream failed; registering again");
-                    break;
-                }
-            }
+        if !heartbeats(&me, &args, incarnation, &timing).await {
+            return;
         }
     }
 }
 
-/// Renews the leases of the held jobs every heartbeat period.
+/// Renews the held jobs' leases every heartbeat period. Returns when the
+/// node must register again (true), or when the pool stopped (false).
 async fn heartbeats(
-    me: ActorRef<PoolMsg>,
-    node: String,
-    mut client: CoordinatorConn,
+    me: &ActorRef<PoolMsg>,
+    args: &TrainerPoolArgs,
     incarnation: u64,
-    leases: Leases,
-    timing: Arc<Mutex<Timing>>,
-) {
+    timing: &Arc<Mutex<Timing>>,
+) -> bool {
+    let (node, leases, scope) = (&args.node, &args.trainer.leases, &args.scope);
     let mut admin_state = String::new();
     loop {
-        if gone(&me) {
-            return;
-        }
         let t = *timing.lock().unwrap_or_else(|p| p.into_inner());
         tokio::time::sleep(t.heartbeat).await;
+        if gone(me) {
+            return false;
+        }
+        if let Err(e) = scope.coordinator() {
+            warn!(error = %e, "the coordinator left the mesh; registering again when it is back");
+            return true;
+        }
         let sent = Instant::now();
         let held_now = leases.held();
-        let req = HeartbeatRequest {
-            node: node.clone(),
+        let req = Heartbeat {
+            node: node.to_string(),
             incarnation,
-            held: held(&leases),
+            held: held(leases),
         };
-        match client.heartbeat(req).await {
+        let r = scope
+            .ask(
+                "heartbeat",
+                |reply| CoordinatorPortMsg::Heartbeat(req.into(), reply),
+                t.heartbeat.max(Duration::from_secs(2)),
+            )
+            .await
+            .and_then(|r| r);
+        match r {
             Ok(r) => {
-                let r = r.into_inner();
                 if !r.registered {
-                    warn!("the coordinator does not know this node; the session registers again");
-                    continue;
+                    warn!("the coordinator does not know this node; registering again");
+                    return true;
                 }
                 if r.admin_state != admin_state {
                     match r.admin_state.as_str() {
@@ -268,7 +256,7 @@ async fn heartbeats(
                 leases.renew(&renewed, term(sent, lease, t.heartbeat));
             }
             Err(e) => {
-                warn!(error = %e.message(), "heartbeat failed; leases run out unless a later one succeeds")
+                warn!(error = %e, "heartbeat failed; leases run out unless a later one succeeds")
             }
         }
     }
@@ -291,7 +279,7 @@ impl Actor for TrainerPool {
         // out instead of being renewed.
         args.trainer.leases = Leases::default();
         args.trainer.slots = Arc::new(tokio::sync::Semaphore::new(args.slots.max(1) as usize));
-        let client = args.coordinator.coordinator()?;
+        let port = TrainerPort::spawn(&args.scope, &args.node, myself.clone()).await?;
         let incarnation = rand::random::<u64>();
         let timing = Arc::new(Mutex::new(Timing {
             heartbeat: Duration::from_secs(1),
@@ -300,24 +288,15 @@ impl Actor for TrainerPool {
         let session = tokio::spawn(session(
             myself.clone(),
             args.clone(),
-            client.clone(),
             incarnation,
-            timing.clone(),
-        ));
-        let heartbeat = tokio::spawn(heartbeats(
-            myself.clone(),
-            args.node.clone(),
-            client.clone(),
-            incarnation,
-            args.trainer.leases.clone(),
             timing.clone(),
         ));
         Ok(TrainerPoolState {
             args,
-            client,
+            port,
             timing,
             trainers: HashMap::new(),
-            tasks: Tasks(vec![session, heartbeat]),
+            tasks: Tasks(vec![session]),
         })
     }
 
@@ -374,7 +353,6 @@ impl Actor for TrainerPool {
                 if state.args.trainer.leases.check(&job.id, job.epoch).is_err() {
                     return Ok(());
                 }
-                let mut client = state.client.clone();
                 let msg = JobProgress {
                     node: state.args.node.clone(),
                     job_id: job.id.clone(),
@@ -385,11 +363,14 @@ impl Actor for TrainerPool {
                     val_loss: p.val_loss,
                     snapshot_key: snapshot.unwrap_or_default(),
                 };
-                tokio::spawn(async move {
-                    if let Err(e) = client.report_progress(msg).await {
-                        warn!(error = %e.message(), "progress report failed");
+                match state.args.scope.coordinator() {
+                    Ok(c) => {
+                        if let Err(e) = c.cast(CoordinatorPortMsg::Progress(msg.into())) {
+                            warn!(error = %e, "progress report failed");
+                        }
                     }
-                });
+                    Err(e) => warn!(error = %e, "progress report failed"),
+                }
             }
             PoolMsg::Finished { job, outcome } => {
                 if let Some((_, running)) =
@@ -422,13 +403,21 @@ impl Actor for TrainerPool {
                         return Ok(());
                     }
                 };
-                let client = state.client.clone();
                 let store = state.args.trainer.store.clone();
+                let scope = state.args.scope.clone();
                 tokio::spawn(async move {
                     let (ticker, interval) = (report.ticker.clone(), report.interval.clone());
                     let r = with_retries("checkpoint report", || {
-                        let (mut c, r) = (client.clone(), report.clone());
-                        async move { c.report_checkpoint(r).await }
+                        let (r, scope) = (report.clone(), scope.clone());
+                        async move {
+                            scope
+                                .ask(
+                                    "checkpoint report",
+                                    |reply| CoordinatorPortMsg::Checkpoint(r.into(), reply),
+                                    REPORT_TIMEOUT,
+                                )
+                                .await
+                        }
                     })
                     .await;
                     leases.release(&job.id);
@@ -454,6 +443,11 @@ impl Actor for TrainerPool {
         evt: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        if let Some((id, why)) = tickmesh_core::supervision::stopped_child(&evt) {
+            if id == state.port.get_id() {
+                return Err(format!("the pool's mesh port stopped: {why}").into());
+            }
+        }
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
             error!(error = %err, "trainer crashed; it is respawned on its next job");
             let key = state
@@ -484,38 +478,18 @@ async fn remove_snapshots(store: &tickmesh_core::store::SharedStore, job: &Job) 
     }
 }
 
-/// A job from an assignment.
-fn job_of(a: tickmesh_proto::v1::Assignment) -> Result<Job, String> {
-    let interval = a.interval.parse::<Interval>().map_err(|e| e.to_string())?;
-    let model = match a.model.as_str() {
-        "" => None,
-        m => Some(m.parse().map_err(|e: tickmesh_core::Error| e.to_string())?),
-    };
-    Ok(Job {
-        id: a.job_id,
-        ticker: a.ticker,
-        interval,
-        epoch: a.epoch,
-        version: a.version,
-        model,
-        epochs: (a.epochs > 0).then_some(a.epochs as usize),
-        resume_key: (!a.resume_key.is_empty()).then_some(a.resume_key),
-        attempt: a.attempt,
-    })
-}
-
 /// Calls the coordinator up to 5 times with backoff (0.5 s doubling);
 /// `None` (and an error logged) when every try failed: the coordinator then
 /// reassigns the job when its lease runs out.
-async fn with_retries<T, F, Fut>(what: &str, mut call: F) -> Option<T>
+async fn with_retries<F, Fut>(what: &str, mut call: F) -> Option<CheckpointAck>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    Fut: std::future::Future<Output = Result<CheckpointAck, String>>,
 {
     let mut backoff = Duration::from_millis(500);
     for attempt in 1..=5 {
         match call().await {
-            Ok(r) => return Some(r.into_inner()),
+            Ok(r) => return Some(r),
             Err(e) if attempt == 5 => {
                 error!(error = %e, "{what} failed {attempt} times; the coordinator's lease will reassign the job");
             }
@@ -541,13 +515,21 @@ fn report_failure(state: &TrainerPoolState, job: &Job, reason: String) {
         job_id: job.id.clone(),
         reason,
     };
-    let client = state.client.clone();
     let leases = state.args.trainer.leases.clone();
     let id = job.id.clone();
+    let scope = state.args.scope.clone();
     tokio::spawn(async move {
         let ack = with_retries("failure report", || {
-            let (mut c, f) = (client.clone(), failure.clone());
-            async move { c.report_failure(f).await }
+            let (f, scope) = (failure.clone(), scope.clone());
+            async move {
+                scope
+                    .ask(
+                        "failure report",
+                        |reply| CoordinatorPortMsg::Failure(f.into(), reply),
+                        REPORT_TIMEOUT,
+                    )
+                    .await
+            }
         })
         .await;
         leases.release(&id);
