@@ -217,7 +217,7 @@ impl MeshTls {
 pub struct Link {
     /// `host:port`.
     pub addr: String,
-    /// The cluster cookie (Coordinator service) or admin token (Admin service).
+    /// The admin token (the Admin service), or none.
     pub secret: Option<String>,
     /// Set when the port speaks TLS.
     pub tls: Option<ClientTlsConfig>,

@@ -926,6 +926,32 @@ mod tests {
     }
 
     #[test]
+    fn train_and_serve_nodes_of_a_multi_process_cluster_need_a_mesh_port() {
+        let base = "[cluster]\ncookie = \"a-cookie-of-sixteen-chars\"\n\n";
+        let e = parse(&format!(
+            "{base}[[nodes]]\nname = \"c\"\nroles = [\"coordinator\"]\ncluster_port = 24000\n\n[[nodes]]\nname = \"t\"\nroles = [\"train\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`nodes.t.cluster_port`") && e.contains("mesh"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{base}[[nodes]]\nname = \"c\"\nroles = [\"coordinator\"]\n\n[[nodes]]\nname = \"p\"\nroles = [\"serve\"]\ncluster_port = 24001\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`nodes.c.cluster_port`") && e.contains("seed"),
+            "{e}"
+        );
+        // One process with every role needs no mesh.
+        parse("[[nodes]]\nname = \"all\"\nroles = [\"coordinator\", \"train\", \"serve\"]\n")
+            .unwrap();
+    }
+
+    #[test]
     fn environment_overrides() {
         let env: HashMap<String, String> = [
             ("POSTGRES_HOST", "db.internal"),
