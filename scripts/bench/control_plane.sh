@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The control plane's placement and failover, release build: a coordinator
-# (real gRPC on loopback, a real job table) and simulated trainer nodes that
-# register, watch and heartbeat as TrainerPool does but never train.
+# (a real job table; Admin.Train over gRPC on loopback) and simulated
+# trainer nodes whose ports register and heartbeat with the coordinator's
+# port as TrainerPool does, in the same process, but never train.
 #
 #   scripts/bench/control_plane.sh               1,000 jobs, 10 nodes, 20 kills, SQLite
 #   PG=1 scripts/bench/control_plane.sh          the job table in PostgreSQL (scripts/services.sh up)
