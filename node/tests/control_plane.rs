@@ -1,8 +1,9 @@
 //! The control plane with real `tickmesh run` processes on loopback (a
 //! coordinator and trainer nodes sharing one embedded database and object
 //! directory): a SIGKILLed trainer's jobs are re-owned within 10 s and
-//! resume from their last snapshot; a trainer frozen past its lease (SIGSTOP,
-//! a partition as the process sees it) writes nothing more after it thaws; a
+//! resume from their last snapshot; a trainer cut off past its lease (its
+//! own network namespace, whose veth pair goes down; a SIGSTOP where
+//! namespaces cannot be made) writes nothing more, cut off or healed; a
 //! coordinator SIGKILLed and restarted mid-run loses no job and trains none
 //! twice; a failing job is retried, then marked failed, while the next job
 //! still runs; and forged, malformed or oversized requests (on the mesh and
@@ -98,8 +99,106 @@ impl Drop for Proc {
     }
 }
 
+/// A network namespace joined to this one by a veth pair: a node run inside
+/// it reaches the others only through the pair, so bringing the pair down
+/// partitions it (packets are dropped; no connection is reset).
+struct Netns {
+    name: String,
+    host_if: String,
+    ns_if: String,
+    host_ip: String,
+    ns_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    /// Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2.
+    fn create() -> Result<Netns, String> {
+        let id = std::process::id() % 100_000;
+        let net = 16 + (id % 200);
+        let ns = Netns {
+            name: format!("tmcp{id}"),
+            host_if: format!("tmh{id}"),
+            ns_if: format!("tmn{id}"),
+            host_ip: format!("10.77.{net}.1"),
+            ns_ip: format!("10.77.{net}.2"),
+        };
+        ip(&["netns", "add", &ns.name])?;
+        let setup = || -> Result<(), String> {
+            ip(&[
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &ns.ns_if,
+            ])?;
+            ip(&["link", "set", &ns.ns_if, "netns", &ns.name])?;
+            ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", ns.host_ip),
+                "dev",
+                &ns.host_if,
+            ])?;
+            ip(&["link", "set", &ns.host_if, "up"])?;
+            let inside = |a: &[&str]| {
+                let mut v = vec!["netns", "exec", ns.name.as_str(), "ip"];
+                v.extend_from_slice(a);
+                ip(&v)
+            };
+            inside(&["addr", "add", &format!("{}/24", ns.ns_ip), "dev", &ns.ns_if])?;
+            inside(&["link", "set", &ns.ns_if, "up"])?;
+            inside(&["link", "set", "lo", "up"])
+        };
+        // On failure the half-made namespace is removed by Drop.
+        setup().map(|()| ns)
+    }
+
+    /// Takes the namespace's end of the pair down (`up = false`) or up.
+    fn link(&self, up: bool) {
+        ip(&[
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "link",
+            "set",
+            &self.ns_if,
+            if up { "up" } else { "down" },
+        ])
+        .unwrap();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
 struct Cluster {
     dir: tempfile::TempDir,
+    /// The node run in a network namespace, and the namespace.
+    netns: Option<(String, Netns)>,
     config: PathBuf,
     grpc: u16,
     /// The coordinator node's mesh port.
@@ -183,6 +282,7 @@ device = "cpu"
         let store = LocalStore::open(data.join("store")).unwrap();
         Cluster {
             db: adapters.db.clone(),
+            netns: None,
             dir,
             config,
             grpc,
@@ -196,12 +296,45 @@ device = "cpu"
         self.start_env(node, &[]);
     }
 
+    /// Puts `node` in a network namespace of its own (before any node
+    /// starts): it and the coordinator's mesh server then use the veth
+    /// pair's addresses, so cutting the pair partitions it from the rest.
+    fn isolate(&mut self, node: &str) -> Result<(), String> {
+        let ns = Netns::create()?;
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text
+            .replace(
+                "name = \"coord\"\n",
+                &format!("name = \"coord\"\nhost = \"{}\"\n", ns.host_ip),
+            )
+            .replace(
+                &format!("name = \"{node}\"\n"),
+                &format!("name = \"{node}\"\nhost = \"{}\"\n", ns.ns_ip),
+            );
+        std::fs::write(&self.config, text).unwrap();
+        self.netns = Some((node.to_string(), ns));
+        Ok(())
+    }
+
+    /// Cuts (`false`) or heals (`true`) the isolated node's network.
+    fn connect_isolated(&self, up: bool) {
+        self.netns.as_ref().expect("a node is isolated").1.link(up);
+    }
+
     fn start_env(&mut self, node: &str, env: &[(&str, &str)]) {
         let log = self.dir.path().join(format!(
             "{node}-{}.log",
             self.procs.iter().filter(|(n, _)| n == node).count()
         ));
-        let child = Command::new(env!("CARGO_BIN_EXE_tickmesh"))
+        let mut cmd = match &self.netns {
+            Some((n, ns)) if n == node => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_tickmesh")]);
+                c
+            }
+            _ => Command::new(env!("CARGO_BIN_EXE_tickmesh")),
+        };
+        let child = cmd
             .args(["run", "--node", node, "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -502,6 +635,18 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
     let _one = SERIAL.lock().await;
     let tickers = ["PARA", "PARB"];
     let mut c = Cluster::new(&["t1", "t2"], &tickers, None, 3).await;
+    // A real partition where network namespaces can be made (root); a
+    // frozen process (SIGSTOP: no heartbeat, no write) otherwise.
+    let netns = match c.isolate("t2") {
+        Ok(()) => {
+            eprintln!("partition: t2 runs in its own network namespace");
+            true
+        }
+        Err(e) => {
+            eprintln!("network namespaces unavailable ({e}); the partition is a SIGSTOP of t2");
+            false
+        }
+    };
     c.start("coord");
     c.start("t1");
     c.start("t2");
@@ -509,7 +654,20 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
         c.wait_log(t, "trainer pool registered", Duration::from_secs(60))
             .await;
     }
-    c.train(&tickers).await;
+    // Long jobs (the config says 40 epochs): t2 is mid-run when cut off.
+    let r = c
+        .admin()
+        .await
+        .train(StartTrainingRequest {
+            tickers: tickers.iter().map(|t| t.to_string()).collect(),
+            interval: INTERVAL.to_string(),
+            model: String::new(),
+            epochs: 200,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.job_ids.len(), 2, "{r:?}");
     let jobs = c
         .wait_jobs("a snapshot on t2", Duration::from_secs(90), |js| {
             snapshotted_on(js, "t2").is_some()
@@ -521,16 +679,38 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
         victim.ticker, victim.id, victim.epoch
     );
 
-    // Frozen: no heartbeat, no renewal, for longer than the lease (3 s).
-    c.proc("t2").signal("-STOP");
+    // Cut off: no heartbeat, no renewal, for longer than the lease (3 s).
+    if netns {
+        c.connect_isolated(false);
+    } else {
+        c.proc("t2").signal("-STOP");
+    }
     c.wait_jobs("t2's attempt ended", Duration::from_secs(15), |js| {
         js.iter()
             .any(|j| j.id == victim.id && (j.epoch > victim.epoch || j.state == "queued"))
     })
     .await;
     let before = c.keys(&attempt_prefix).await;
-    c.proc("t2").signal("-CONT");
-    // Thawed: its lease ran out, so it must write nothing more.
+    if netns {
+        // Still cut off, and still running: its lease ran out before the
+        // coordinator's did, so it writes nothing more.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let during: Vec<String> = c
+            .keys(&attempt_prefix)
+            .await
+            .into_iter()
+            .filter(|k| !before.contains(k))
+            .collect();
+        assert!(
+            during.is_empty(),
+            "the cut-off trainer wrote snapshots after its lease ran out: {during:?}"
+        );
+        assert!(c.proc("t2").alive(), "the cut-off trainer keeps running");
+        c.connect_isolated(true);
+    } else {
+        c.proc("t2").signal("-CONT");
+    }
+    // Healed: its lease ran out, so it must write nothing more.
     tokio::time::sleep(Duration::from_secs(4)).await;
     // (The new owner may have finished and removed the job's snapshots.)
     let new: Vec<String> = c
@@ -554,18 +734,27 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
         "the fenced-off trainer published: {stale:?}"
     );
 
-    c.wait_jobs("every job done", Duration::from_secs(240), done)
+    let jobs = c
+        .wait_jobs("every job done", Duration::from_secs(240), done)
         .await;
     for t in tickers {
         c.check_lineage(t).await;
     }
+    let moved = jobs.iter().find(|j| j.id == victim.id).unwrap();
+    assert!(
+        moved.epoch > victim.epoch && moved.node.as_deref() == Some("t1"),
+        "t2's job moved to t1 under a higher epoch: {moved:?}"
+    );
     let log = std::fs::read_to_string(&c.proc("t2").log).unwrap();
     assert!(
         log.contains("nothing more is written") || log.contains("revoked"),
         "t2 says it stopped writing:{}",
         c.logs()
     );
-    assert!(c.proc("t2").alive(), "the thawed trainer keeps running");
+    if netns {
+        assert!(log.contains("heartbeat failed"), "{}", c.logs());
+    }
+    assert!(c.proc("t2").alive(), "the healed trainer keeps running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
