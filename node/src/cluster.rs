@@ -8,8 +8,11 @@
 //!
 //! A link reconnects with a jittered, doubling backoff whenever its session
 //! ends; a peer that refuses the handshake (a wrong cookie) fails the link
-//! with that reason, and the node's supervisor decides. A connection that
-//! has not authenticated within [`HANDSHAKE_TIMEOUT`] is closed.
+//! with that reason, and the node's supervisor decides. [`watch_sessions`]
+//! closes sessions whose peer stopped answering (a dead host, a cut
+//! network), so that links dial again and the coordinator sees the node go.
+//! A connection that has not authenticated within [`HANDSHAKE_TIMEOUT`] is
+//! closed.
 //! `NodeAgentMsg::Describe` is a remote RPC whose reply is encoded with
 //! bincode, so any member can ask every other one what it is. With
 //! `[cluster] tls_*` the mesh speaks TLS only, and each node links to every
@@ -258,24 +261,37 @@ pub async fn connect(
     .map_err(|e| anyhow!("cannot reach the mesh node at {addr}: {e}"))
 }
 
-/// Whether this node has an authenticated session with the node named `peer`.
-async fn connected(server: &ActorRef<NodeServerMessage>, peer: &str) -> Result<bool, String> {
-    let sessions = call_t!(server, NodeServerMessage::GetSessions, 5_000)
-        .map_err(|e| format!("this node's mesh server does not answer: {e}"))?;
+/// Whether this node has an authenticated session with the node named
+/// `peer`; `None` when the node server did not answer in time (it is busy:
+/// ask again). Err when the node server has stopped.
+async fn connected(
+    server: &ActorRef<NodeServerMessage>,
+    peer: &str,
+) -> Result<Option<bool>, String> {
+    let sessions = match call_t!(server, NodeServerMessage::GetSessions, 5_000) {
+        Ok(s) => s,
+        Err(e) if server.get_status() == ractor::ActorStatus::Running => {
+            warn!(error = %e, "this node's mesh server is slow to answer");
+            return Ok(None);
+        }
+        Err(e) => return Err(format!("this node's mesh server has stopped: {e}")),
+    };
     // ractor_cluster names a node `NAME@HOST`.
-    Ok(sessions.values().any(|s| {
+    Ok(Some(sessions.values().any(|s| {
         s.peer_name
             .as_ref()
             .is_some_and(|n| n.name.split('@').next() == Some(peer))
-    }))
+    })))
 }
 
 /// Keeps this node connected to the mesh node `peer` at `addr` until
 /// `shutdown`: connects, and connects again with a jittered, doubling
-/// backoff (200 ms to 5 s) whenever the session ends or the peer cannot be
-/// reached. Fails when the peer refuses the handshake (the session ends
-/// before it authenticated, and no other session with the peer exists):
-/// a wrong cookie, which retrying cannot fix.
+/// backoff (200 ms to 5 s) whenever the session ends (also when
+/// [`watch_sessions`] closed it because the peer stopped answering) or the
+/// peer cannot be reached. Fails when the peer refuses the handshake
+/// [`REFUSALS`] times in a row (each session ends before it authenticated,
+/// and no other session with the peer exists): a wrong cookie, which
+/// retrying cannot fix.
 pub async fn link(
     mesh: Mesh,
     peer: String,
@@ -297,6 +313,7 @@ async fn keep_linked(
 ) -> Result<(), String> {
     let mut wait = Duration::from_millis(200);
     let mut first = true;
+    let mut refusals = 0;
     loop {
         if !first {
             let jitter = rand::random::<u64>() % (wait.as_millis() as u64 / 2 + 1);
@@ -304,7 +321,7 @@ async fn keep_linked(
             wait = (wait * 2).min(Duration::from_secs(5));
         }
         first = false;
-        if !connected(&mesh.server, peer).await? {
+        if connected(&mesh.server, peer).await? != Some(true) {
             let mut events = mesh.events.subscribe();
             if let Err(e) = connect(&mesh.server, addr, tls).await {
                 warn!(%peer, error = %e, "cannot reach the mesh peer yet");
@@ -330,20 +347,102 @@ async fn keep_linked(
             if handshake != Ok(true) {
                 // Both ends may have dialled each other: one session survives.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if !connected(&mesh.server, peer).await? {
-                    return Err(format!(
-                        "the mesh node `{peer}` at {addr} refused this node's handshake: wrong cluster.cookie (TICKMESH_COOKIE){}?",
-                        if tls.is_some() { " or TLS identity" } else { "" }
-                    ));
+                if connected(&mesh.server, peer).await? == Some(false) {
+                    // A peer that is going down, or one that kept a stale
+                    // session with us, closes too: only a repeated refusal
+                    // is one.
+                    refusals += 1;
+                    if refusals >= REFUSALS {
+                        return Err(format!(
+                            "the mesh node `{peer}` at {addr} refused this node's handshake {refusals} times in a row: wrong cluster.cookie (TICKMESH_COOKIE){}?",
+                            if tls.is_some() { " or TLS identity" } else { "" }
+                        ));
+                    }
+                    warn!(%peer, %addr, "the mesh peer closed the connection before the handshake finished; trying again");
+                    continue;
                 }
             }
         }
         info!(%peer, %addr, tls = tls.is_some(), "linked to the mesh peer");
         wait = Duration::from_millis(200);
-        while connected(&mesh.server, peer).await? {
+        refusals = 0;
+        while connected(&mesh.server, peer).await? != Some(false) {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         warn!(%peer, %addr, "the mesh session to the peer ended; reconnecting");
+    }
+}
+
+/// Refused handshakes in a row after which a link gives up.
+pub const REFUSALS: u32 = 2;
+
+/// How often [`watch_sessions`] asks each peer's agent whether it is alive.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long a peer has to answer a probe.
+const PROBE_TIMEOUT_MS: u64 = 1_500;
+/// A session whose peer has answered no probe for this long is closed.
+pub const SILENCE: Duration = Duration::from_secs(6);
+
+/// Closes mesh sessions whose peer has stopped answering, until `shutdown`.
+/// ractor_cluster's own pings never time a session out, and a peer whose
+/// host died or whose network was cut sends no FIN: without this, such a
+/// session would look alive until TCP gives up (about 15 minutes), and the
+/// link would never dial again. Every [`PROBE_EVERY`], each peer's
+/// `NodeAgent` is asked `Describe`; a session whose peer has answered none
+/// for [`SILENCE`] is stopped (its ports leave their groups, and a link to
+/// that peer reconnects). Err only when the node server has stopped.
+pub async fn watch_sessions(
+    mesh: Mesh,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    tokio::select! {
+        r = reap(&mesh) => r,
+        _ = shutdown => Ok(()),
+    }
+}
+
+async fn reap(mesh: &Mesh) -> Result<(), String> {
+    // When each session's peer last answered (or was first seen).
+    let mut heard: std::collections::HashMap<u64, std::time::Instant> = Default::default();
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let sessions = match call_t!(mesh.server, NodeServerMessage::GetSessions, 5_000) {
+            Ok(s) => s,
+            Err(e) if mesh.server.get_status() == ractor::ActorStatus::Running => {
+                warn!(error = %e, "this node's mesh server is slow to answer");
+                continue;
+            }
+            Err(e) => return Err(format!("this node's mesh server has stopped: {e}")),
+        };
+        let agents = ractor::pg::get_members(&NODES_GROUP.to_string());
+        let probes = sessions.into_iter().filter_map(|(node_id, ses)| {
+            // The peer's agent is a stub of that session (same node id).
+            let agent = agents.iter().find(|c| {
+                matches!(c.get_id(), ractor::ActorId::Remote { node_id: n, .. } if n == node_id)
+            })?;
+            let agent: ActorRef<NodeAgentMsg> = agent.clone().into();
+            Some(async move {
+                let ok = call_t!(agent, NodeAgentMsg::Describe, PROBE_TIMEOUT_MS).is_ok();
+                (node_id, ses, ok)
+            })
+        });
+        let results = futures::future::join_all(probes).await;
+        heard.retain(|id, _| results.iter().any(|(n, _, _)| n == id));
+        let now = std::time::Instant::now();
+        for (node_id, ses, ok) in results {
+            let last = heard.entry(node_id).or_insert(now);
+            if ok {
+                *last = now;
+                continue;
+            }
+            let silent = now.duration_since(*last);
+            if silent >= SILENCE {
+                let peer = ses.peer_name.as_ref().map(|n| n.name.clone());
+                warn!(peer = ?peer, addr = %ses.peer_addr, silent_s = silent.as_secs_f64(), "the mesh peer stopped answering; its session is closed");
+                ses.actor.stop(Some("the peer stopped answering".into()));
+                heard.remove(&node_id);
+            }
+        }
     }
 }
 

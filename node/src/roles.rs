@@ -1,7 +1,8 @@
 //! Starts the roles of one node on connected adapters:
 //!
 //! - the mesh (a node with a `cluster_port`): its ractor_cluster server,
-//!   its agent, and a supervised link to each peer (see [`crate::cluster`]);
+//!   its agent, a supervised link to each peer, and the watcher that closes
+//!   sessions whose peer stopped answering (see [`crate::cluster`]);
 //! - `coordinator`: `CoordinatorActor` (supervising its `StartModelConsumer`
 //!   and its mesh port) and its gRPC server (Admin, health, reflection);
 //! - `ingest`: a `Supervisor` with a `BarsConsumerActor` on `h_alpaca`;
@@ -136,6 +137,13 @@ pub async fn start(
                 });
                 children.push(ChildSpec::actor(child, ServerActor, move || link.clone()));
             }
+            let m = mesh.clone();
+            let watch = ServerArgs::new("mesh sessions", move |sd| {
+                crate::cluster::watch_sessions(m.clone(), sd)
+            });
+            children.push(ChildSpec::actor("mesh sessions", ServerActor, move || {
+                watch.clone()
+            }));
             Some(mesh)
         }
         None => None,

@@ -693,8 +693,9 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
     let before = c.keys(&attempt_prefix).await;
     if netns {
         // Still cut off, and still running: its lease ran out before the
-        // coordinator's did, so it writes nothing more.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // coordinator's did, so it writes nothing more. Long enough for both
+        // ends to close the silent session (6 s without an answer).
+        tokio::time::sleep(Duration::from_secs(8)).await;
         let during: Vec<String> = c
             .keys(&attempt_prefix)
             .await
@@ -753,6 +754,20 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
     );
     if netns {
         assert!(log.contains("heartbeat failed"), "{}", c.logs());
+        // The silent session was closed (ractor_cluster alone would keep
+        // it), and once healed t2 dialled again and registered again.
+        let coord = std::fs::read_to_string(&c.proc("coord").log).unwrap();
+        assert!(
+            coord.contains("the mesh peer stopped answering"),
+            "{}",
+            c.logs()
+        );
+        assert!(
+            log.matches("linked to the mesh peer").count() >= 2
+                && log.matches("trainer pool registered").count() >= 2,
+            "t2 reconnected after the partition healed:{}",
+            c.logs()
+        );
     }
     assert!(c.proc("t2").alive(), "the healed trainer keeps running");
 }
@@ -1250,7 +1265,7 @@ async fn operators_cordon_drain_hand_off_promote_and_roll_back_through_the_admin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_port_refuses_plaintext_and_serves_nodes_and_operators_over_tls() {
+async fn a_tls_admin_port_refuses_plaintext_and_a_node_with_a_wrong_cookie_exits() {
     let _one = SERIAL.lock().await;
     let mut c = Cluster::new(&["t1", "t9"], &["TLSA"], None, 4).await;
     let certs = c.dir.path().join("certs");

@@ -38,8 +38,9 @@
 //!   training). A node that stops heartbeating is lost after one lease too.
 //! - **Models.** An accepted checkpoint is registered as champion in
 //!   `model_versions` and cast to every port in the `predictors` group; a
-//!   predictor port that joins (a node that starts or reconnects) is sent
-//!   every champion. Casts never wait on the receiver.
+//!   predictor port that joins (a node that starts or reconnects), and every
+//!   one present when the coordinator (re)starts, is sent every champion.
+//!   Casts never wait on the receiver.
 //!
 //! It supervises its `StartModelConsumer`: a failed consumer is restarted
 //! after a backoff (a timer, never a sleep in the handler) while the restart
@@ -331,6 +332,13 @@ impl Actor for CoordinatorActor {
         myself.send_interval(st.args.heartbeat, || CoordinatorMsg::Tick);
         st.consumer = spawn_consumer(&myself, &st.args).await?;
         st.args.scope.monitor(myself.get_cell());
+        // Predictor ports already in the group (this is a restart) get
+        // every champion now: a change the previous incarnation was about
+        // to send may have been lost with it.
+        let present = st.args.scope.members(PREDICTORS);
+        if !present.is_empty() {
+            send_champions(&st, &present).await;
+        }
         let port = PortArgs {
             coordinator: myself.clone(),
             heartbeat: st.args.heartbeat,
@@ -381,6 +389,10 @@ impl Actor for CoordinatorActor {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            // A registration or heartbeat whose caller gave up waiting
+            // (the port's call timed out) is not acted on.
+            CoordinatorMsg::Register { reply, .. } if reply.is_closed() => {}
+            CoordinatorMsg::Heartbeat { reply, .. } if reply.is_closed() => {}
             CoordinatorMsg::Register { reg, reply } => {
                 let r = register(st, reg).await;
                 let _ = reply.send(r);
@@ -654,28 +666,33 @@ async fn membership(st: &mut CoordinatorState, change: &GroupChangeMessage) {
             }
         }
         GroupChangeMessage::Join(_, group, cells) if group == PREDICTORS => {
-            let champions = match st.args.db.champions().await {
-                Ok(c) => c,
-                Err(e) => {
-                    // They read the champions themselves when they start.
-                    warn!(error = %e, "cannot read the champions for a predictor that joined");
-                    return;
-                }
-            };
-            for cell in cells {
-                let port: ActorRef<PredictorPortMsg> = cell.clone().into();
-                for m in &champions {
-                    let _ = port.cast(PredictorPortMsg::Model(update_of(m).into()));
-                }
-            }
-            info!(
-                predictors = cells.len(),
-                champions = champions.len(),
-                "champions sent to predictors that joined"
-            );
+            send_champions(st, cells).await;
         }
         _ => {}
     }
+}
+
+/// Casts every champion to each of the predictor ports `cells`.
+async fn send_champions(st: &CoordinatorState, cells: &[ActorCell]) {
+    let champions = match st.args.db.champions().await {
+        Ok(c) => c,
+        Err(e) => {
+            // A registry reads the champions itself when it starts.
+            warn!(error = %e, "cannot read the champions for the predictors");
+            return;
+        }
+    };
+    for cell in cells {
+        let port: ActorRef<PredictorPortMsg> = cell.clone().into();
+        for m in &champions {
+            let _ = port.cast(PredictorPortMsg::Model(update_of(m).into()));
+        }
+    }
+    info!(
+        predictors = cells.len(),
+        champions = champions.len(),
+        "champions sent to predictors"
+    );
 }
 
 /// Extends the leases of `ids` (jobs of `node`), in the database first.

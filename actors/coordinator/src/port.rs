@@ -5,8 +5,9 @@
 //! heartbeat, progress, checkpoint and failure reports, job status),
 //! validates each payload, and passes it on to [`CoordinatorActor`] as a
 //! local message; each call is answered by a task, so one slow answer never
-//! holds up the next message. A payload that did not decode, or breaks a
-//! limit, is refused with the reason.
+//! holds up the next message, and waits no longer than its caller does (a
+//! call whose caller has given up is dropped unrun). A payload that did not
+//! decode, or breaks a limit, is refused with the reason.
 //!
 //! [`CoordinatorActor`]: crate::coordinator::CoordinatorActor
 
@@ -53,6 +54,15 @@ impl CoordinatorPort {
     }
 }
 
+/// How long to wait for the coordinator actor on behalf of `reply`'s
+/// caller: the caller's own timeout (a remote call carries it), at most
+/// [`CALL_TIMEOUT_MS`]. A call whose caller has given up is not run.
+fn budget<T>(reply: &ractor::RpcReplyPort<T>) -> u64 {
+    reply.get_timeout().map_or(CALL_TIMEOUT_MS, |t| {
+        (t.as_millis() as u64).min(CALL_TIMEOUT_MS)
+    })
+}
+
 fn too_many(n: usize, what: &str) -> Result<(), String> {
     if n > MAX_HELD {
         return Err(format!("{n} {what} jobs listed; at most {MAX_HELD}"));
@@ -87,7 +97,11 @@ impl Actor for CoordinatorPort {
                     heartbeat_secs: st.heartbeat.as_secs(),
                     lease_secs: st.lease.as_secs(),
                 };
+                let ms = budget(&reply);
                 tokio::spawn(async move {
+                    if reply.is_closed() {
+                        return;
+                    }
                     let r = async {
                         let r = req.into_result()?;
                         if r.node.trim().is_empty() {
@@ -103,12 +117,8 @@ impl Actor for CoordinatorPort {
                             incarnation: r.incarnation,
                             running: r.running.into_iter().map(|h| (h.job_id, h.epoch)).collect(),
                         };
-                        call_t!(
-                            c,
-                            |reply| CoordinatorMsg::Register { reg, reply },
-                            CALL_TIMEOUT_MS
-                        )
-                        .map_err(|e| format!("coordinator actor: {e}"))??;
+                        call_t!(c, |reply| CoordinatorMsg::Register { reg, reply }, ms)
+                            .map_err(|e| format!("coordinator actor: {e}"))??;
                         Ok(timing)
                     }
                     .await;
@@ -120,7 +130,11 @@ impl Actor for CoordinatorPort {
             }
             CoordinatorPortMsg::Heartbeat(req, reply) => {
                 let lease_secs = st.lease.as_secs();
+                let ms = budget(&reply);
                 tokio::spawn(async move {
+                    if reply.is_closed() {
+                        return;
+                    }
                     let r = async {
                         let r = req.into_result()?;
                         too_many(r.held.len(), "held")?;
@@ -133,7 +147,7 @@ impl Actor for CoordinatorPort {
                                 held,
                                 reply
                             },
-                            CALL_TIMEOUT_MS
+                            ms
                         )
                         .map_err(|e| format!("coordinator actor: {e}"))??;
                         Ok(HeartbeatReply {
@@ -152,42 +166,46 @@ impl Actor for CoordinatorPort {
                 Err(e) => warn!(reason = %e, "progress report refused"),
             },
             CoordinatorPortMsg::Checkpoint(report, reply) => {
+                let ms = budget(&reply);
                 tokio::spawn(async move {
+                    if reply.is_closed() {
+                        return;
+                    }
                     let ack = match report.into_result() {
-                        Ok(report) => call_t!(
-                            c,
-                            |reply| CoordinatorMsg::Report { report, reply },
-                            CALL_TIMEOUT_MS
-                        )
-                        .unwrap_or_else(|e| refused(format!("coordinator actor: {e}"))),
+                        Ok(report) => {
+                            call_t!(c, |reply| CoordinatorMsg::Report { report, reply }, ms)
+                                .unwrap_or_else(|e| refused(format!("coordinator actor: {e}")))
+                        }
                         Err(e) => refused(e),
                     };
                     let _ = reply.send(Wire::Ok(ack));
                 });
             }
             CoordinatorPortMsg::Failure(failure, reply) => {
+                let ms = budget(&reply);
                 tokio::spawn(async move {
+                    if reply.is_closed() {
+                        return;
+                    }
                     let ack = match failure.into_result() {
-                        Ok(failure) => call_t!(
-                            c,
-                            |reply| CoordinatorMsg::Failure { failure, reply },
-                            CALL_TIMEOUT_MS
-                        )
-                        .unwrap_or_else(|e| refused(format!("coordinator actor: {e}"))),
+                        Ok(failure) => {
+                            call_t!(c, |reply| CoordinatorMsg::Failure { failure, reply }, ms)
+                                .unwrap_or_else(|e| refused(format!("coordinator actor: {e}")))
+                        }
                         Err(e) => refused(e),
                     };
                     let _ = reply.send(Wire::Ok(ack));
                 });
             }
             CoordinatorPortMsg::GetJob(id, reply) => {
+                let ms = budget(&reply);
                 tokio::spawn(async move {
+                    if reply.is_closed() {
+                        return;
+                    }
                     let job = match id.into_result() {
-                        Ok(id) => call_t!(
-                            c,
-                            |reply| CoordinatorMsg::GetJob { id, reply },
-                            CALL_TIMEOUT_MS
-                        )
-                        .map_err(|e| format!("coordinator actor: {e}")),
+                        Ok(id) => call_t!(c, |reply| CoordinatorMsg::GetJob { id, reply }, ms)
+                            .map_err(|e| format!("coordinator actor: {e}")),
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(match job {

@@ -192,7 +192,8 @@ impl EmbeddedConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
-    /// gRPC listen address of the coordinator (and where nodes reach it).
+    /// gRPC listen address of the coordinator's Admin API (nodes reach the
+    /// coordinator on the mesh, through its node's `cluster_port`).
     pub listen: String,
     pub heartbeat_secs: u64,
     /// A job's lease: a trainer that has not renewed it for this long stops
@@ -204,11 +205,11 @@ pub struct CoordinatorConfig {
     pub retry_backoff_ms: u64,
     /// Jobs queued or running at most; a request beyond it is refused.
     pub max_open_jobs: usize,
-    /// PEM certificate chain and key: the gRPC port (Coordinator and Admin)
-    /// speaks TLS only. Both or neither.
+    /// PEM certificate chain and key: the gRPC port (Admin, health,
+    /// reflection) speaks TLS only. Both or neither.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
-    /// PEM CA that clients (nodes, `tickmesh admin`) verify the coordinator
+    /// PEM CA that clients (serve nodes' `/ml/train`, `tickmesh admin`) verify the coordinator
     /// with; with TLS on and no CA, the system roots are not used: set it.
     pub tls_ca_file: Option<PathBuf>,
     /// The name in the coordinator's certificate (default: the host of `listen`).
@@ -690,10 +691,21 @@ impl ClusterConfig {
         }
         // Train and serve nodes talk to the coordinator over the mesh: when
         // the coordinator runs in another process, both ends need a port.
-        let coordinator = self
+        let coordinators: Vec<&NodeConfig> = self
             .nodes
             .iter()
-            .find(|n| n.roles.contains(&Role::Coordinator));
+            .filter(|n| n.roles.contains(&Role::Coordinator))
+            .collect();
+        if coordinators.len() > 1 {
+            return bad(
+                "nodes",
+                format!(
+                    "nodes `{}` and `{}` both have the coordinator role; a cluster has one coordinator",
+                    coordinators[0].name, coordinators[1].name
+                ),
+            );
+        }
+        let coordinator = coordinators.first().copied();
         for n in &self.nodes {
             let remote = (n.roles.contains(&Role::Train) || n.roles.contains(&Role::Serve))
                 && !n.roles.contains(&Role::Coordinator);
@@ -706,7 +718,21 @@ impl ClusterConfig {
                     "required: a train or serve node talks to the coordinator over the ractor_cluster mesh".into(),
                 );
             }
-            if let Some(c) = coordinator.filter(|c| c.cluster_port.is_none()) {
+            let Some(c) = coordinator else {
+                return bad(
+                    "nodes",
+                    format!(
+                        "node `{}` has the {} role but no node has the coordinator role",
+                        n.name,
+                        if n.roles.contains(&Role::Train) {
+                            "train"
+                        } else {
+                            "serve"
+                        }
+                    ),
+                );
+            };
+            if c.cluster_port.is_none() {
                 return bad(
                     &format!("nodes.{}.cluster_port", c.name),
                     format!(
@@ -946,6 +972,18 @@ mod tests {
             e.contains("`nodes.c.cluster_port`") && e.contains("seed"),
             "{e}"
         );
+        let e = parse(&format!(
+            "{base}[[nodes]]\nname = \"t\"\nroles = [\"train\"]\ncluster_port = 24001\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no node has the coordinator role"), "{e}");
+        let e = parse(&format!(
+            "{base}[[nodes]]\nname = \"a\"\nroles = [\"coordinator\"]\n\n[[nodes]]\nname = \"b\"\nroles = [\"coordinator\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("one coordinator"), "{e}");
         // One process with every role needs no mesh.
         parse("[[nodes]]\nname = \"all\"\nroles = [\"coordinator\", \"train\", \"serve\"]\n")
             .unwrap();
