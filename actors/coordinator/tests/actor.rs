@@ -209,6 +209,10 @@ async fn a_predictor_that_joins_gets_every_champion_and_a_stuck_one_never_holds_
 }
 
 async fn register(c: &ActorRef<CoordinatorMsg>, node: &str) {
+    register_with(c, node, 0, 1).await
+}
+
+async fn register_with(c: &ActorRef<CoordinatorMsg>, node: &str, gpus: u32, slots: u32) {
     call_t!(
         c,
         |reply| CoordinatorMsg::Register {
@@ -216,8 +220,8 @@ async fn register(c: &ActorRef<CoordinatorMsg>, node: &str) {
                 node: node.into(),
                 roles: vec!["train".into()],
                 cpus: 1,
-                gpus: 0,
-                slots: 1,
+                gpus,
+                slots,
                 incarnation: 7,
                 running: Vec::new(),
             },
@@ -243,6 +247,58 @@ async fn start(c: &ActorRef<CoordinatorMsg>, ticker: &str) {
     )
     .unwrap();
     assert_eq!(started.queued, 1, "{started:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_fills_gpu_nodes_first_then_the_node_with_the_most_free_slots() {
+    let tickers = ["PLA", "PLB", "PLC", "PLD", "PLE", "PLF", "PLG"];
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path(), &tickers).await;
+    let a = args(db, Duration::from_secs(5));
+    let scope = a.scope.clone();
+    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    // A GPU node with 2 slots, CPU nodes with 3 and 1 (cluster.toml's
+    // `gpus` and `jobs`, as the pools register them).
+    let mut rx = Vec::new();
+    for (node, gpus, slots) in [("gpu", 1, 2), ("big", 0, 3), ("small", 0, 1)] {
+        let (p, r) = port::<TrainerPortMsg>(
+            &scope,
+            Some(scope.trainer_port(node)),
+            TRAINERS,
+            Duration::ZERO,
+        )
+        .await;
+        register_with(&c, node, gpus, slots).await;
+        rx.push((node, p, r));
+    }
+    let mut order = Vec::new();
+    for t in tickers {
+        start(&c, t).await;
+        // Where this job went.
+        let mut got = None;
+        for _ in 0..100 {
+            for (node, _, r) in rx.iter_mut() {
+                if let Ok(m) = r.try_recv() {
+                    got = Some((assignment(m).ticker, *node));
+                }
+            }
+            if got.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        order.push(got.unwrap_or((t.to_string(), "none")));
+    }
+    let nodes: Vec<&str> = order.iter().map(|(_, n)| *n).collect();
+    // GPU first (2 slots); then the most free slots: big (3 free), then big
+    // (2) or small (1) by free slots, ties by name; full nodes get nothing,
+    // and the seventh job waits.
+    assert_eq!(
+        nodes,
+        ["gpu", "gpu", "big", "big", "big", "small", "none"],
+        "{order:?}"
+    );
+    c.stop(None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
