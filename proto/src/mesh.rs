@@ -137,6 +137,22 @@ impl Scope {
         Ok(())
     }
 
+    /// Spawns a port: `actor` registered as `name`, linked to `owner`, in
+    /// `group` of this scope (after [`Scope::claim`]).
+    pub async fn spawn_port<A: ractor::Actor>(
+        &self,
+        group: &str,
+        name: String,
+        actor: A,
+        args: A::Arguments,
+        owner: ractor::ActorCell,
+    ) -> Result<ractor::ActorCell, ractor::ActorProcessingErr> {
+        self.claim(group, &name).await?;
+        let (port, _) = ractor::Actor::spawn_linked(Some(name), actor, args, owner).await?;
+        self.join(group, port.get_cell());
+        Ok(port.get_cell())
+    }
+
     /// Sends `cell` a `ProcessGroupChanged` supervision event for every
     /// join and leave in this scope.
     pub fn monitor(&self, cell: ractor::ActorCell) {

@@ -44,13 +44,17 @@ impl CoordinatorPort {
         args: PortArgs,
         supervisor: ActorCell,
     ) -> Result<ActorCell, ActorProcessingErr> {
-        let name = args.scope.coordinator_port();
-        args.scope
-            .claim(COORDINATORS, &name)
+        let scope = args.scope.clone();
+        scope
+            .spawn_port(
+                COORDINATORS,
+                scope.coordinator_port(),
+                CoordinatorPort,
+                args,
+                supervisor,
+            )
             .await
-            .map_err(|e| format!("{e}: one cluster has one coordinator"))?;
-        let (port, _) = Actor::spawn_linked(Some(name), CoordinatorPort, args, supervisor).await?;
-        Ok(port.get_cell())
+            .map_err(|e| format!("{e}: one cluster has one coordinator").into())
     }
 }
 
@@ -77,10 +81,9 @@ impl Actor for CoordinatorPort {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _: ActorRef<Self::Msg>,
         args: PortArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        args.scope.join(COORDINATORS, myself.get_cell());
         Ok(args)
     }
 
@@ -166,36 +169,15 @@ impl Actor for CoordinatorPort {
                 Err(e) => warn!(reason = %e, "progress report refused"),
             },
             CoordinatorPortMsg::Checkpoint(report, reply) => {
-                let ms = budget(&reply);
-                tokio::spawn(async move {
-                    if reply.is_closed() {
-                        return;
-                    }
-                    let ack = match report.into_result() {
-                        Ok(report) => {
-                            call_t!(c, |reply| CoordinatorMsg::Report { report, reply }, ms)
-                                .unwrap_or_else(|e| refused(format!("coordinator actor: {e}")))
-                        }
-                        Err(e) => refused(e),
-                    };
-                    let _ = reply.send(Wire::Ok(ack));
-                });
+                answer_ack(c, report, reply, |report, reply| CoordinatorMsg::Report {
+                    report,
+                    reply,
+                })
             }
             CoordinatorPortMsg::Failure(failure, reply) => {
-                let ms = budget(&reply);
-                tokio::spawn(async move {
-                    if reply.is_closed() {
-                        return;
-                    }
-                    let ack = match failure.into_result() {
-                        Ok(failure) => {
-                            call_t!(c, |reply| CoordinatorMsg::Failure { failure, reply }, ms)
-                                .unwrap_or_else(|e| refused(format!("coordinator actor: {e}")))
-                        }
-                        Err(e) => refused(e),
-                    };
-                    let _ = reply.send(Wire::Ok(ack));
-                });
+                answer_ack(c, failure, reply, |failure, reply| {
+                    CoordinatorMsg::Failure { failure, reply }
+                })
             }
             CoordinatorPortMsg::GetJob(id, reply) => {
                 let ms = budget(&reply);
@@ -217,6 +199,28 @@ impl Actor for CoordinatorPort {
         }
         Ok(())
     }
+}
+
+/// Answers a report with the coordinator actor's ack (in a task, within the
+/// caller's budget); a payload that did not decode is refused with the reason.
+fn answer_ack<P: Send + 'static>(
+    c: ActorRef<CoordinatorMsg>,
+    payload: Wire<P>,
+    reply: ractor::RpcReplyPort<Wire<CheckpointAck>>,
+    msg: fn(P, ractor::RpcReplyPort<CheckpointAck>) -> CoordinatorMsg,
+) {
+    let ms = budget(&reply);
+    tokio::spawn(async move {
+        if reply.is_closed() {
+            return;
+        }
+        let ack = match payload.into_result() {
+            Ok(p) => call_t!(c, |r| msg(p, r), ms)
+                .unwrap_or_else(|e| refused(format!("coordinator actor: {e}"))),
+            Err(e) => refused(e),
+        };
+        let _ = reply.send(Wire::Ok(ack));
+    });
 }
 
 fn refused(reason: String) -> CheckpointAck {

@@ -26,26 +26,29 @@ impl PredictorPort {
         node: &str,
         registry: ActorRef<RegistryMsg>,
     ) -> Result<ActorCell, ActorProcessingErr> {
-        let name = scope.predictor_port(node);
-        scope.claim(PREDICTORS, &name).await?;
-        let cell = registry.get_cell();
-        let (port, _) =
-            Actor::spawn_linked(Some(name), PredictorPort, (scope.clone(), registry), cell).await?;
-        Ok(port.get_cell())
+        let owner = registry.get_cell();
+        scope
+            .spawn_port(
+                PREDICTORS,
+                scope.predictor_port(node),
+                PredictorPort,
+                registry,
+                owner,
+            )
+            .await
     }
 }
 
 impl Actor for PredictorPort {
     type Msg = PredictorPortMsg;
     type State = ActorRef<RegistryMsg>;
-    type Arguments = (Scope, ActorRef<RegistryMsg>);
+    type Arguments = ActorRef<RegistryMsg>;
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
-        (scope, registry): (Scope, ActorRef<RegistryMsg>),
+        _: ActorRef<Self::Msg>,
+        registry: ActorRef<RegistryMsg>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        scope.join(PREDICTORS, myself.get_cell());
         Ok(registry)
     }
 

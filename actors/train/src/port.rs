@@ -26,26 +26,23 @@ impl TrainerPort {
         node: &str,
         pool: ActorRef<PoolMsg>,
     ) -> Result<ActorCell, ActorProcessingErr> {
-        let name = scope.trainer_port(node);
-        scope.claim(TRAINERS, &name).await?;
-        let cell = pool.get_cell();
-        let (port, _) =
-            Actor::spawn_linked(Some(name), TrainerPort, (scope.clone(), pool), cell).await?;
-        Ok(port.get_cell())
+        let owner = pool.get_cell();
+        scope
+            .spawn_port(TRAINERS, scope.trainer_port(node), TrainerPort, pool, owner)
+            .await
     }
 }
 
 impl Actor for TrainerPort {
     type Msg = TrainerPortMsg;
     type State = ActorRef<PoolMsg>;
-    type Arguments = (Scope, ActorRef<PoolMsg>);
+    type Arguments = ActorRef<PoolMsg>;
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
-        (scope, pool): (Scope, ActorRef<PoolMsg>),
+        _: ActorRef<Self::Msg>,
+        pool: ActorRef<PoolMsg>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        scope.join(TRAINERS, myself.get_cell());
         Ok(pool)
     }
 
