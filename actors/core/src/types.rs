@@ -7,7 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -157,8 +157,45 @@ pub struct Bar {
     pub vw: f64,
 }
 
+/// The first day a bar may be on: the calendar's holiday rules hold from
+/// 1998 (the first year the NYSE closed for Martin Luther King Jr. Day).
+pub const FIRST_BAR_YEAR: i32 = 1998;
+
 impl Bar {
+    /// A bar's time must be on an NYSE trading day from [`FIRST_BAR_YEAR`]
+    /// to tomorrow (UTC): anything else (a weekend, a holiday, year 0001 or
+    /// 9999, a date chrono cannot place in a week) is refused, never stored.
+    fn validate_time(&self, i: usize) -> Result<()> {
+        let first = Utc
+            .with_ymd_and_hms(FIRST_BAR_YEAR, 1, 1, 0, 0, 0)
+            .single()
+            .expect("a valid date");
+        let last = Utc::now() + chrono::Duration::days(1);
+        if self.t < first || self.t > last {
+            return Err(Error::invalid(
+                "bar",
+                format!(
+                    "bars[{i}].t = {} is outside {FIRST_BAR_YEAR}-01-01 .. tomorrow",
+                    self.t.to_rfc3339()
+                ),
+            ));
+        }
+        let day = crate::calendar::ny_date(self.t);
+        if !crate::calendar::is_trading_day(day) {
+            return Err(Error::invalid(
+                "bar",
+                format!(
+                    "bars[{i}].t = {} is on {day} ({}) in New York, not an NYSE trading day",
+                    self.t.to_rfc3339(),
+                    day.weekday()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self, i: usize) -> Result<()> {
+        self.validate_time(i)?;
         let prices = [("o", self.o), ("h", self.h), ("l", self.l), ("c", self.c)];
         for (name, p) in prices {
             if !p.is_finite() || p <= 0.0 {
@@ -310,6 +347,31 @@ mod tests {
         let m = BarsMessage::parse(json).unwrap();
         assert_eq!(m.ticker, "AAPL");
         assert_eq!(m.bars[0].v, 1243556);
+    }
+
+    #[test]
+    fn bar_times_off_the_calendar_are_refused_without_panicking() {
+        let bar = |t: &str| {
+            format!(r#"{{"ticker":"AAPL","bars":[{{"t":"{t}","o":1,"h":1,"l":1,"c":1,"v":1}}]}}"#)
+        };
+        for (t, why) in [
+            ("-262143-01-01T00:00:00Z", "outside"),
+            ("0001-01-01T14:30:00Z", "outside"),
+            ("9999-12-31T14:30:00Z", "outside"),
+            ("1997-01-02T14:30:00Z", "outside"),
+            ("2024-01-06T14:30:00Z", "Sat"),
+            ("2024-12-25T14:30:00Z", "not an NYSE trading day"),
+            // 01:00 UTC on a Monday is Sunday evening in New York.
+            ("2024-01-08T01:00:00Z", "Sun"),
+        ] {
+            let e = BarsMessage::parse(bar(t).as_bytes())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("bars[0].t") && e.contains(why), "{t}: {e}");
+        }
+        BarsMessage::parse(bar("2024-01-08T14:30:00Z").as_bytes()).unwrap();
+        BarsMessage::parse(bar("1998-01-02T14:30:00Z").as_bytes()).unwrap();
     }
 
     #[test]

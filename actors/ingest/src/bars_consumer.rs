@@ -4,9 +4,12 @@
 //!
 //! A record that fails validation is logged, counted and sent to
 //! `<topic>.dlq` with headers naming topic, partition, offset and the error;
-//! the consumer goes on. A record that cannot be written (the store is down)
-//! is not committed: the actor fails, its supervisor restarts it and the
-//! record is delivered again. Nothing accepted is lost.
+//! the consumer goes on. So is a record whose processing panics: the panic
+//! is caught at the record's boundary, so no message can crash the consumer
+//! into a restart loop that never gets past it. A record that cannot be
+//! written (the store is down) is not committed: the actor fails, its
+//! supervisor restarts it and the record is delivered again. Nothing
+//! accepted is lost.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -85,27 +88,54 @@ impl Actor for BarsConsumerActor {
     }
 }
 
-/// Processes one record: writes it, or dead-letters it when invalid. Returns
-/// an error only when the record could not be written (retry later).
-pub async fn handle_record(args: &BarsConsumerArgs, rec: &Record) -> Result<()> {
-    match BarsMessage::parse(&rec.payload) {
-        Ok(msg) => {
-            let objects = write_bars(args.store.as_ref(), &msg).await?;
-            args.metrics.add_message(msg.bars.len(), objects);
-            info!(ticker = %msg.ticker, bars = msg.bars.len(), objects, offset = rec.offset, "bars written");
-            Ok(())
-        }
-        Err(e) => {
-            warn!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, error = %e, "malformed message sent to the dead-letter topic");
-            let dlq = dead_letter(args.publisher.as_ref(), rec, &e.to_string()).await;
-            if let Err(ref de) = dlq {
-                warn!(error = %de, "dead-letter publish failed");
-            }
-            args.metrics.add_malformed(dlq.is_ok());
-            // A failed DLQ write must not drop the record: retry it later.
-            dlq
-        }
+/// Test hook: a message for this ticker panics while it is processed
+/// (`TICKMESH_FAILPOINT_PANIC_BARS`).
+const FAILPOINT: &str = "TICKMESH_FAILPOINT_PANIC_BARS";
+
+/// Validates and writes one record. `Ok(Err(reason))`: the record is bad.
+async fn process(args: &BarsConsumerArgs, rec: &Record) -> Result<std::result::Result<(), String>> {
+    let msg = match BarsMessage::parse(&rec.payload) {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if std::env::var(FAILPOINT).is_ok_and(|t| t == msg.ticker) {
+        panic!("failpoint {FAILPOINT}={}", msg.ticker);
     }
+    let objects = write_bars(args.store.as_ref(), &msg).await?;
+    args.metrics.add_message(msg.bars.len(), objects);
+    info!(ticker = %msg.ticker, bars = msg.bars.len(), objects, offset = rec.offset, "bars written");
+    Ok(Ok(()))
+}
+
+/// Processes one record: writes it, or dead-letters it when it is invalid
+/// or its processing panicked. Returns an error only when the record could
+/// not be written (retry later).
+pub async fn handle_record(args: &BarsConsumerArgs, rec: &Record) -> Result<()> {
+    use futures::FutureExt;
+    let outcome = std::panic::AssertUnwindSafe(process(args, rec))
+        .catch_unwind()
+        .await;
+    let reason = match outcome {
+        Ok(Ok(Ok(()))) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Err(reason))) => reason,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            format!("processing the message panicked: {what}")
+        }
+    };
+    warn!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, error = %reason, "message sent to the dead-letter topic");
+    let dlq = dead_letter(args.publisher.as_ref(), rec, &reason).await;
+    if let Err(ref de) = dlq {
+        warn!(error = %de, "dead-letter publish failed");
+    }
+    args.metrics.add_malformed(dlq.is_ok());
+    // A failed DLQ write must not drop the record: retry it later.
+    dlq
 }
 
 /// Merges a message's bars into their ticker-week objects; returns how many
