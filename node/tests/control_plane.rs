@@ -433,6 +433,11 @@ device = "cpu"
     }
 
     async fn train(&self, tickers: &[&str]) -> Vec<String> {
+        self.train_epochs(tickers, 0).await
+    }
+
+    /// Queues `tickers` (`epochs` 0: the config's) through Admin.Train.
+    async fn train_epochs(&self, tickers: &[&str], epochs: u32) -> Vec<String> {
         let r = self
             .admin()
             .await
@@ -440,7 +445,7 @@ device = "cpu"
                 tickers: tickers.iter().map(|t| t.to_string()).collect(),
                 interval: INTERVAL.to_string(),
                 model: String::new(),
-                epochs: 0,
+                epochs,
             })
             .await
             .unwrap()
@@ -714,19 +719,7 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
             .await;
     }
     // Long jobs (the config says 40 epochs): t2 is mid-run when cut off.
-    let r = c
-        .admin()
-        .await
-        .train(StartTrainingRequest {
-            tickers: tickers.iter().map(|t| t.to_string()).collect(),
-            interval: INTERVAL.to_string(),
-            model: String::new(),
-            epochs: 200,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.job_ids.len(), 2, "{r:?}");
+    c.train_epochs(&tickers, 200).await;
     let jobs = c
         .wait_jobs("a snapshot on t2", Duration::from_secs(90), |js| {
             snapshotted_on(js, "t2").is_some()

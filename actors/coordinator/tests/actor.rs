@@ -132,6 +132,23 @@ async fn port<M: ractor::Message>(
     (p, rx)
 }
 
+/// `node`'s trainer port in `scope`, passing assignments to a channel.
+async fn trainer(
+    scope: &Scope,
+    node: &str,
+) -> (
+    ActorRef<TrainerPortMsg>,
+    mpsc::UnboundedReceiver<TrainerPortMsg>,
+) {
+    port(
+        scope,
+        Some(scope.trainer_port(node)),
+        TRAINERS,
+        Duration::ZERO,
+    )
+    .await
+}
+
 fn update(m: PredictorPortMsg) -> ModelUpdate {
     let PredictorPortMsg::Model(u) = m;
     u.into_result().unwrap()
@@ -261,13 +278,7 @@ async fn placement_fills_gpu_nodes_first_then_the_node_with_the_most_free_slots(
     // `gpus` and `jobs`, as the pools register them).
     let mut rx = Vec::new();
     for (node, gpus, slots) in [("gpu", 1, 2), ("big", 0, 3), ("small", 0, 1)] {
-        let (p, r) = port::<TrainerPortMsg>(
-            &scope,
-            Some(scope.trainer_port(node)),
-            TRAINERS,
-            Duration::ZERO,
-        )
-        .await;
+        let (p, r) = trainer(&scope, node).await;
         register_with(&c, node, gpus, slots).await;
         rx.push((node, p, r));
     }
@@ -309,13 +320,7 @@ async fn a_job_its_node_stops_listing_is_taken_back_and_queued_again() {
     let a = args(db.clone(), hb);
     let scope = a.scope.clone();
     let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
-    let (_p, mut rx) = port::<TrainerPortMsg>(
-        &scope,
-        Some(scope.trainer_port("n1")),
-        TRAINERS,
-        Duration::ZERO,
-    )
-    .await;
+    let (_p, mut rx) = trainer(&scope, "n1").await;
     register(&c, "n1").await;
     start(&c, "HBX").await;
     let a = assignment(rx.recv().await.unwrap());
@@ -367,24 +372,12 @@ async fn a_trainer_port_that_leaves_takes_its_node_out_at_once_and_its_job_moves
     let a = args(db.clone(), hb);
     let scope = a.scope.clone();
     let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
-    let (p1, mut rx1) = port::<TrainerPortMsg>(
-        &scope,
-        Some(scope.trainer_port("lvx-a")),
-        TRAINERS,
-        Duration::ZERO,
-    )
-    .await;
+    let (p1, mut rx1) = trainer(&scope, "lvx-a").await;
     register(&c, "lvx-a").await;
     start(&c, "LVX").await;
     let a = assignment(rx1.recv().await.unwrap());
     // A second node; then the first one's port leaves (its mesh session ended).
-    let (_p2, mut rx2) = port::<TrainerPortMsg>(
-        &scope,
-        Some(scope.trainer_port("lvx-b")),
-        TRAINERS,
-        Duration::ZERO,
-    )
-    .await;
+    let (_p2, mut rx2) = trainer(&scope, "lvx-b").await;
     register(&c, "lvx-b").await;
     p1.stop_and_wait(None, None).await.unwrap();
     let left = Instant::now();
