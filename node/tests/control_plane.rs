@@ -536,6 +536,15 @@ device = "cpu"
         attempts
     }
 
+    /// Keys under `prefix` (bucket `models`) that are not in `before`.
+    async fn keys_since(&self, prefix: &str, before: &[String]) -> Vec<String> {
+        self.keys(prefix)
+            .await
+            .into_iter()
+            .filter(|k| !before.contains(k))
+            .collect()
+    }
+
     async fn meta(&self, ticker: &str, version: i64) -> serde_json::Value {
         let key = format!("{ticker}/{INTERVAL}/v{version}/meta.json");
         let bytes = self
@@ -748,12 +757,7 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
         // coordinator's did, so it writes nothing more. Long enough for both
         // ends to close the silent session (6 s without an answer).
         tokio::time::sleep(Duration::from_secs(8)).await;
-        let during: Vec<String> = c
-            .keys(&attempt_prefix)
-            .await
-            .into_iter()
-            .filter(|k| !before.contains(k))
-            .collect();
+        let during = c.keys_since(&attempt_prefix, &before).await;
         assert!(
             during.is_empty(),
             "the cut-off trainer wrote snapshots after its lease ran out: {during:?}"
@@ -766,12 +770,7 @@ async fn a_trainer_cut_off_past_its_lease_stops_writing_and_one_lineage_remains(
     // Healed: its lease ran out, so it must write nothing more.
     tokio::time::sleep(Duration::from_secs(4)).await;
     // (The new owner may have finished and removed the job's snapshots.)
-    let new: Vec<String> = c
-        .keys(&attempt_prefix)
-        .await
-        .into_iter()
-        .filter(|k| !before.contains(k))
-        .collect();
+    let new = c.keys_since(&attempt_prefix, &before).await;
     assert!(
         new.is_empty(),
         "the fenced-off trainer wrote snapshots after its lease ran out: {new:?}"

@@ -59,6 +59,20 @@ fn args(db: Db, heartbeat: Duration) -> CoordinatorArgs {
     }
 }
 
+/// A coordinator on a fresh database holding `tickers`, in a scope of its
+/// own, ticking every `heartbeat`.
+async fn coordinator(
+    tickers: &[&str],
+    heartbeat: Duration,
+) -> (tempfile::TempDir, Db, Scope, ActorRef<CoordinatorMsg>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path(), tickers).await;
+    let a = args(db.clone(), heartbeat);
+    let scope = a.scope.clone();
+    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    (dir, db, scope, c)
+}
+
 fn model(version: i64) -> ModelVersion {
     ModelVersion {
         ticker: "SLOW".into(),
@@ -269,11 +283,7 @@ async fn start(c: &ActorRef<CoordinatorMsg>, ticker: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_fills_gpu_nodes_first_then_the_node_with_the_most_free_slots() {
     let tickers = ["PLA", "PLB", "PLC", "PLD", "PLE", "PLF", "PLG"];
-    let dir = tempfile::tempdir().unwrap();
-    let db = db(dir.path(), &tickers).await;
-    let a = args(db, Duration::from_secs(5));
-    let scope = a.scope.clone();
-    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    let (_dir, _, scope, c) = coordinator(&tickers, Duration::from_secs(5)).await;
     // A GPU node with 2 slots, CPU nodes with 3 and 1 (cluster.toml's
     // `gpus` and `jobs`, as the pools register them).
     let mut rx = Vec::new();
@@ -314,12 +324,8 @@ async fn placement_fills_gpu_nodes_first_then_the_node_with_the_most_free_slots(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_its_node_stops_listing_is_taken_back_and_queued_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = db(dir.path(), &["HBX"]).await;
     let hb = Duration::from_millis(100);
-    let a = args(db.clone(), hb);
-    let scope = a.scope.clone();
-    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    let (_dir, db, scope, c) = coordinator(&["HBX"], hb).await;
     let (_p, mut rx) = trainer(&scope, "n1").await;
     register(&c, "n1").await;
     start(&c, "HBX").await;
@@ -366,12 +372,8 @@ async fn a_job_its_node_stops_listing_is_taken_back_and_queued_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trainer_port_that_leaves_takes_its_node_out_at_once_and_its_job_moves_after_the_lease() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = db(dir.path(), &["LVX"]).await;
     let hb = Duration::from_millis(100);
-    let a = args(db.clone(), hb);
-    let scope = a.scope.clone();
-    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    let (_dir, db, scope, c) = coordinator(&["LVX"], hb).await;
     let (p1, mut rx1) = trainer(&scope, "lvx-a").await;
     register(&c, "lvx-a").await;
     start(&c, "LVX").await;
