@@ -5,7 +5,7 @@
 //!   sessions whose peer stopped answering (see [`crate::cluster`]);
 //! - `coordinator`: `CoordinatorActor` (supervising its `StartModelConsumer`
 //!   and its mesh port) and its gRPC server (Admin, health, reflection);
-//! - `ingest`: a `Supervisor` with a `BarsConsumerActor` on `h_alpaca`;
+//! - `ingest`: a `Supervisor` with a `BarsConsumerActor` on `h_alpaca` (its share of the partitions);
 //! - `aggregate`: `AggregatorActor` (driven by `tickmesh aggregate` and the demo);
 //! - `train`: `TrainerPool` (and its mesh port), registered with the coordinator;
 //! - `serve`: `PredictorSupervisor` (and its mesh port) and the HTTP API.
@@ -29,7 +29,7 @@ use tickmesh_core::supervision::{
 };
 use tickmesh_core::types::topics;
 use tickmesh_core::Adapters;
-use tickmesh_ingest::bars_consumer::BarsConsumerArgs;
+use tickmesh_ingest::consumer::ConsumerArgs;
 use tickmesh_ingest::metrics::IngestMetrics;
 use tickmesh_ingest::supervisor::ingest_supervisor;
 use tickmesh_proto::auth::Link;
@@ -98,6 +98,26 @@ where
 }
 
 /// Starts `roles` as node `name` under its root supervisor.
+/// This node's share of the ingest topics' partitions: the ingest nodes of
+/// cluster.toml, sorted by name, take partition `p` when `p % count` is
+/// their place. A node not listed (the demo, tests) reads every partition.
+pub fn ingest_share(cfg: &ClusterConfig, name: &str) -> tickmesh_core::bus::Share {
+    let mut ingest: Vec<&str> = cfg
+        .nodes
+        .iter()
+        .filter(|n| n.roles.contains(&Role::Ingest))
+        .map(|n| n.name.as_str())
+        .collect();
+    ingest.sort_unstable();
+    match ingest.iter().position(|n| *n == name) {
+        Some(index) => tickmesh_core::bus::Share {
+            index,
+            count: ingest.len(),
+        },
+        None => tickmesh_core::bus::Share::ALL,
+    }
+}
+
 pub async fn start(
     cfg: &ClusterConfig,
     name: &str,
@@ -210,13 +230,15 @@ pub async fn start(
     }
 
     if roles.contains(&Role::Ingest) {
-        let consumer = BarsConsumerArgs {
+        let consumer = ConsumerArgs {
             bus: adapters.bus.clone(),
             topic: topics::BARS.into(),
             group: "ingest".into(),
+            share: ingest_share(cfg, name),
             store: adapters.store.clone(),
             publisher: adapters.publisher.clone(),
             metrics: node.ingest_metrics.clone(),
+            config: cfg.ingest.clone(),
         };
         let args = ingest_supervisor(vec![consumer], cfg.supervision.clone());
         children.push(ChildSpec::actor("ingest", Supervisor, move || args.clone()));

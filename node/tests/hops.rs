@@ -73,6 +73,7 @@ async fn kafka_to_parquet_in_s3() {
     let mut dlq = a
         .bus
         .subscribe(&topics::dlq(topics::BARS), "dlq-reader")
+        .await
         .unwrap();
     let rec = dlq
         .poll(Duration::from_secs(20))
@@ -92,7 +93,7 @@ async fn kafka_to_parquet_in_s3() {
     let BusConfig::Kafka { .. } = &a.bus else {
         panic!("distributed bus")
     };
-    let mut again = a.bus.subscribe(topics::BARS, "ingest").unwrap();
+    let mut again = a.bus.subscribe(topics::BARS, "ingest").await.unwrap();
     assert!(
         again.poll(Duration::from_secs(8)).await.unwrap().is_none(),
         "offsets were not committed"
@@ -140,7 +141,11 @@ async fn parquet_to_aggregated_data_in_postgres() {
         .unwrap();
     assert_eq!(daily.rows["TSTB"], 10);
 
-    let mut sub = a.bus.subscribe(topics::START_MODEL, "hop2-reader").unwrap();
+    let mut sub = a
+        .bus
+        .subscribe(topics::START_MODEL, "hop2-reader")
+        .await
+        .unwrap();
     let rec = sub
         .poll(Duration::from_secs(20))
         .await
@@ -278,9 +283,8 @@ struct FailingFirstWrites {
     left: std::sync::atomic::AtomicUsize,
 }
 
-#[async_trait::async_trait]
-impl tickmesh_core::store::ObjectStore for FailingFirstWrites {
-    async fn put(&self, bucket: &str, key: &str, data: bytes::Bytes) -> tickmesh_core::Result<()> {
+impl FailingFirstWrites {
+    fn fail_first(&self, bucket: &str, key: &str) -> tickmesh_core::Result<()> {
         use std::sync::atomic::Ordering;
         if self
             .left
@@ -294,10 +298,35 @@ impl tickmesh_core::store::ObjectStore for FailingFirstWrites {
                 message: "injected failure".into(),
             });
         }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl tickmesh_core::store::ObjectStore for FailingFirstWrites {
+    async fn put(&self, bucket: &str, key: &str, data: bytes::Bytes) -> tickmesh_core::Result<()> {
+        self.fail_first(bucket, key)?;
         self.inner.put(bucket, key, data).await
     }
     async fn get(&self, bucket: &str, key: &str) -> tickmesh_core::Result<Option<bytes::Bytes>> {
         self.inner.get(bucket, key).await
+    }
+    async fn get_tagged(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> tickmesh_core::Result<Option<(bytes::Bytes, String)>> {
+        self.inner.get_tagged(bucket, key).await
+    }
+    async fn put_if(
+        &self,
+        bucket: &str,
+        key: &str,
+        data: bytes::Bytes,
+        expected: Option<&str>,
+    ) -> tickmesh_core::Result<bool> {
+        self.fail_first(bucket, key)?;
+        self.inner.put_if(bucket, key, data, expected).await
     }
     async fn list(&self, bucket: &str, prefix: &str) -> tickmesh_core::Result<Vec<String>> {
         self.inner.list(bucket, prefix).await

@@ -24,7 +24,7 @@ fn bar(ticker: &str, t: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_pills_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
     // This file's only test: no other thread reads the environment.
-    unsafe { std::env::set_var("TICKMESH_FAILPOINT_PANIC_BARS", "PANC") };
+    unsafe { std::env::set_var("TICKMESH_FAILPOINT_PANIC_KEY", "PANC") };
     let (cfg, a) = distributed("poison").await;
     let node = start(&cfg, &a, &[Role::Ingest]).await;
     let poison = [
@@ -76,6 +76,7 @@ async fn poison_pills_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
     let mut dlq = a
         .bus
         .subscribe(&topics::dlq(topics::BARS), "dlq-reader")
+        .await
         .unwrap();
     let mut got: BTreeMap<i64, String> = BTreeMap::new();
     while got.len() < poison.len() {
@@ -97,7 +98,7 @@ async fn poison_pills_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
     node.stop().await;
 
     // Every offset was committed: the group has nothing left to read.
-    let mut again = a.bus.subscribe(topics::BARS, "ingest").unwrap();
+    let mut again = a.bus.subscribe(topics::BARS, "ingest").await.unwrap();
     assert!(
         again.poll(Duration::from_secs(8)).await.unwrap().is_none(),
         "offsets were not committed"

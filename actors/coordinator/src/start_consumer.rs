@@ -47,7 +47,10 @@ impl Actor for StartModelConsumer {
         myself: ActorRef<Self::Msg>,
         args: StartConsumerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let sub = args.bus.subscribe(topics::START_MODEL, "coordinator")?;
+        let sub = args
+            .bus
+            .subscribe(topics::START_MODEL, "coordinator")
+            .await?;
         myself.cast(StartConsumerMsg::Poll)?;
         Ok(StartConsumerState { sub, args })
     }

@@ -9,7 +9,8 @@
 //! The spool keeps one directory per topic under its root (`data/raw/` in
 //! the embedded mode). A message is one file whose content is the payload
 //! (so a person can drop a JSON file there); optional headers sit beside it
-//! in `NAME.headers.json`. Committing moves the file into `.done/`.
+//! in `NAME.headers.json`. Committing moves the file into `.done/`, which
+//! keeps the newest [`SPOOL_DONE_KEEP`] files.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -57,10 +58,20 @@ pub type SharedPublisher = Arc<dyn Publisher>;
 /// Reads one topic with explicit commits.
 #[async_trait]
 pub trait Subscription: Send + 'static {
+    /// Waits up to `wait` for the next record, then takes whatever else is
+    /// ready, up to `max` records in all. Empty when `wait` ran out.
+    async fn poll_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>>;
+    /// Marks `recs` (and everything before each on its partition) as
+    /// processed.
+    async fn commit_batch(&mut self, recs: &[Record]) -> Result<()>;
     /// Waits up to `wait` for the next record.
-    async fn poll(&mut self, wait: Duration) -> Result<Option<Record>>;
+    async fn poll(&mut self, wait: Duration) -> Result<Option<Record>> {
+        Ok(self.poll_batch(1, wait).await?.into_iter().next())
+    }
     /// Marks `rec` (and everything before it on its partition) as processed.
-    async fn commit(&mut self, rec: &Record) -> Result<()>;
+    async fn commit(&mut self, rec: &Record) -> Result<()> {
+        self.commit_batch(std::slice::from_ref(rec)).await
+    }
 }
 
 /// How to reach the bus; cheap to clone, makes publishers and subscriptions.
@@ -88,19 +99,36 @@ impl BusConfig {
         })
     }
 
-    /// A subscription to `topic` for the consumer group `{group_id}-{group}`.
-    pub fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>> {
+    /// A subscription to every partition of `topic` for the consumer group
+    /// `{group_id}-{group}`.
+    pub async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>> {
+        self.subscribe_share(topic, group, Share::ALL).await
+    }
+
+    /// A subscription to `share` of `topic`'s partitions for the consumer
+    /// group `{group_id}-{group}` (the spool has one partition: any share
+    /// reads it).
+    pub async fn subscribe_share(
+        &self,
+        topic: &str,
+        group: &str,
+        share: Share,
+    ) -> Result<Box<dyn Subscription>> {
         Ok(match self {
             BusConfig::Kafka {
                 brokers,
                 topic_prefix,
                 group_id,
-            } => Box::new(KafkaSubscription::new(
-                brokers,
-                topic_prefix,
-                &format!("{group_id}-{group}"),
-                topic,
-            )?),
+            } => Box::new(
+                KafkaSubscription::new(
+                    brokers,
+                    topic_prefix,
+                    &format!("{group_id}-{group}"),
+                    topic,
+                    share,
+                )
+                .await?,
+            ),
             BusConfig::Spool { root } => Box::new(SpoolSubscription::new(root, topic)?),
         })
     }
@@ -230,42 +258,338 @@ impl Publisher for KafkaPublisher {
     }
 }
 
+/// Which partitions of a topic a subscription reads: those whose number is
+/// `index` modulo `count`. The ingest nodes of a cluster split a topic this
+/// way, by their place in cluster.toml; everything else reads it all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Share {
+    /// Every partition.
+    pub const ALL: Share = Share { index: 0, count: 1 };
+
+    pub fn owns(self, partition: i32) -> bool {
+        self.count <= 1 || (partition.max(0) as usize) % self.count == self.index
+    }
+}
+
+/// Counters of the Kafka consumers of this process (read by `/metrics`).
+#[derive(Debug, Default)]
+pub struct KafkaStats {
+    /// Offsets the broker skipped (a fetch that returned records past the
+    /// one asked for): each one started a hunt for the missing records.
+    pub gaps: AtomicU64,
+    /// Hunts that found the missing records again.
+    pub gaps_recovered: AtomicU64,
+    /// Gaps that were real: the broker returned the records on both sides
+    /// of them in one run (compaction, transaction markers).
+    pub gaps_genuine: AtomicU64,
+    /// Seeks made while hunting.
+    pub seeks: AtomicU64,
+    /// Asynchronous offset commits the broker refused (the next commit, or
+    /// a redelivery after a restart, covers them).
+    pub commit_failures: AtomicU64,
+    /// Offset commits sent.
+    pub commits: AtomicU64,
+}
+
+/// The process's Kafka consumer counters.
+pub static KAFKA_STATS: KafkaStats = KafkaStats {
+    gaps: AtomicU64::new(0),
+    gaps_recovered: AtomicU64::new(0),
+    gaps_genuine: AtomicU64::new(0),
+    seeks: AtomicU64::new(0),
+    commit_failures: AtomicU64::new(0),
+    commits: AtomicU64::new(0),
+};
+
+/// Counts refused asynchronous commits.
+pub struct CommitCounter;
+
+impl rdkafka::client::ClientContext for CommitCounter {}
+
+impl rdkafka::consumer::ConsumerContext for CommitCounter {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            KAFKA_STATS.commit_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, offsets = ?offsets.to_topic_map(), "offset commit refused; a later commit covers it");
+        }
+    }
+}
+
+type KafkaConsumer = StreamConsumer<CommitCounter>;
+
+/// How long a partition that is being checked may stay silent before the
+/// check looks further back.
+const HUNT_STEP: Duration = Duration::from_millis(800);
+
+/// A partition's place in the stream.
+#[derive(Debug)]
+struct Part {
+    /// The next offset to hand out: every record before it was handed out
+    /// (or was before the subscription's start).
+    next: i64,
+    /// The lowest offset the broker holds.
+    low: i64,
+    /// Set while the subscription is making sure nothing before `next`'s
+    /// neighbours is skipped (see [`KafkaSubscription`]).
+    hunt: Option<Hunt>,
+}
+
+#[derive(Debug)]
+struct Hunt {
+    /// How far before `next` the last seek went (0: no seek yet).
+    back: i64,
+    /// A record before `next` arrived since that seek: the broker is
+    /// returning the stream from before the gap.
+    seen_before: bool,
+    since: std::time::Instant,
+    /// Started by a skipped offset (not by the check at assignment).
+    gap: bool,
+}
+
+/// A Kafka subscription with explicit partition assignment and a check of
+/// offset continuity.
+///
+/// - **Assignment**: the subscription assigns itself its [`Share`] of the
+///   topic's partitions and starts each at the group's committed offset.
+///   It never joins the consumer group's membership protocol: tansu 0.6.0
+///   leaves a group STABLE with no members for minutes after a member is
+///   killed, and a replacement then consumes nothing. Offsets are still
+///   committed under the group id.
+/// - **Continuity**: tansu 0.6.0 answers a fetch from an offset inside a
+///   record batch with the *next* batch, and a fetch inside the last batch
+///   with nothing. A batching producer plus a restart would then skip the
+///   records between the committed offset and the end of its batch. So
+///   every record's offset is checked against the partition's next offset:
+///   a record past it is held back, and the subscription seeks back (1, 8,
+///   64, … offsets before) until the broker returns the batch that holds the
+///   missing offset; records already handed out are skipped by offset. A
+///   partition that starts after its first offset is checked the same way
+///   when it stays silent, since the skipped batch may be the last one. A
+///   gap the broker returns both sides of in one run is real (compaction,
+///   transaction markers on a real Kafka) and is passed. Counted in
+///   [`KAFKA_STATS`].
+/// - **Commits** are asynchronous and batched: [`Subscription::commit_batch`]
+///   sends one commit of each partition's highest offset and returns.
 pub struct KafkaSubscription {
-    consumer: StreamConsumer,
+    consumer: Arc<KafkaConsumer>,
     prefix: String,
+    name: String,
+    parts: BTreeMap<i32, Part>,
+    committed: BTreeMap<i32, i64>,
+}
+
+/// Runs a blocking Kafka client call off the async reactor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> rdkafka::error::KafkaResult<T> + Send + 'static,
+) -> rdkafka::error::KafkaResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(rdkafka::error::KafkaError::Canceled))
 }
 
 impl KafkaSubscription {
-    pub fn new(brokers: &str, prefix: &str, group: &str, topic: &str) -> Result<Self> {
+    pub async fn new(
+        brokers: &str,
+        prefix: &str,
+        group: &str,
+        topic: &str,
+        share: Share,
+    ) -> Result<Self> {
         let name = format!("{prefix}{topic}");
-        let consumer: StreamConsumer = ClientConfig::new()
+        let consumer: KafkaConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
             .set("fetch.message.max.bytes", "20000000")
-            .create()
+            .set("fetch.wait.max.ms", "100")
+            .create_with_context(CommitCounter)
             .map_err(|e| Error::bus(&name, e))?;
-        consumer
-            .subscribe(&[&name])
-            .map_err(|e| Error::bus(&name, e))?;
+        let consumer = Arc::new(consumer);
+        let unreachable = |e: rdkafka::error::KafkaError| {
+            Error::bus(
+                &name,
+                format!("{e} (is the broker up? scripts/services.sh up starts it at {brokers})"),
+            )
+        };
+        let (c, n) = (consumer.clone(), name.clone());
+        let meta = blocking(move || c.fetch_metadata(Some(&n), Duration::from_secs(15)))
+            .await
+            .map_err(unreachable)?;
+        let partitions: Vec<i32> = meta
+            .topics()
+            .iter()
+            .filter(|t| t.name() == name && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .filter(|p| share.owns(*p))
+            .collect();
+        if meta
+            .topics()
+            .iter()
+            .all(|t| t.name() != name || t.error().is_some())
+        {
+            return Err(Error::bus(
+                &name,
+                "the topic does not exist (scripts/services.sh up and `tickmesh admin topics create` create the pipeline's topics)",
+            ));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition(&name, *p);
+        }
+        let c = consumer.clone();
+        let committed = blocking(move || c.committed_offsets(tpl, Duration::from_secs(15)))
+            .await
+            .map_err(unreachable)?
+            .to_topic_map();
+        let mut parts = BTreeMap::new();
+        let mut start = TopicPartitionList::new();
+        for p in partitions {
+            let (c, n) = (consumer.clone(), name.clone());
+            let (low, _high) = blocking(move || c.fetch_watermarks(&n, p, Duration::from_secs(15)))
+                .await
+                .map_err(unreachable)?;
+            let next = match committed.get(&(name.clone(), p)) {
+                Some(Offset::Offset(o)) if *o >= low => *o,
+                _ => low,
+            };
+            start
+                .add_partition_offset(&name, p, Offset::Offset(next))
+                .map_err(|e| Error::bus(&name, e))?;
+            // A start after the first offset may sit inside the last batch,
+            // which tansu answers with nothing: check it when it stays silent.
+            let hunt = (next > low).then(|| Hunt {
+                back: 0,
+                seen_before: false,
+                since: std::time::Instant::now(),
+                gap: false,
+            });
+            parts.insert(p, Part { next, low, hunt });
+        }
+        consumer.assign(&start).map_err(|e| Error::bus(&name, e))?;
+        tracing::info!(topic = %name, group, partitions = ?parts.keys().collect::<Vec<_>>(), starts = ?parts.iter().map(|(p, s)| (*p, s.next)).collect::<Vec<_>>(), "kafka subscription assigned");
         Ok(KafkaSubscription {
             consumer,
             prefix: prefix.to_string(),
+            name,
+            parts,
+            committed: BTreeMap::new(),
         })
     }
-}
 
-#[async_trait]
-impl Subscription for KafkaSubscription {
-    async fn poll(&mut self, wait: Duration) -> Result<Option<Record>> {
-        let msg = match tokio::time::timeout(wait, self.consumer.recv()).await {
-            Err(_) => return Ok(None),
-            Ok(Err(e)) => return Err(Error::bus("consumer", e)),
-            Ok(Ok(m)) => m,
+    /// Seeks partition `p` further back for its next offset.
+    fn hunt_further(&mut self, p: i32, gap: bool) {
+        let Some(part) = self.parts.get_mut(&p) else {
+            return;
         };
+        let (back, was_gap, at_low) = match &part.hunt {
+            Some(h) => (h.back, h.gap, h.back > 0 && part.next - h.back <= part.low),
+            None => (0, gap, false),
+        };
+        if at_low {
+            // Already back at the first offset the broker holds.
+            if was_gap {
+                KAFKA_STATS.gaps_genuine.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(topic = %self.name, partition = p, next = part.next, "offsets missing all the way back to the partition's first: passed as a real gap");
+            }
+            part.hunt = None;
+            return;
+        }
+        let back = if back == 0 { 1 } else { back * 8 };
+        let target = (part.next - back).max(part.low);
+        part.hunt = Some(Hunt {
+            back: part.next - target,
+            seen_before: false,
+            since: std::time::Instant::now(),
+            gap: was_gap,
+        });
+        KAFKA_STATS.seeks.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self
+            .consumer
+            .seek(&self.name, p, Offset::Offset(target), Duration::ZERO)
+        {
+            tracing::warn!(topic = %self.name, partition = p, target, error = %e, "seek failed; retried on the next step");
+        }
+    }
+
+    /// Escalates hunts whose partition stayed silent for a step.
+    fn step_hunts(&mut self) {
+        let due: Vec<(i32, bool)> = self
+            .parts
+            .iter()
+            .filter_map(|(p, s)| {
+                let h = s.hunt.as_ref()?;
+                (h.since.elapsed() >= HUNT_STEP).then_some((*p, h.seen_before))
+            })
+            .collect();
+        for (p, seen_before) in due {
+            if seen_before {
+                // The broker returned what precedes `next` and then nothing:
+                // the partition is caught up.
+                if let Some(part) = self.parts.get_mut(&p) {
+                    if part.hunt.take().is_some_and(|h| h.gap) {
+                        KAFKA_STATS.gaps_recovered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            } else {
+                self.hunt_further(p, false);
+            }
+        }
+    }
+
+    /// Checks a record against its partition's next offset: `Some` when it
+    /// is the next one (or a real gap was crossed), `None` when it is held
+    /// back or was handed out before.
+    fn admit(&mut self, p: i32, offset: i64) -> bool {
+        let Some(part) = self.parts.get_mut(&p) else {
+            return false; // not ours (assignment changed)
+        };
+        if offset < part.next {
+            if let Some(h) = part.hunt.as_mut() {
+                h.seen_before = true;
+            }
+            return false;
+        }
+        if offset == part.next {
+            if part.hunt.take().is_some_and(|h| h.gap) {
+                KAFKA_STATS.gaps_recovered.fetch_add(1, Ordering::Relaxed);
+            }
+            part.next = offset + 1;
+            return true;
+        }
+        match &part.hunt {
+            Some(h) if h.seen_before => {
+                // Both sides of the gap in one run: nothing is there.
+                KAFKA_STATS.gaps_genuine.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(topic = %self.name, partition = p, from = part.next, to = offset, "offsets not in the log (compaction or transaction markers)");
+                part.hunt = None;
+                part.next = offset + 1;
+                true
+            }
+            Some(_) => {
+                self.hunt_further(p, true);
+                false
+            }
+            None => {
+                KAFKA_STATS.gaps.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(topic = %self.name, partition = p, expected = part.next, got = offset, "the broker skipped offsets; seeking back for them");
+                self.hunt_further(p, true);
+                false
+            }
+        }
+    }
+
+    fn record(&self, msg: &rdkafka::message::BorrowedMessage<'_>) -> Record {
         let mut headers = BTreeMap::new();
         if let Some(h) = msg.headers() {
             for hd in h.iter() {
@@ -275,7 +599,7 @@ impl Subscription for KafkaSubscription {
             }
         }
         let topic = msg.topic();
-        Ok(Some(Record {
+        Record {
             topic: topic
                 .strip_prefix(&self.prefix)
                 .unwrap_or(topic)
@@ -286,17 +610,89 @@ impl Subscription for KafkaSubscription {
             payload: msg.payload().unwrap_or_default().to_vec(),
             headers,
             origin: None,
-        }))
+        }
     }
 
-    async fn commit(&mut self, rec: &Record) -> Result<()> {
-        let name = format!("{}{}", self.prefix, rec.topic);
+    /// The offsets committed for this subscription's group (a round trip to
+    /// the broker): what a restart would resume from.
+    pub async fn committed_offsets(&self) -> Result<BTreeMap<i32, i64>> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&name, rec.partition, Offset::Offset(rec.offset + 1))
-            .map_err(|e| Error::bus(&name, e))?;
-        let consumer = &self.consumer;
-        tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
-            .map_err(|e| Error::bus(&name, format!("commit offset {}: {e}", rec.offset)))
+        for p in self.parts.keys() {
+            tpl.add_partition(&self.name, *p);
+        }
+        let c = self.consumer.clone();
+        let map = blocking(move || c.committed_offsets(tpl, Duration::from_secs(15)))
+            .await
+            .map_err(|e| Error::bus(&self.name, e))?
+            .to_topic_map();
+        Ok(map
+            .into_iter()
+            .filter_map(|((_, p), o)| match o {
+                Offset::Offset(o) => Some((p, o)),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Subscription for KafkaSubscription {
+    async fn poll_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>> {
+        use futures::FutureExt;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::new();
+        loop {
+            self.step_hunts();
+            let consumer = self.consumer.clone();
+            let got = if out.is_empty() {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let slice = (deadline - now).min(Duration::from_millis(200));
+                match tokio::time::timeout(slice, consumer.recv()).await {
+                    Err(_) => continue,
+                    Ok(r) => r,
+                }
+            } else {
+                match consumer.recv().now_or_never() {
+                    None => break,
+                    Some(r) => r,
+                }
+            };
+            let msg = got.map_err(|e| Error::bus(&self.name, e))?;
+            if self.admit(msg.partition(), msg.offset()) {
+                out.push(self.record(&msg));
+                if out.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn commit_batch(&mut self, recs: &[Record]) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        let mut high: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in recs {
+            let e = high.entry(r.partition).or_insert(r.offset);
+            *e = (*e).max(r.offset);
+        }
+        for (p, o) in high {
+            if self.committed.get(&p).is_some_and(|c| *c > o) {
+                continue;
+            }
+            self.committed.insert(p, o + 1);
+            tpl.add_partition_offset(&self.name, p, Offset::Offset(o + 1))
+                .map_err(|e| Error::bus(&self.name, e))?;
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        KAFKA_STATS.commits.fetch_add(1, Ordering::Relaxed);
+        self.consumer
+            .commit(&tpl, CommitMode::Async)
+            .map_err(|e| Error::bus(&self.name, format!("commit: {e}")))
     }
 }
 
@@ -387,12 +783,18 @@ impl Publisher for SpoolPublisher {
     }
 }
 
+/// How many committed spool files `.done/` keeps (the oldest go first).
+pub const SPOOL_DONE_KEEP: usize = 1000;
+
 pub struct SpoolSubscription {
     topic: String,
     dir: PathBuf,
     done: PathBuf,
+    /// Files listed and not yet handed out, oldest first.
+    pending: std::collections::VecDeque<PathBuf>,
     in_flight: HashSet<PathBuf>,
     next_offset: i64,
+    commits: u64,
 }
 
 impl SpoolSubscription {
@@ -404,71 +806,126 @@ impl SpoolSubscription {
             topic: topic.to_string(),
             dir,
             done,
+            pending: Default::default(),
             in_flight: HashSet::new(),
             next_offset: 0,
+            commits: 0,
         })
+    }
+
+    /// Lists the folder off the reactor.
+    async fn refill(&mut self) -> Result<()> {
+        let dir = self.dir.clone();
+        let files = tokio::task::spawn_blocking(move || spool_files(&dir))
+            .await
+            .map_err(|e| Error::bus(&self.topic, format!("spool listing: {e}")))?
+            .map_err(|e| Error::io(&self.dir, e))?;
+        self.pending = files
+            .into_iter()
+            .filter(|p| !self.in_flight.contains(p))
+            .collect();
+        Ok(())
+    }
+
+    async fn read(&mut self, path: PathBuf) -> Result<Option<Record>> {
+        let payload = match tokio::fs::read(&path).await {
+            Ok(p) => p,
+            // Taken by another reader of the folder meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let headers = match tokio::fs::read(headers_path(&path)).await {
+            Ok(h) => serde_json::from_slice(&h).unwrap_or_default(),
+            Err(_) => BTreeMap::new(),
+        };
+        let key = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .and_then(|n| {
+                n.splitn(3, '-')
+                    .nth(2)
+                    .map(|k| k.trim_end_matches(".json").to_string())
+            });
+        self.in_flight.insert(path.clone());
+        let offset = self.next_offset;
+        self.next_offset += 1;
+        Ok(Some(Record {
+            topic: self.topic.clone(),
+            partition: 0,
+            offset,
+            key,
+            payload,
+            headers,
+            origin: Some(path),
+        }))
+    }
+
+    /// Keeps the newest [`SPOOL_DONE_KEEP`] files of `.done/`.
+    async fn prune_done(&self) {
+        let done = self.done.clone();
+        let _ = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut files = spool_files(&done)?;
+            if files.len() <= SPOOL_DONE_KEEP {
+                return Ok(());
+            }
+            let extra = files.len() - SPOOL_DONE_KEEP;
+            for f in files.drain(..extra) {
+                let _ = std::fs::remove_file(headers_path(&f));
+                std::fs::remove_file(&f)?;
+            }
+            Ok(())
+        })
+        .await;
     }
 }
 
 #[async_trait]
 impl Subscription for SpoolSubscription {
-    async fn poll(&mut self, wait: Duration) -> Result<Option<Record>> {
+    async fn poll_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>> {
         let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::new();
         loop {
-            let files = spool_files(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-            if let Some(path) = files.into_iter().find(|p| !self.in_flight.contains(p)) {
-                let payload = tokio::fs::read(&path)
-                    .await
-                    .map_err(|e| Error::io(&path, e))?;
-                let headers = match tokio::fs::read(headers_path(&path)).await {
-                    Ok(h) => serde_json::from_slice(&h).unwrap_or_default(),
-                    Err(_) => BTreeMap::new(),
-                };
-                let key = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .and_then(|n| {
-                        n.splitn(3, '-')
-                            .nth(2)
-                            .map(|k| k.trim_end_matches(".json").to_string())
-                    });
-                self.in_flight.insert(path.clone());
-                let offset = self.next_offset;
-                self.next_offset += 1;
-                return Ok(Some(Record {
-                    topic: self.topic.clone(),
-                    partition: 0,
-                    offset,
-                    key,
-                    payload,
-                    headers,
-                    origin: Some(path),
-                }));
+            if self.pending.is_empty() {
+                self.refill().await?;
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(None);
+            while out.len() < max {
+                let Some(path) = self.pending.pop_front() else {
+                    break;
+                };
+                if let Some(rec) = self.read(path).await? {
+                    out.push(rec);
+                }
+            }
+            if !out.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(out);
             }
             tokio::time::sleep(Duration::from_millis(100).min(wait)).await;
         }
     }
 
-    async fn commit(&mut self, rec: &Record) -> Result<()> {
-        let Some(path) = &rec.origin else {
-            return Err(Error::bus(
-                &self.topic,
-                "commit of a record not from this spool",
-            ));
-        };
-        let name = path.file_name().expect("spool files have names");
-        let target = self.done.join(name);
-        tokio::fs::rename(path, &target)
-            .await
-            .map_err(|e| Error::io(path, e))?;
-        let hp = headers_path(path);
-        if hp.exists() {
-            let _ = tokio::fs::rename(&hp, headers_path(&target)).await;
+    async fn commit_batch(&mut self, recs: &[Record]) -> Result<()> {
+        for rec in recs {
+            let Some(path) = &rec.origin else {
+                return Err(Error::bus(
+                    &self.topic,
+                    "commit of a record not from this spool",
+                ));
+            };
+            let name = path.file_name().expect("spool files have names");
+            let target = self.done.join(name);
+            tokio::fs::rename(path, &target)
+                .await
+                .map_err(|e| Error::io(path, e))?;
+            let hp = headers_path(path);
+            if tokio::fs::try_exists(&hp).await.unwrap_or(false) {
+                let _ = tokio::fs::rename(&hp, headers_path(&target)).await;
+            }
+            self.in_flight.remove(path);
+            self.commits += 1;
+            if self.commits % 200 == 0 {
+                self.prune_done().await;
+            }
         }
-        self.in_flight.remove(path);
         Ok(())
     }
 }

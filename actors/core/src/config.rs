@@ -267,6 +267,31 @@ impl Default for ServeConfig {
     }
 }
 
+/// The ingest role's consumers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// A message larger than this goes to the dead-letter topic unread
+    /// (at most [`crate::types::MAX_MESSAGE_BYTES`]).
+    pub max_message_bytes: usize,
+    /// Records taken from the bus at most per batch; a batch's records are
+    /// grouped by object, each object written once, then the batch's offsets
+    /// committed.
+    pub batch_records: usize,
+    /// Objects written at once (S3 requests in flight per consumer).
+    pub write_concurrency: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_message_bytes: 8 * 1024 * 1024,
+            batch_records: 256,
+            write_concurrency: 8,
+        }
+    }
+}
+
 /// A model architecture, by the name cluster.toml, the CLI and the API use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -555,6 +580,7 @@ pub struct ClusterConfig {
     pub embedded: EmbeddedConfig,
     pub coordinator: CoordinatorConfig,
     pub admin: AdminConfig,
+    pub ingest: IngestConfig,
     pub serve: ServeConfig,
     pub train: TrainConfig,
     pub supervision: SupervisionConfig,
@@ -688,6 +714,19 @@ impl ClusterConfig {
         }
         if self.serve.max_steps == 0 {
             return bad("serve.max_steps", "must be at least 1".into());
+        }
+        let limit = crate::types::MAX_MESSAGE_BYTES;
+        if self.ingest.max_message_bytes == 0 || self.ingest.max_message_bytes > limit {
+            return bad(
+                "ingest.max_message_bytes",
+                format!("must be 1 ..= {limit} (the broker's fetch limit leaves no room for more)"),
+            );
+        }
+        if self.ingest.batch_records == 0 {
+            return bad("ingest.batch_records", "must be at least 1".into());
+        }
+        if self.ingest.write_concurrency == 0 || self.ingest.write_concurrency > 256 {
+            return bad("ingest.write_concurrency", "must be 1 ..= 256".into());
         }
         // Train and serve nodes talk to the coordinator over the mesh: when
         // the coordinator runs in another process, both ends need a port.

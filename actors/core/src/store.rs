@@ -4,7 +4,15 @@
 //! default) and [`S3Store`] (S3 / MinIO / s3s-fs through aws-sdk-s3). Buckets
 //! are logical names ([`buckets`]); a configured prefix is put in front of
 //! them. A `put` is atomic: readers see the old object or the new one, never
-//! a part (a rename on disk, a single PUT on S3).
+//! a part (a rename on disk, a single PUT or a completed multipart upload
+//! on S3).
+//!
+//! Conditional writes ([`ObjectStore::put_if`]) let several writers merge
+//! into one object without losing each other's updates: S3 checks
+//! `If-Match` / `If-None-Match: *` against the ETag (atomic on AWS S3 and
+//! MinIO; s3s-fs 0.14.1 checks before it writes, so two writes racing
+//! inside that window can both pass there), and [`LocalStore`] checks its
+//! file stamp under a process-wide lock.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +42,19 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn put(&self, bucket: &str, key: &str, data: Bytes) -> Result<()>;
     /// Reads an object; `None` when it does not exist.
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<Bytes>>;
+    /// Reads an object with its version tag (the ETag on S3, a stamp of the
+    /// file on disk), for a later [`ObjectStore::put_if`].
+    async fn get_tagged(&self, bucket: &str, key: &str) -> Result<Option<(Bytes, String)>>;
+    /// Writes the whole object only if it is still at version `expected`
+    /// (`None`: only if it does not exist). `Ok(false)` when another writer
+    /// got there first: nothing was written, read it again and merge.
+    async fn put_if(
+        &self,
+        bucket: &str,
+        key: &str,
+        data: Bytes,
+        expected: Option<&str>,
+    ) -> Result<bool>;
     /// The keys under `prefix`, sorted.
     async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>>;
     /// Removes an object (absent is fine).
@@ -93,8 +114,42 @@ impl LocalStore {
     }
 }
 
+/// Serialises the check-and-rename of [`LocalStore::put_if`] in this process.
+static LOCAL_CAS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A file's version stamp: inode, size and modification time. Every put
+/// renames a new file into place, so every write gets a new stamp.
+fn file_tag(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{:x}-{:x}-{:x}.{:x}",
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    )
+}
+
+fn write_tmp(dir: &Path, data: &[u8]) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp-{}", rand::random::<u64>()));
+    let mut f = std::fs::File::create(&tmp)?;
+    let r = f.write_all(data).and_then(|_| f.sync_all());
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
 fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
         let entry = entry?;
         let p = entry.path();
         let name = entry.file_name();
@@ -116,19 +171,65 @@ impl ObjectStore for LocalStore {
         let path = self.path(bucket, key)?;
         tokio::task::spawn_blocking(move || -> Result<()> {
             let dir = path.parent().expect("keys have a parent");
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            let tmp = dir.join(format!(".tmp-{}", rand::random::<u64>()));
-            let write = || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&data)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)
-            };
-            write().map_err(|e| {
+            let tmp = write_tmp(dir, &data).map_err(|e| Error::io(&path, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
                 Error::io(&path, e)
             })
+        })
+        .await
+        .expect("put task panicked")
+    }
+
+    async fn get_tagged(&self, bucket: &str, key: &str) -> Result<Option<(Bytes, String)>> {
+        let path = self.path(bucket, key)?;
+        tokio::task::spawn_blocking(move || -> Result<Option<(Bytes, String)>> {
+            use std::io::Read;
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io(&path, e)),
+            };
+            // The stamp of the very file read (a rename replaces the inode).
+            let meta = f.metadata().map_err(|e| Error::io(&path, e))?;
+            let mut buf = Vec::with_capacity(meta.len() as usize);
+            f.read_to_end(&mut buf).map_err(|e| Error::io(&path, e))?;
+            Ok(Some((Bytes::from(buf), file_tag(&meta))))
+        })
+        .await
+        .expect("get task panicked")
+    }
+
+    async fn put_if(
+        &self,
+        bucket: &str,
+        key: &str,
+        data: Bytes,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        let path = self.path(bucket, key)?;
+        let expected = expected.map(str::to_string);
+        tokio::task::spawn_blocking(move || -> Result<bool> {
+            let dir = path.parent().expect("keys have a parent");
+            let tmp = write_tmp(dir, &data).map_err(|e| Error::io(&path, e))?;
+            let _guard = LOCAL_CAS.lock().unwrap_or_else(|p| p.into_inner());
+            let current = match std::fs::metadata(&path) {
+                Ok(m) => Some(file_tag(&m)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(Error::io(&path, e));
+                }
+            };
+            if current != expected {
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(false);
+            }
+            std::fs::rename(&tmp, &path).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                Error::io(&path, e)
+            })?;
+            Ok(true)
         })
         .await
         .expect("put task panicked")
@@ -148,8 +249,19 @@ impl ObjectStore for LocalStore {
         let prefix = prefix.to_string();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            if base.exists() {
-                walk(&base, &base, &mut out).map_err(|e| Error::io(&base, e))?;
+            // Walk only the folder the prefix names (`AAPL/2024/` → that
+            // folder; `AAPL/2024/AAPL_` → `AAPL/2024/`).
+            let folder = match prefix.rfind('/') {
+                Some(i) => &prefix[..i],
+                None => "",
+            };
+            let start = if folder.is_empty() || check_key("", folder).is_err() {
+                base.clone()
+            } else {
+                base.join(folder)
+            };
+            if start.exists() {
+                walk(&start, &base, &mut out).map_err(|e| Error::io(&base, e))?;
             }
             out.retain(|k| k.starts_with(&prefix));
             out.sort();
@@ -280,20 +392,242 @@ impl S3Store {
     }
 }
 
-#[async_trait]
-impl ObjectStore for S3Store {
-    async fn put(&self, bucket: &str, key: &str, data: Bytes) -> Result<()> {
+/// Objects above this size are written as multipart uploads.
+pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
+/// The part size of a multipart upload.
+pub const MULTIPART_PART: usize = 8 * 1024 * 1024;
+
+/// Whether a failed request was refused by a write condition (412
+/// PreconditionFailed, or 409 ConditionalRequestConflict on AWS).
+fn refused_by_condition<E>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    e.raw_response()
+        .is_some_and(|r| matches!(r.status().as_u16(), 412 | 409))
+}
+
+/// A write condition: `If-Match: tag` or `If-None-Match: *`.
+#[derive(Clone, Copy)]
+enum Condition<'a> {
+    Always,
+    Match(&'a str),
+    Absent,
+}
+
+impl S3Store {
+    /// PUT (or multipart upload above [`MULTIPART_THRESHOLD`]) with a
+    /// condition; `Ok(false)` when the condition refused it.
+    async fn write(
+        &self,
+        bucket: &str,
+        key: &str,
+        data: Bytes,
+        cond: Condition<'_>,
+    ) -> Result<bool> {
         check_key(bucket, key)?;
         let b = self.bucket(bucket);
-        self.client
+        if data.len() > MULTIPART_THRESHOLD {
+            return self.write_multipart(&b, key, data, cond).await;
+        }
+        let mut req = self
+            .client
             .put_object()
             .bucket(&b)
             .key(key)
-            .body(ByteStream::from(data))
+            .body(ByteStream::from(data));
+        req = match cond {
+            Condition::Always => req,
+            Condition::Match(t) => req.if_match(t),
+            Condition::Absent => req.if_none_match("*"),
+        };
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if !matches!(cond, Condition::Always) && refused_by_condition(&e) => Ok(false),
+            Err(e) => Err(s3_err(
+                "put",
+                &b,
+                key,
+                aws_sdk_s3::error::DisplayErrorContext(&e),
+            )),
+        }
+    }
+
+    async fn write_multipart(
+        &self,
+        b: &str,
+        key: &str,
+        data: Bytes,
+        cond: Condition<'_>,
+    ) -> Result<bool> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        use futures::{StreamExt, TryStreamExt};
+        let up = self
+            .client
+            .create_multipart_upload()
+            .bucket(b)
+            .key(key)
             .send()
             .await
-            .map_err(|e| s3_err("put", &b, key, aws_sdk_s3::error::DisplayErrorContext(&e)))?;
-        Ok(())
+            .map_err(|e| {
+                s3_err(
+                    "multipart create",
+                    b,
+                    key,
+                    aws_sdk_s3::error::DisplayErrorContext(&e),
+                )
+            })?;
+        let id = up
+            .upload_id()
+            .ok_or_else(|| s3_err("multipart create", b, key, "no upload id"))?
+            .to_string();
+        let chunks: Vec<(i32, Bytes)> = (0..data.len())
+            .step_by(MULTIPART_PART)
+            .enumerate()
+            .map(|(i, at)| {
+                (
+                    i as i32 + 1,
+                    data.slice(at..(at + MULTIPART_PART).min(data.len())),
+                )
+            })
+            .collect();
+        let parts: Result<Vec<CompletedPart>> = futures::stream::iter(chunks)
+            .map(|(n, chunk)| {
+                let id = id.clone();
+                async move {
+                    let out = self
+                        .client
+                        .upload_part()
+                        .bucket(b)
+                        .key(key)
+                        .upload_id(&id)
+                        .part_number(n)
+                        .body(ByteStream::from(chunk))
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            s3_err(
+                                "multipart part",
+                                b,
+                                key,
+                                aws_sdk_s3::error::DisplayErrorContext(&e),
+                            )
+                        })?;
+                    Ok(CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(out.e_tag().map(String::from))
+                        .build())
+                }
+            })
+            .buffered(4)
+            .try_collect()
+            .await;
+        let abort = || async {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(b)
+                .key(key)
+                .upload_id(&id)
+                .send()
+                .await;
+        };
+        let parts = match parts {
+            Ok(p) => p,
+            Err(e) => {
+                abort().await;
+                return Err(e);
+            }
+        };
+        let mut req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(b)
+            .key(key)
+            .upload_id(&id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            );
+        req = match cond {
+            Condition::Always => req,
+            Condition::Match(t) => req.if_match(t),
+            Condition::Absent => req.if_none_match("*"),
+        };
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                abort().await;
+                if !matches!(cond, Condition::Always) && refused_by_condition(&e) {
+                    Ok(false)
+                } else {
+                    Err(s3_err(
+                        "multipart complete",
+                        b,
+                        key,
+                        aws_sdk_s3::error::DisplayErrorContext(&e),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn put(&self, bucket: &str, key: &str, data: Bytes) -> Result<()> {
+        self.write(bucket, key, data, Condition::Always)
+            .await
+            .map(|_| ())
+    }
+
+    async fn put_if(
+        &self,
+        bucket: &str,
+        key: &str,
+        data: Bytes,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        let cond = match expected {
+            Some(t) => Condition::Match(t),
+            None => Condition::Absent,
+        };
+        self.write(bucket, key, data, cond).await
+    }
+
+    async fn get_tagged(&self, bucket: &str, key: &str) -> Result<Option<(Bytes, String)>> {
+        check_key(bucket, key)?;
+        let b = self.bucket(bucket);
+        match self.client.get_object().bucket(&b).key(key).send().await {
+            Ok(out) => {
+                let tag = out.e_tag().map(String::from).ok_or_else(|| {
+                    s3_err(
+                        "get",
+                        &b,
+                        key,
+                        "the server sent no ETag (conditional writes need one)",
+                    )
+                })?;
+                let data = out
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| s3_err("get", &b, key, e))?;
+                Ok(Some((data.into_bytes(), tag)))
+            }
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                    Ok(None)
+                } else {
+                    Err(s3_err(
+                        "get",
+                        &b,
+                        key,
+                        aws_sdk_s3::error::DisplayErrorContext(&e),
+                    ))
+                }
+            }
+        }
     }
 
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<Bytes>> {

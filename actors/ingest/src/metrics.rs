@@ -2,29 +2,62 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-/// What the bar consumers did. Cheap to clone; all clones count together.
+/// Upper bounds (ms) of the object-write latency buckets.
+pub const WRITE_MS_BUCKETS: [u64; 10] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000];
+
+/// What the consumers did. Cheap to clone; all clones count together.
 #[derive(Debug, Default, Clone)]
 pub struct IngestMetrics(Arc<Inner>);
 
 #[derive(Debug, Default)]
 struct Inner {
+    records: AtomicU64,
     messages: AtomicU64,
+    bytes: AtomicU64,
+    rows: AtomicU64,
     bars: AtomicU64,
+    batches: AtomicU64,
     objects_written: AtomicU64,
+    write_conflicts: AtomicU64,
     malformed: AtomicU64,
     dead_lettered: AtomicU64,
+    /// Object writes by latency bucket (the last one: above every bound).
+    write_ms: [AtomicU64; WRITE_MS_BUCKETS.len() + 1],
+    write_us_sum: AtomicU64,
 }
 
 impl IngestMetrics {
+    /// Records taken from the bus (good and bad).
+    pub fn records(&self) -> u64 {
+        self.0.records.load(Ordering::Relaxed)
+    }
+    /// Records written (valid messages).
     pub fn messages(&self) -> u64 {
         self.0.messages.load(Ordering::Relaxed)
     }
+    /// Payload bytes taken from the bus.
+    pub fn bytes(&self) -> u64 {
+        self.0.bytes.load(Ordering::Relaxed)
+    }
+    /// Rows written, every source.
+    pub fn rows(&self) -> u64 {
+        self.0.rows.load(Ordering::Relaxed)
+    }
+    /// Bars written.
     pub fn bars(&self) -> u64 {
         self.0.bars.load(Ordering::Relaxed)
     }
+    pub fn batches(&self) -> u64 {
+        self.0.batches.load(Ordering::Relaxed)
+    }
     pub fn objects_written(&self) -> u64 {
         self.0.objects_written.load(Ordering::Relaxed)
+    }
+    /// Conditional writes that lost to another writer (and were merged again).
+    pub fn write_conflicts(&self) -> u64 {
+        self.0.write_conflicts.load(Ordering::Relaxed)
     }
     pub fn malformed(&self) -> u64 {
         self.0.malformed.load(Ordering::Relaxed)
@@ -32,29 +65,55 @@ impl IngestMetrics {
     pub fn dead_lettered(&self) -> u64 {
         self.0.dead_lettered.load(Ordering::Relaxed)
     }
-    pub(crate) fn add_message(&self, bars: usize, objects: usize) {
-        self.0.messages.fetch_add(1, Ordering::Relaxed);
-        self.0.bars.fetch_add(bars as u64, Ordering::Relaxed);
+    /// Object writes per latency bucket, with [`WRITE_MS_BUCKETS`] as bounds.
+    pub fn write_latency_buckets(&self) -> Vec<u64> {
         self.0
-            .objects_written
-            .fetch_add(objects as u64, Ordering::Relaxed);
+            .write_ms
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
+
+    pub(crate) fn add_write(&self, took: Duration, conflicts: u32) {
+        let ms = took.as_millis() as u64;
+        let i = WRITE_MS_BUCKETS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(WRITE_MS_BUCKETS.len());
+        self.0.write_ms[i].fetch_add(1, Ordering::Relaxed);
+        self.0
+            .write_us_sum
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.0.objects_written.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .write_conflicts
+            .fetch_add(conflicts as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_batch(
+        &self,
+        source: &str,
+        records: usize,
+        good: usize,
+        bytes: usize,
+        rows: usize,
+        _objects: usize,
+    ) {
+        let add = |c: &AtomicU64, n: usize| c.fetch_add(n as u64, Ordering::Relaxed);
+        add(&self.0.batches, 1);
+        add(&self.0.records, records);
+        add(&self.0.messages, good);
+        add(&self.0.bytes, bytes);
+        add(&self.0.rows, rows);
+        if source == "bars" {
+            add(&self.0.bars, rows);
+        }
+    }
+
     pub(crate) fn add_malformed(&self, dead_lettered: bool) {
         self.0.malformed.fetch_add(1, Ordering::Relaxed);
         if dead_lettered {
             self.0.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// Prometheus text exposition of the counters.
-    pub fn prometheus(&self) -> String {
-        format!(
-            "tickmesh_ingest_messages_total {}\ntickmesh_ingest_bars_total {}\ntickmesh_ingest_objects_written_total {}\ntickmesh_ingest_malformed_total {}\ntickmesh_ingest_dead_lettered_total {}\n",
-            self.messages(),
-            self.bars(),
-            self.objects_written(),
-            self.malformed(),
-            self.dead_lettered()
-        )
     }
 }

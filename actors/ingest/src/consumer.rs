@@ -1,0 +1,292 @@
+//! `ConsumerActor<S>`: one source's consumer. It receives batches of
+//! records from the bus (`h_alpaca`/`live_bars` for bars, `h_macrodata`,
+//! `h_company`), parses and validates each record into rows of deterministic
+//! objects, merges each object once per batch into the object store, and
+//! only then commits the batch's offsets.
+//!
+//! - **Exactly-once output from at-least-once delivery.** Object keys come
+//!   from the data (ticker-week, series-year, symbol-year); a write reads the
+//!   object with its version tag, merges the new rows in (deduplicated by
+//!   timestamp, the later delivery wins) and writes it back only if the
+//!   object is still at that version ([`ObjectStore::put_if`]). A writer that
+//!   lost the race reads and merges again, so concurrent writers (a
+//!   consumer that lost its partitions but keeps writing, the live path,
+//!   two producers' consumers) never lose each other's rows. Writers of
+//!   one process also take a per-object lock first.
+//! - **Batches.** Up to `ingest.batch_records` records per poll; each object
+//!   they touch is written once, `ingest.write_concurrency` objects at a
+//!   time; then one asynchronous commit per batch.
+//! - **Bad input** (bad JSON, a missing field, a wrong type, a bad value, a
+//!   payload over `ingest.max_message_bytes`, a panic while a record is
+//!   parsed) goes to `<topic>.dlq` with headers naming its topic,
+//!   partition, offset and reason, and the consumer goes on. A record that
+//!   cannot be written (the store is down) is not committed: the actor
+//!   fails, its supervisor restarts it and the batch is delivered again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tickmesh_core::bus::{dead_letter, BusConfig, Record, Share, SharedPublisher, Subscription};
+use tickmesh_core::config::IngestConfig;
+use tickmesh_core::store::ObjectStore;
+use tickmesh_core::{Error, Result};
+use tracing::{debug, warn};
+
+use crate::metrics::IngestMetrics;
+
+/// What one source's consumer does with a payload.
+pub trait Source: Send + Sync + 'static {
+    /// For logs and metrics: `bars`, `macro`, `company`.
+    const NAME: &'static str;
+    /// The bucket its objects go to.
+    const BUCKET: &'static str;
+    /// One parsed, validated row.
+    type Row: Clone + Send + Sync + 'static;
+    /// Parses and validates a payload into rows grouped by object key.
+    fn parse(payload: &[u8]) -> Result<Vec<(String, Vec<Self::Row>)>>;
+    /// Merges `new` into the object's current content (`None`: a new
+    /// object), one row per timestamp with `new` winning, and encodes it.
+    fn merge(key: &str, old: Option<Bytes>, new: &[Self::Row]) -> Result<Bytes>;
+}
+
+pub struct ConsumerActor<S>(PhantomData<fn() -> S>);
+
+impl<S> Clone for ConsumerActor<S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<S> Copy for ConsumerActor<S> {}
+
+impl<S> Default for ConsumerActor<S> {
+    fn default() -> Self {
+        ConsumerActor(PhantomData)
+    }
+}
+
+/// Messages of [`ConsumerActor`].
+#[derive(Debug)]
+pub enum ConsumerMsg {
+    /// Take the next batch from the bus (the actor sends this to itself).
+    Poll,
+}
+
+impl ractor::Message for ConsumerMsg {}
+
+#[derive(Clone)]
+pub struct ConsumerArgs {
+    pub bus: BusConfig,
+    /// The topic read (`h_alpaca`, `live_bars`, `h_macrodata`, `h_company`).
+    pub topic: String,
+    /// Consumer group suffix.
+    pub group: String,
+    /// This node's share of the topic's partitions.
+    pub share: Share,
+    pub store: Arc<dyn ObjectStore>,
+    pub publisher: SharedPublisher,
+    pub metrics: IngestMetrics,
+    pub config: IngestConfig,
+}
+
+pub struct ConsumerState {
+    sub: Box<dyn Subscription>,
+    args: ConsumerArgs,
+}
+
+impl<S: Source> Actor for ConsumerActor<S> {
+    type Msg = ConsumerMsg;
+    type State = ConsumerState;
+    type Arguments = ConsumerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let sub = args
+            .bus
+            .subscribe_share(&args.topic, &args.group, args.share)
+            .await?;
+        tracing::info!(topic = %args.topic, source = S::NAME, "consumer started");
+        myself.cast(ConsumerMsg::Poll)?;
+        Ok(ConsumerState { sub, args })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ConsumerMsg::Poll => {
+                let batch = state
+                    .sub
+                    .poll_batch(state.args.config.batch_records, Duration::from_millis(500))
+                    .await?;
+                if !batch.is_empty() {
+                    process_batch::<S>(&state.args, &batch).await?;
+                    state.sub.commit_batch(&batch).await?;
+                }
+                myself.cast(ConsumerMsg::Poll)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Test hook: a record whose key is this value panics while it is parsed
+/// (`TICKMESH_FAILPOINT_PANIC_KEY`).
+const FAILPOINT: &str = "TICKMESH_FAILPOINT_PANIC_KEY";
+
+/// Parses one record; `Err(reason)` when it is bad, a panic included.
+fn parse_guarded<S: Source>(
+    rec: &Record,
+    limit: usize,
+) -> std::result::Result<Vec<(String, Vec<S::Row>)>, String> {
+    if rec.payload.len() > limit {
+        return Err(format!(
+            "payload of {} bytes exceeds ingest.max_message_bytes = {limit}",
+            rec.payload.len()
+        ));
+    }
+    let outcome = std::panic::catch_unwind(|| {
+        if rec.key.is_some() && std::env::var(FAILPOINT).ok() == rec.key {
+            panic!("failpoint {FAILPOINT}={}", rec.key.as_deref().unwrap_or(""));
+        }
+        S::parse(&rec.payload)
+    });
+    match outcome {
+        Ok(Ok(groups)) => Ok(groups),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            Err(format!("processing the message panicked: {what}"))
+        }
+    }
+}
+
+/// Processes one batch: dead-letters the bad records, writes each object
+/// the good ones touch once. Returns an error (nothing may be committed)
+/// when a write or a dead-letter publish failed.
+pub async fn process_batch<S: Source>(args: &ConsumerArgs, batch: &[Record]) -> Result<()> {
+    let mut objects: BTreeMap<String, Vec<S::Row>> = BTreeMap::new();
+    let mut good = 0usize;
+    let mut bytes = 0usize;
+    let mut sorted: Vec<&Record> = batch.iter().collect();
+    // Within an object, later deliveries win: apply records in log order.
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    for rec in sorted {
+        bytes += rec.payload.len();
+        match parse_guarded::<S>(rec, args.config.max_message_bytes) {
+            Ok(groups) => {
+                good += 1;
+                for (key, rows) in groups {
+                    objects.entry(key).or_default().extend(rows);
+                }
+            }
+            Err(reason) => {
+                warn!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, error = %reason, "message sent to the dead-letter topic");
+                let dlq = dead_letter(args.publisher.as_ref(), rec, &reason).await;
+                args.metrics.add_malformed(dlq.is_ok());
+                // A failed DLQ write must not drop the record: retry later.
+                dlq?;
+            }
+        }
+    }
+    let rows: usize = objects.values().map(Vec::len).sum();
+    let n = objects.len();
+    let store = args.store.as_ref();
+    let metrics = &args.metrics;
+    futures::stream::iter(objects)
+        .map(|(key, rows)| async move {
+            let started = Instant::now();
+            let conflicts = write_object::<S>(store, &key, &rows).await?;
+            metrics.add_write(started.elapsed(), conflicts);
+            Ok::<_, Error>(())
+        })
+        .buffer_unordered(args.config.write_concurrency)
+        .try_collect::<Vec<()>>()
+        .await?;
+    args.metrics
+        .add_batch(S::NAME, batch.len(), good, bytes, rows, n);
+    debug!(
+        source = S::NAME,
+        records = batch.len(),
+        rows,
+        objects = n,
+        "batch written"
+    );
+    Ok(())
+}
+
+/// The per-object locks of this process: writers of one process take turns
+/// on an object instead of racing on its version.
+static OBJECT_LOCKS: Mutex<Option<HashMap<String, Weak<tokio::sync::Mutex<()>>>>> =
+    Mutex::new(None);
+
+fn object_lock(bucket: &str, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    let mut map = OBJECT_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+    let map = map.get_or_insert_with(HashMap::new);
+    let id = format!("{bucket}/{key}");
+    if let Some(l) = map.get(&id).and_then(Weak::upgrade) {
+        return l;
+    }
+    if map.len() > 4096 {
+        map.retain(|_, w| w.strong_count() > 0);
+    }
+    let l = Arc::new(tokio::sync::Mutex::new(()));
+    map.insert(id, Arc::downgrade(&l));
+    l
+}
+
+/// How often a write retries after losing the race to another writer.
+const MAX_CONFLICTS: u32 = 50;
+
+/// Merges `rows` into the object `key` of `S`'s bucket with a conditional
+/// write, retrying when another writer got there first. Returns how many
+/// times it lost that race.
+pub async fn write_object<S: Source>(
+    store: &dyn ObjectStore,
+    key: &str,
+    rows: &[S::Row],
+) -> Result<u32> {
+    let lock = object_lock(S::BUCKET, key);
+    let _turn = lock.lock().await;
+    let mut conflicts = 0;
+    loop {
+        let current = store.get_tagged(S::BUCKET, key).await?;
+        let (old, tag) = match current {
+            Some((data, tag)) => (Some(data), Some(tag)),
+            None => (None, None),
+        };
+        let (k, new) = (key.to_string(), rows.to_vec());
+        let data = tokio::task::spawn_blocking(move || S::merge(&k, old, &new))
+            .await
+            .map_err(|e| Error::invalid("merge", format!("{}/{key}: {e}", S::BUCKET)))??;
+        if store.put_if(S::BUCKET, key, data, tag.as_deref()).await? {
+            return Ok(conflicts);
+        }
+        conflicts += 1;
+        if conflicts >= MAX_CONFLICTS {
+            return Err(Error::Store {
+                op: "put_if",
+                bucket: S::BUCKET.into(),
+                key: key.into(),
+                message: format!("lost the race to other writers {conflicts} times in a row"),
+            });
+        }
+        let jitter = rand::random::<u64>() % (5 * conflicts as u64 + 5);
+        tokio::time::sleep(Duration::from_millis(jitter)).await;
+    }
+}
