@@ -493,7 +493,11 @@ impl KafkaSubscription {
             return;
         };
         let (back, was_gap, at_low) = match &part.hunt {
-            Some(h) => (h.back, h.gap, h.back > 0 && part.next - h.back <= part.low),
+            Some(h) => (
+                h.back,
+                h.gap || gap,
+                h.back > 0 && part.next - h.back <= part.low,
+            ),
             None => (0, gap, false),
         };
         if at_low {
@@ -576,7 +580,12 @@ impl KafkaSubscription {
                 part.next = offset + 1;
                 true
             }
-            Some(_) => {
+            Some(h) => {
+                if !h.gap {
+                    // The check at assignment caught the broker skipping.
+                    KAFKA_STATS.gaps.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(topic = %self.name, partition = p, expected = part.next, got = offset, "the broker skipped offsets; seeking back for them");
+                }
                 self.hunt_further(p, true);
                 false
             }

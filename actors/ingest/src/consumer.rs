@@ -132,6 +132,13 @@ impl<S: Source> Actor for ConsumerActor<S> {
                     .await?;
                 if !batch.is_empty() {
                     process_batch::<S>(&state.args, &batch).await?;
+                    if let Some(ms) = std::env::var(FAILPOINT_PAUSE)
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok())
+                    {
+                        tracing::info!(ms, "failpoint: batch written, pausing before its commit");
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
                     state.sub.commit_batch(&batch).await?;
                 }
                 myself.cast(ConsumerMsg::Poll)?;
@@ -144,6 +151,10 @@ impl<S: Source> Actor for ConsumerActor<S> {
 /// Test hook: a record whose key is this value panics while it is parsed
 /// (`TICKMESH_FAILPOINT_PANIC_KEY`).
 const FAILPOINT: &str = "TICKMESH_FAILPOINT_PANIC_KEY";
+
+/// Test hook: pause this many ms between a batch's writes and its commit,
+/// so a test can kill the process there (`TICKMESH_FAILPOINT_PAUSE_BEFORE_COMMIT_MS`).
+const FAILPOINT_PAUSE: &str = "TICKMESH_FAILPOINT_PAUSE_BEFORE_COMMIT_MS";
 
 /// Parses one record; `Err(reason)` when it is bad, a panic included.
 fn parse_guarded<S: Source>(
