@@ -58,6 +58,22 @@ if [ $demo_only -eq 1 ]; then
   exit 0
 fi
 
+# --- Python used by the ingest tests (a batching Kafka producer, independent
+# Parquet readers), in the torch venv
+TEST_PY_PKGS=(confluent-kafka==2.16.1 pyarrow==26.0.1 duckdb==2.0.0 pandas==3.1.1 boto3==1.44.5)
+if "$TORCH_VENV/bin/python" - "${TEST_PY_PKGS[@]}" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(0 if all(version(p.split("==")[0]) == p.split("==")[1] for p in sys.argv[1:]) else 1)
+PY
+then
+  say "test Python packages: present (${TEST_PY_PKGS[*]})"
+else
+  say "installing ${TEST_PY_PKGS[*]} into $TORCH_VENV"
+  "$TORCH_VENV/bin/pip" install --quiet "${TEST_PY_PKGS[@]}" >"$TICKMESH_CACHE/logs/test-python-install.log" 2>&1 \
+    || { tail -20 "$TICKMESH_CACHE/logs/test-python-install.log"; exit 1; }
+fi
+
 # --- cargo-installed servers
 install_crate() { # name version bin root features...
   local name=$1 version=$2 bin=$3 root=$4; shift 4

@@ -931,7 +931,7 @@ impl Subscription for SpoolSubscription {
             }
             self.in_flight.remove(path);
             self.commits += 1;
-            if self.commits % 200 == 0 {
+            if self.commits.is_multiple_of(200) {
                 self.prune_done().await;
             }
         }

@@ -310,6 +310,18 @@ impl std::fmt::Debug for S3Store {
     }
 }
 
+/// An error and its sources, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
 fn s3_err(op: &'static str, bucket: &str, key: &str, e: impl std::fmt::Display) -> Error {
     Error::Store {
         op,
@@ -612,7 +624,7 @@ impl ObjectStore for S3Store {
                     .body
                     .collect()
                     .await
-                    .map_err(|e| s3_err("get", &b, key, e))?;
+                    .map_err(|e| s3_err("get", &b, key, error_chain(&e)))?;
                 Ok(Some((data.into_bytes(), tag)))
             }
             Err(e) => {

@@ -11,7 +11,7 @@ use tickmesh_core::store::{buckets, ObjectStore};
 use tickmesh_core::types::{bars_object_key, Bar, BarsMessage, IsoWeek};
 use tickmesh_core::{Error, Result};
 
-use crate::consumer::{write_object, ConsumerActor, Source};
+use crate::consumer::{write_object, ConsumerActor, Objects, Source};
 
 /// Bars: rows are bars, objects are ticker-weeks.
 pub struct Bars;
@@ -40,7 +40,7 @@ impl Source for Bars {
     /// (ticker, bar): the ticker is a column of the file.
     type Row = (String, Bar);
 
-    fn parse(payload: &[u8]) -> Result<Vec<(String, Vec<Self::Row>)>> {
+    fn parse(payload: &[u8]) -> Result<Objects<Self>> {
         Ok(weeks(BarsMessage::parse(payload)?))
     }
 

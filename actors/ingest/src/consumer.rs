@@ -48,11 +48,14 @@ pub trait Source: Send + Sync + 'static {
     /// One parsed, validated row.
     type Row: Clone + Send + Sync + 'static;
     /// Parses and validates a payload into rows grouped by object key.
-    fn parse(payload: &[u8]) -> Result<Vec<(String, Vec<Self::Row>)>>;
+    fn parse(payload: &[u8]) -> Result<Objects<Self>>;
     /// Merges `new` into the object's current content (`None`: a new
     /// object), one row per timestamp with `new` winning, and encodes it.
     fn merge(key: &str, old: Option<Bytes>, new: &[Self::Row]) -> Result<Bytes>;
 }
+
+/// Rows grouped by the object key they go to.
+pub type Objects<S> = Vec<(String, Vec<<S as Source>::Row>)>;
 
 pub struct ConsumerActor<S>(PhantomData<fn() -> S>);
 
@@ -160,7 +163,7 @@ const FAILPOINT_PAUSE: &str = "TICKMESH_FAILPOINT_PAUSE_BEFORE_COMMIT_MS";
 fn parse_guarded<S: Source>(
     rec: &Record,
     limit: usize,
-) -> std::result::Result<Vec<(String, Vec<S::Row>)>, String> {
+) -> std::result::Result<Objects<S>, String> {
     if rec.payload.len() > limit {
         return Err(format!(
             "payload of {} bytes exceeds ingest.max_message_bytes = {limit}",
@@ -261,6 +264,30 @@ fn object_lock(bucket: &str, key: &str) -> Arc<tokio::sync::Mutex<()>> {
     l
 }
 
+/// Reads an object with its version, retrying a read that broke off: a
+/// server may fail a body read while another writer replaces the object
+/// (s3s-fs 0.14.1 then sends the new version's checksum with the old
+/// content, which the client refuses). 8 tries, 10 ms doubling, with jitter.
+async fn get_retrying(
+    store: &dyn ObjectStore,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<(Bytes, String)>> {
+    let mut tries = 0u32;
+    loop {
+        match store.get_tagged(bucket, key).await {
+            Ok(v) => return Ok(v),
+            Err(e) if tries < 7 => {
+                tries += 1;
+                debug!(bucket, key, error = %e, "read failed; trying again");
+                let ms = 10 * 2u64.pow(tries - 1);
+                tokio::time::sleep(Duration::from_millis(ms + rand::random::<u64>() % ms)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// How often a write retries after losing the race to another writer.
 const MAX_CONFLICTS: u32 = 50;
 
@@ -274,9 +301,19 @@ pub async fn write_object<S: Source>(
 ) -> Result<u32> {
     let lock = object_lock(S::BUCKET, key);
     let _turn = lock.lock().await;
+    merge_into_object::<S>(store, key, rows).await
+}
+
+/// [`write_object`] without this process's per-object lock: the
+/// conditional write alone, as writers in different processes race.
+pub async fn merge_into_object<S: Source>(
+    store: &dyn ObjectStore,
+    key: &str,
+    rows: &[S::Row],
+) -> Result<u32> {
     let mut conflicts = 0;
     loop {
-        let current = store.get_tagged(S::BUCKET, key).await?;
+        let current = get_retrying(store, S::BUCKET, key).await?;
         let (old, tag) = match current {
             Some((data, tag)) => (Some(data), Some(tag)),
             None => (None, None),
