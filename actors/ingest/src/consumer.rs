@@ -160,10 +160,7 @@ const FAILPOINT: &str = "TICKMESH_FAILPOINT_PANIC_KEY";
 const FAILPOINT_PAUSE: &str = "TICKMESH_FAILPOINT_PAUSE_BEFORE_COMMIT_MS";
 
 /// Parses one record; `Err(reason)` when it is bad, a panic included.
-fn parse_guarded<S: Source>(
-    rec: &Record,
-    limit: usize,
-) -> std::result::Result<Objects<S>, String> {
+fn parse_guarded<S: Source>(rec: &Record, limit: usize) -> std::result::Result<Objects<S>, String> {
     if rec.payload.len() > limit {
         return Err(format!(
             "payload of {} bytes exceeds ingest.max_message_bytes = {limit}",
