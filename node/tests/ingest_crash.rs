@@ -26,23 +26,6 @@ use tickmesh_core::synthetic::SyntheticMarket;
 use tickmesh_core::types::{topics, BarsMessage};
 use tickmesh_ingest::producer::weekly_messages;
 
-fn python() -> String {
-    let py = std::env::var("TICKMESH_PYTHON").unwrap_or_else(|_| "python".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import confluent_kafka, pyarrow"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "`{py}` cannot import confluent_kafka and pyarrow: run scripts/setup.sh and `. scripts/env.sh` (scripts/test.sh does both)"
-    );
-    py
-}
-
-fn repo() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 struct Node {
     child: Child,
     log: std::path::PathBuf,
@@ -82,7 +65,7 @@ async fn committed(sub: &KafkaSubscription) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_bars_survive_20_sigkills_with_nothing_missing_or_duplicated() {
-    let py = python();
+    let py = common::python_with("confluent_kafka, pyarrow");
     let (cfg, a) = common::distributed("crash").await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("cluster.toml");
@@ -164,7 +147,7 @@ roles = ["ingest"]
     // Both producers run through the kills, for about 25 s.
     let rate = (python_msgs as f64 / 25.0).to_string();
     let mut py_producer = Command::new(&py)
-        .arg(repo().join("scripts/py/kafka_produce.py"))
+        .arg(common::repo().join("scripts/py/kafka_produce.py"))
         .args([brokers.as_str(), full_topic.as_str()])
         .arg(&lines)
         .args(["--rate", &rate, "--burst", "20"])
@@ -315,7 +298,7 @@ roles = ["ingest"]
         .collect();
     std::fs::write(&exp_path, text).unwrap();
     let out = Command::new(&py)
-        .arg(repo().join("scripts/py/readback_parquet.py"))
+        .arg(common::repo().join("scripts/py/readback_parquet.py"))
         .args([
             cfg.s3.endpoint_url.as_str(),
             cfg.s3.access_key.as_str(),

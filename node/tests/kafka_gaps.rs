@@ -16,23 +16,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tickmesh_core::bus::{KafkaSubscription, Share, Subscription, KAFKA_STATS};
 
-fn python() -> String {
-    let py = std::env::var("TICKMESH_PYTHON").unwrap_or_else(|_| "python".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import confluent_kafka, pyarrow"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "`{py}` cannot import confluent_kafka and pyarrow: run scripts/setup.sh and `. scripts/env.sh` (scripts/test.sh does both)"
-    );
-    py
-}
-
-fn repo() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// Publishes `n` small messages with confluent-kafka's batching, flushing
 /// every `flush_every` (so batches end there at the latest).
 fn produce_batched(brokers: &str, topic: &str, n: usize, flush_every: usize) {
@@ -40,8 +23,8 @@ fn produce_batched(brokers: &str, topic: &str, n: usize, flush_every: usize) {
     let path = dir.path().join("msgs.tsv");
     let lines: String = (0..n).map(|i| format!("k{}\t{i}\n", i % 7)).collect();
     std::fs::write(&path, lines).unwrap();
-    let out = Command::new(python())
-        .arg(repo().join("scripts/py/kafka_produce.py"))
+    let out = Command::new(common::python_with("confluent_kafka, pyarrow"))
+        .arg(common::repo().join("scripts/py/kafka_produce.py"))
         .args([brokers, topic])
         .arg(&path)
         .args(["--flush-every", &flush_every.to_string()])

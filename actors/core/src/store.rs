@@ -427,6 +427,30 @@ enum Condition<'a> {
 }
 
 impl S3Store {
+    /// GET: the body and the ETag; `None` when the object does not exist.
+    async fn fetch(&self, bucket: &str, key: &str) -> Result<Option<(Bytes, Option<String>)>> {
+        check_key(bucket, key)?;
+        let b = self.bucket(bucket);
+        match self.client.get_object().bucket(&b).key(key).send().await {
+            Ok(out) => {
+                let tag = out.e_tag().map(String::from);
+                let data = out
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| s3_err("get", &b, key, error_chain(&e)))?;
+                Ok(Some((data.into_bytes(), tag)))
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(s3_err(
+                "get",
+                &b,
+                key,
+                aws_sdk_s3::error::DisplayErrorContext(&e),
+            )),
+        }
+    }
+
     /// PUT (or multipart upload above [`MULTIPART_THRESHOLD`]) with a
     /// condition; `Ok(false)` when the condition refused it.
     async fn write(
@@ -608,65 +632,20 @@ impl ObjectStore for S3Store {
     }
 
     async fn get_tagged(&self, bucket: &str, key: &str) -> Result<Option<(Bytes, String)>> {
-        check_key(bucket, key)?;
-        let b = self.bucket(bucket);
-        match self.client.get_object().bucket(&b).key(key).send().await {
-            Ok(out) => {
-                let tag = out.e_tag().map(String::from).ok_or_else(|| {
-                    s3_err(
-                        "get",
-                        &b,
-                        key,
-                        "the server sent no ETag (conditional writes need one)",
-                    )
-                })?;
-                let data = out
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| s3_err("get", &b, key, error_chain(&e)))?;
-                Ok(Some((data.into_bytes(), tag)))
-            }
-            Err(e) => {
-                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
-                    Ok(None)
-                } else {
-                    Err(s3_err(
-                        "get",
-                        &b,
-                        key,
-                        aws_sdk_s3::error::DisplayErrorContext(&e),
-                    ))
-                }
-            }
+        match self.fetch(bucket, key).await? {
+            None => Ok(None),
+            Some((data, Some(tag))) => Ok(Some((data, tag))),
+            Some((_, None)) => Err(s3_err(
+                "get",
+                &self.bucket(bucket),
+                key,
+                "the server sent no ETag (conditional writes need one)",
+            )),
         }
     }
 
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<Bytes>> {
-        check_key(bucket, key)?;
-        let b = self.bucket(bucket);
-        match self.client.get_object().bucket(&b).key(key).send().await {
-            Ok(out) => {
-                let data = out
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| s3_err("get", &b, key, e))?;
-                Ok(Some(data.into_bytes()))
-            }
-            Err(e) => {
-                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
-                    Ok(None)
-                } else {
-                    Err(s3_err(
-                        "get",
-                        &b,
-                        key,
-                        aws_sdk_s3::error::DisplayErrorContext(&e),
-                    ))
-                }
-            }
-        }
+        Ok(self.fetch(bucket, key).await?.map(|(data, _)| data))
     }
 
     async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {

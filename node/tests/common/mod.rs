@@ -161,3 +161,23 @@ pub fn make_certs(dir: &std::path::Path) {
         "server.pem",
     ]);
 }
+
+/// The repository root.
+pub fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The Python of the torch venv (`scripts/env.sh` puts it first on PATH,
+/// `TICKMESH_PYTHON` overrides), checked to import `modules`.
+pub fn python_with(modules: &str) -> String {
+    let py = std::env::var("TICKMESH_PYTHON").unwrap_or_else(|_| "python".into());
+    let ok = std::process::Command::new(&py)
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "`{py}` cannot import {modules}: run scripts/setup.sh and `. scripts/env.sh` (scripts/test.sh does both)"
+    );
+    py
+}
