@@ -29,19 +29,42 @@ fn tickmesh() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tickmesh"))
 }
 
-#[test]
-fn two_nodes_form_a_mesh() {
-    let dir = tempfile::tempdir().unwrap();
-    let (grpc, http, c1, c2) = (free_port(), free_port(), free_port(), free_port());
-    let config = dir.path().join("cluster.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+/// Ports of the two-node cluster: coordinator gRPC, HTTP, and the two
+/// nodes' cluster ports.
+struct Ports {
+    grpc: u16,
+    http: u16,
+    c1: u16,
+    c2: u16,
+}
+
+impl Ports {
+    fn free() -> Self {
+        Ports {
+            grpc: free_port(),
+            http: free_port(),
+            c1: free_port(),
+            c2: free_port(),
+        }
+    }
+}
+
+/// cluster.toml of a coordinator node and a predictor node on the mesh,
+/// with `extra` lines in `[cluster]`.
+fn two_node_config(
+    name: &str,
+    cookie: &str,
+    extra: &str,
+    data: &std::path::Path,
+    p: &Ports,
+) -> String {
+    format!(
+        r#"
 [cluster]
-name = "mesh-test"
+name = "{name}"
 backend = "embedded"
-cookie = "secret-mesh-cookie"
+cookie = "{cookie}"
+{extra}
 
 [embedded]
 data_dir = "{data}"
@@ -62,40 +85,53 @@ name = "predictor"
 roles = ["serve"]
 cluster_port = {c2}
 "#,
-            data = dir.path().join("data").display()
+        data = data.display(),
+        grpc = p.grpc,
+        http = p.http,
+        c1 = p.c1,
+        c2 = p.c2,
+    )
+}
+
+/// Starts `node` of `config`, killed when dropped.
+fn run_node(config: &std::path::Path, node: &str) -> Killed {
+    Killed(
+        tickmesh()
+            .args(["run", "--node", node, "--config"])
+            .arg(config)
+            .env_remove("TICKMESH_COOKIE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn two_nodes_form_a_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let (grpc, http, c1) = (ports.grpc, ports.http, ports.c1);
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        two_node_config(
+            "mesh-test",
+            "secret-mesh-cookie",
+            "",
+            &dir.path().join("data"),
+            &ports,
         ),
     )
     .unwrap();
-    let run = |node: &str| {
-        Killed(
-            tickmesh()
-                .args(["run", "--node", node, "--config"])
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let run = |node: &str| run_node(&config, node);
     let _coord = run("coord");
     let _pred = run("predictor");
 
     let start = Instant::now();
     loop {
-        let out = tickmesh()
-            .args([
-                "admin",
-                "mesh",
-                "--port",
-                &free_port().to_string(),
-                "--config",
-            ])
-            .arg(&config)
-            .env_remove("TICKMESH_COOKIE")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        if out.status.success() && stdout.contains("2 nodes") {
+        let (ok, stdout, stderr) = admin_mesh(&config, &[]);
+        if ok && stdout.contains("2 nodes") {
             assert!(
                 stdout.contains("coord ") && stdout.contains("coordinator,aggregate"),
                 "{stdout}"
@@ -109,27 +145,14 @@ cluster_port = {c2}
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "the mesh never showed both nodes: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
+            "the mesh never showed both nodes: {stdout} {stderr}"
         );
         std::thread::sleep(Duration::from_millis(500));
     }
 
     // A wrong cookie: the seed refuses the handshake, and the command says so.
-    let out = tickmesh()
-        .args([
-            "admin",
-            "mesh",
-            "--port",
-            &free_port().to_string(),
-            "--config",
-        ])
-        .arg(&config)
-        .env("TICKMESH_COOKIE", "not-the-cluster-cookie")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a wrong cookie must fail: {stderr}");
+    let (ok, _, stderr) = admin_mesh(&config, &[("TICKMESH_COOKIE", "not-the-cluster-cookie")]);
+    assert!(!ok, "a wrong cookie must fail: {stderr}");
     assert!(stderr.contains("cookie"), "{stderr}");
 
     // A connection that never authenticates is closed by the handshake timeout.
@@ -187,62 +210,29 @@ fn a_tls_mesh_forms_over_tls_and_refuses_plaintext() {
     let certs = dir.path().join("certs");
     std::fs::create_dir_all(&certs).unwrap();
     common::make_certs(&certs);
-    let (grpc, http, c1, c2) = (free_port(), free_port(), free_port(), free_port());
+    let ports = Ports::free();
     let body = |tls: bool| {
-        format!(
-            r#"
-[cluster]
-name = "tls-mesh-test"
-backend = "embedded"
-cookie = "tls-mesh-test-cookie"
-{tls}
-
-[embedded]
-data_dir = "{data}"
-
-[coordinator]
-listen = "127.0.0.1:{grpc}"
-
-[serve]
-http_listen = "127.0.0.1:{http}"
-
-[[nodes]]
-name = "coord"
-roles = ["coordinator", "aggregate"]
-cluster_port = {c1}
-
-[[nodes]]
-name = "predictor"
-roles = ["serve"]
-cluster_port = {c2}
-"#,
-            tls = if tls {
-                format!(
-                    "tls_cert_file = \"{0}/server.pem\"\ntls_key_file = \"{0}/server.key\"\ntls_ca_file = \"{0}/ca.pem\"",
-                    certs.display()
-                )
-            } else {
-                String::new()
-            },
-            data = dir.path().join("data").display()
+        let tls = if tls {
+            format!(
+                "tls_cert_file = \"{0}/server.pem\"\ntls_key_file = \"{0}/server.key\"\ntls_ca_file = \"{0}/ca.pem\"",
+                certs.display()
+            )
+        } else {
+            String::new()
+        };
+        two_node_config(
+            "tls-mesh-test",
+            "tls-mesh-test-cookie",
+            &tls,
+            &dir.path().join("data"),
+            &ports,
         )
     };
     let config = dir.path().join("cluster.toml");
     std::fs::write(&config, body(true)).unwrap();
     let plain = dir.path().join("plain.toml");
     std::fs::write(&plain, body(false)).unwrap();
-    let run = |node: &str| {
-        Killed(
-            tickmesh()
-                .args(["run", "--node", node, "--config"])
-                .arg(&config)
-                .env_remove("TICKMESH_COOKIE")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let run = |node: &str| run_node(&config, node);
     let _coord = run("coord");
     let _pred = run("predictor");
     let start = Instant::now();

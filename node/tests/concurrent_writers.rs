@@ -76,32 +76,32 @@ async fn two_writers_lose_nothing(a: Arc<dyn ObjectStore>, b: Arc<dyn ObjectStor
         "2024-01-12".parse().unwrap(),
     );
     let key = bars_object_key("TWOW", IsoWeek::of(bars[0].t));
-    let rows: Vec<(String, _)> = bars.iter().map(|b| ("TWOW".to_string(), *b)).collect();
+    let rows = bars.clone();
     // Writer A takes the even minutes, B the odd ones, 20 slices each.
     let (even, odd): (Vec<_>, Vec<_>) = rows.iter().enumerate().partition(|(i, _)| i % 2 == 0);
-    let slices = |v: Vec<(usize, &(String, tickmesh_core::types::Bar))>| -> Vec<Vec<(String, tickmesh_core::types::Bar)>> {
-        let v: Vec<_> = v.into_iter().map(|(_, r)| r.clone()).collect();
-        v.chunks(v.len().div_ceil(20)).map(|c| c.to_vec()).collect()
-    };
-    let run = |store: Arc<dyn ObjectStore>,
-               parts: Vec<Vec<(String, tickmesh_core::types::Bar)>>,
-               key: String| {
-        tokio::spawn(async move {
-            let mut conflicts = 0;
-            for p in parts {
-                conflicts += if locked {
-                    write_object::<Bars>(store.as_ref(), &key, &p)
-                        .await
-                        .unwrap()
-                } else {
-                    merge_into_object::<Bars>(store.as_ref(), &key, &p)
-                        .await
-                        .unwrap()
-                };
-            }
-            conflicts
-        })
-    };
+    let slices =
+        |v: Vec<(usize, &tickmesh_core::types::Bar)>| -> Vec<Vec<tickmesh_core::types::Bar>> {
+            let v: Vec<_> = v.into_iter().map(|(_, r)| *r).collect();
+            v.chunks(v.len().div_ceil(20)).map(|c| c.to_vec()).collect()
+        };
+    let run =
+        |store: Arc<dyn ObjectStore>, parts: Vec<Vec<tickmesh_core::types::Bar>>, key: String| {
+            tokio::spawn(async move {
+                let mut conflicts = 0;
+                for p in parts {
+                    conflicts += if locked {
+                        write_object::<Bars>(store.as_ref(), &key, &p)
+                            .await
+                            .unwrap()
+                    } else {
+                        merge_into_object::<Bars>(store.as_ref(), &key, &p)
+                            .await
+                            .unwrap()
+                    };
+                }
+                conflicts
+            })
+        };
     let ta = run(a.clone(), slices(even), key.clone());
     let tb = run(b, slices(odd), key.clone());
     let (ca, cb) = (ta.await.unwrap(), tb.await.unwrap());
@@ -127,7 +127,7 @@ async fn the_slower_writer_merges_again(store: &dyn ObjectStore) {
         "2024-01-09".parse().unwrap(),
     );
     let key = bars_object_key("SLOW", IsoWeek::of(bars[0].t));
-    let rows: Vec<(String, _)> = bars.iter().map(|b| ("SLOW".to_string(), *b)).collect();
+    let rows = bars.clone();
     let (a_rows, b_rows) = rows.split_at(rows.len() / 2);
     let seen = store.get_tagged(buckets::STOCK_DATA, &key).await.unwrap();
     assert!(seen.is_none());

@@ -409,21 +409,37 @@ pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
 /// The part size of a multipart upload.
 pub const MULTIPART_PART: usize = 8 * 1024 * 1024;
 
-/// Whether a failed request was refused by a write condition (412
-/// PreconditionFailed, or 409 ConditionalRequestConflict on AWS).
-fn refused_by_condition<E>(
-    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
-) -> bool {
-    e.raw_response()
-        .is_some_and(|r| matches!(r.status().as_u16(), 412 | 409))
-}
-
 /// A write condition: `If-Match: tag` or `If-None-Match: *`.
 #[derive(Clone, Copy)]
 enum Condition<'a> {
     Always,
     Match(&'a str),
     Absent,
+}
+
+impl Condition<'_> {
+    /// Whether a failed request was refused by this condition (412
+    /// PreconditionFailed, or 409 ConditionalRequestConflict on AWS).
+    fn refused<E>(
+        self,
+        e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> bool {
+        !matches!(self, Condition::Always)
+            && e.raw_response()
+                .is_some_and(|r| matches!(r.status().as_u16(), 412 | 409))
+    }
+}
+
+/// Sets a request's `If-Match` / `If-None-Match` from a [`Condition`]
+/// (PutObject and CompleteMultipartUpload both have them).
+macro_rules! with_condition {
+    ($req:expr, $cond:expr) => {
+        match $cond {
+            Condition::Always => $req,
+            Condition::Match(t) => $req.if_match(t),
+            Condition::Absent => $req.if_none_match("*"),
+        }
+    };
 }
 
 impl S3Store {
@@ -471,14 +487,10 @@ impl S3Store {
             .bucket(&b)
             .key(key)
             .body(ByteStream::from(data));
-        req = match cond {
-            Condition::Always => req,
-            Condition::Match(t) => req.if_match(t),
-            Condition::Absent => req.if_none_match("*"),
-        };
+        req = with_condition!(req, cond);
         match req.send().await {
             Ok(_) => Ok(true),
-            Err(e) if !matches!(cond, Condition::Always) && refused_by_condition(&e) => Ok(false),
+            Err(e) if cond.refused(&e) => Ok(false),
             Err(e) => Err(s3_err(
                 "put",
                 &b,
@@ -585,16 +597,12 @@ impl S3Store {
                     .set_parts(Some(parts))
                     .build(),
             );
-        req = match cond {
-            Condition::Always => req,
-            Condition::Match(t) => req.if_match(t),
-            Condition::Absent => req.if_none_match("*"),
-        };
+        req = with_condition!(req, cond);
         match req.send().await {
             Ok(_) => Ok(true),
             Err(e) => {
                 abort().await;
-                if !matches!(cond, Condition::Always) && refused_by_condition(&e) {
+                if cond.refused(&e) {
                     Ok(false)
                 } else {
                     Err(s3_err(

@@ -20,13 +20,10 @@ pub struct Bars;
 pub type BarsConsumerActor = ConsumerActor<Bars>;
 
 /// A ticker-week's key and its bars, from a message.
-fn weeks(msg: BarsMessage) -> Vec<(String, Vec<(String, Bar)>)> {
-    let mut weeks: BTreeMap<IsoWeek, Vec<(String, Bar)>> = BTreeMap::new();
+fn weeks(msg: BarsMessage) -> Objects<Bars> {
+    let mut weeks: BTreeMap<IsoWeek, Vec<Bar>> = BTreeMap::new();
     for b in msg.bars {
-        weeks
-            .entry(IsoWeek::of(b.t))
-            .or_default()
-            .push((msg.ticker.clone(), b));
+        weeks.entry(IsoWeek::of(b.t)).or_default().push(b);
     }
     weeks
         .into_iter()
@@ -37,25 +34,29 @@ fn weeks(msg: BarsMessage) -> Vec<(String, Vec<(String, Bar)>)> {
 impl Source for Bars {
     const NAME: &'static str = "bars";
     const BUCKET: &'static str = buckets::STOCK_DATA;
-    /// (ticker, bar): the ticker is a column of the file.
-    type Row = (String, Bar);
+    type Row = Bar;
 
     fn parse(payload: &[u8]) -> Result<Objects<Self>> {
         Ok(weeks(BarsMessage::parse(payload)?))
     }
 
+    /// The ticker column comes from the key (`{ticker}/{yyyy}/{mm}/…`).
     fn merge(key: &str, old: Option<Bytes>, new: &[Self::Row]) -> Result<Bytes> {
-        let ticker = match new.first() {
-            Some((t, _)) => t.clone(),
-            None => return Err(Error::invalid("bars merge", format!("{key}: no rows"))),
+        let ticker = match key.split_once('/') {
+            Some((t, _)) if !t.is_empty() => t,
+            _ => {
+                return Err(Error::invalid(
+                    "bars merge",
+                    format!("{key}: no ticker folder"),
+                ))
+            }
         };
         let what = format!("{}/{key}", buckets::STOCK_DATA);
         let old = match old {
             Some(b) => decode_bars(b, &what)?,
             None => Vec::new(),
         };
-        let bars: Vec<Bar> = new.iter().map(|(_, b)| *b).collect();
-        encode_bars(&ticker, &merge_bars(old, &bars))
+        encode_bars(ticker, &merge_bars(old, new))
     }
 }
 

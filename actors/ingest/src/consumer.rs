@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -230,7 +230,7 @@ pub async fn process_batch<S: Source>(args: &ConsumerArgs, batch: &[Record]) -> 
         .try_collect::<Vec<()>>()
         .await?;
     args.metrics
-        .add_batch(S::NAME, batch.len(), good, bytes, rows, n);
+        .add_batch(S::NAME, batch.len(), good, bytes, rows);
     debug!(
         source = S::NAME,
         records = batch.len(),
@@ -243,12 +243,11 @@ pub async fn process_batch<S: Source>(args: &ConsumerArgs, batch: &[Record]) -> 
 
 /// The per-object locks of this process: writers of one process take turns
 /// on an object instead of racing on its version.
-static OBJECT_LOCKS: Mutex<Option<HashMap<String, Weak<tokio::sync::Mutex<()>>>>> =
-    Mutex::new(None);
+static OBJECT_LOCKS: LazyLock<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Default::default);
 
 fn object_lock(bucket: &str, key: &str) -> Arc<tokio::sync::Mutex<()>> {
     let mut map = OBJECT_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
-    let map = map.get_or_insert_with(HashMap::new);
     let id = format!("{bucket}/{key}");
     if let Some(l) = map.get(&id).and_then(Weak::upgrade) {
         return l;

@@ -25,7 +25,6 @@ struct Inner {
     dead_lettered: AtomicU64,
     /// Object writes by latency bucket (the last one: above every bound).
     write_ms: [AtomicU64; WRITE_MS_BUCKETS.len() + 1],
-    write_us_sum: AtomicU64,
 }
 
 impl IngestMetrics {
@@ -81,9 +80,6 @@ impl IngestMetrics {
             .position(|b| ms <= *b)
             .unwrap_or(WRITE_MS_BUCKETS.len());
         self.0.write_ms[i].fetch_add(1, Ordering::Relaxed);
-        self.0
-            .write_us_sum
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         self.0.objects_written.fetch_add(1, Ordering::Relaxed);
         self.0
             .write_conflicts
@@ -97,7 +93,6 @@ impl IngestMetrics {
         good: usize,
         bytes: usize,
         rows: usize,
-        _objects: usize,
     ) {
         let add = |c: &AtomicU64, n: usize| c.fetch_add(n as u64, Ordering::Relaxed);
         add(&self.0.batches, 1);
