@@ -169,6 +169,53 @@ async fn a_stale_write_is_refused_and_two_writers_lose_nothing_on_s3() {
     .await;
 }
 
+/// An object above the multipart threshold goes up in 8 MiB parts (s3s-fs
+/// names a multipart object's ETag `{hash}-{parts}`), reads back whole, and
+/// its completion obeys the write condition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_object_goes_up_in_parts_under_its_write_condition() {
+    use tickmesh_core::store::{MULTIPART_PART, MULTIPART_THRESHOLD};
+    let (cfg, _a) = common::distributed("multipart").await;
+    let s3 = S3Store::new(&cfg.s3);
+    let key = "BIG/2024/01/BIG_2024-W02.parquet";
+    let size = MULTIPART_THRESHOLD + 1;
+    let data: Bytes = (0..size)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    assert!(s3
+        .put_if(buckets::STOCK_DATA, key, data.clone(), None)
+        .await
+        .unwrap());
+    let (back, tag) = s3
+        .get_tagged(buckets::STOCK_DATA, key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, data);
+    let parts = size.div_ceil(MULTIPART_PART);
+    assert!(
+        tag.trim_matches('"').ends_with(&format!("-{parts}")),
+        "ETag {tag}"
+    );
+    // A second create and a write from a stale version are refused.
+    assert!(!s3
+        .put_if(buckets::STOCK_DATA, key, data.clone(), None)
+        .await
+        .unwrap());
+    // (An ETag follows the content: the replacement must differ.)
+    let mut other = data.to_vec();
+    other[0] ^= 1;
+    assert!(s3
+        .put_if(buckets::STOCK_DATA, key, other.into(), Some(&tag))
+        .await
+        .unwrap());
+    assert!(!s3
+        .put_if(buckets::STOCK_DATA, key, data, Some(&tag))
+        .await
+        .unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_write_is_refused_and_two_writers_lose_nothing_locally() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,8 @@
 //! Poison pills on Kafka (the real broker `scripts/services.sh up` starts):
 //! bars whose times no calendar has (year -262143, 0001, 9999), bars on a
-//! weekend and a holiday, and a message whose processing panics (a
-//! failpoint) go to `h_alpaca.dlq` with their reasons. The consumer never
+//! weekend and a holiday, a message whose processing panics (a failpoint)
+//! and one over the configured `ingest.max_message_bytes` go to
+//! `h_alpaca.dlq` with their reasons. The consumer never
 //! restarts into them: the good message behind them is written, and every
 //! offset is committed.
 
@@ -16,16 +17,27 @@ use tickmesh_core::store::buckets;
 use tickmesh_core::types::topics;
 use tickmesh_ingest::producer;
 
+/// The configured payload limit of this test (`ingest.max_message_bytes`).
+const LIMIT: usize = 1024 * 1024;
+
+/// One bar; ticker `HUGE`'s message is padded with spaces past [`LIMIT`]
+/// (valid JSON otherwise).
 fn bar(ticker: &str, t: &str) -> Vec<u8> {
-    format!(r#"{{"ticker":"{ticker}","bars":[{{"t":"{t}","o":1,"h":1,"l":1,"c":1,"v":1}}]}}"#)
-        .into_bytes()
+    let mut m =
+        format!(r#"{{"ticker":"{ticker}","bars":[{{"t":"{t}","o":1,"h":1,"l":1,"c":1,"v":1}}]}}"#)
+            .into_bytes();
+    if ticker == "HUGE" {
+        m.resize(LIMIT + 1, b' ');
+    }
+    m
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_pills_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
     // This file's only test: no other thread reads the environment.
     unsafe { std::env::set_var("TICKMESH_FAILPOINT_PANIC_KEY", "PANC") };
-    let (cfg, a) = distributed("poison").await;
+    let (mut cfg, a) = distributed("poison").await;
+    cfg.ingest.max_message_bytes = LIMIT;
     let node = start(&cfg, &a, &[Role::Ingest]).await;
     let poison = [
         ("AAPL", "-262143-01-01T00:00:00Z", "outside"),
@@ -34,6 +46,11 @@ async fn poison_pills_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
         ("AAPL", "2024-01-06T14:30:00Z", "Sat"),
         ("AAPL", "2024-12-25T14:30:00Z", "not an NYSE trading day"),
         ("PANC", "2024-01-08T14:30:00Z", "panicked"),
+        (
+            "HUGE",
+            "2024-01-08T14:30:00Z",
+            "exceeds ingest.max_message_bytes = 1048576",
+        ),
     ];
     for (t, ts, _) in poison {
         a.publisher

@@ -971,4 +971,34 @@ mod tests {
         };
         assert_eq!(cfg.spool_pending("t"), Some(1));
     }
+
+    #[tokio::test]
+    async fn spool_done_keeps_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = SpoolPublisher::new(dir.path());
+        let n = SPOOL_DONE_KEEP + 200;
+        for i in 0..n {
+            p.publish("t", "K", format!("{i}").as_bytes(), &[])
+                .await
+                .unwrap();
+        }
+        let mut s = SpoolSubscription::new(dir.path(), "t").unwrap();
+        let mut seen = 0;
+        loop {
+            let batch = s.poll_batch(100, Duration::from_millis(10)).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            seen += batch.len();
+            s.commit_batch(&batch).await.unwrap();
+        }
+        assert_eq!(seen, n);
+        let done = spool_files(&dir.path().join("t/.done")).unwrap();
+        assert_eq!(done.len(), SPOOL_DONE_KEEP);
+        // The oldest 200 went; the newest is still there.
+        let newest = std::fs::read_to_string(done.last().unwrap()).unwrap();
+        assert_eq!(newest, format!("{}", n - 1));
+        let oldest = std::fs::read_to_string(&done[0]).unwrap();
+        assert_eq!(oldest, "200");
+    }
 }
