@@ -8,7 +8,9 @@
 //! Meanwhile the ingest node, a real `tickmesh run` process, is killed with
 //! SIGKILL 20 times: at random moments, and every fourth time between a
 //! batch's object writes and its offset commit (a failpoint pauses it
-//! there). Its batches are small (`ingest.batch_records = 7`), so commits
+//! there). After each kill (and before each failpoint round) one week is
+//! sent again, so every round has a batch to work on however fast the
+//! producers finished. Its batches are small (`ingest.batch_records = 7`), so commits
 //! land inside the producer's record batches, where tansu 0.6.0 skips
 //! records on the next fetch. Afterwards pyarrow reads every object back
 //! through the S3 protocol: the (ticker, timestamp) rows equal what was
@@ -134,7 +136,7 @@ roles = ["ingest"]
     let lines = dir.path().join("python.tsv");
     std::fs::write(&lines, &python_lines).unwrap();
     let python_msgs = python_lines.lines().count();
-    let total = (python_msgs + ours.len()) as i64;
+    let mut total = (python_msgs + ours.len()) as i64;
     eprintln!(
         "{} bars in {} messages ({python_msgs} batched by confluent-kafka, {} ours)",
         expected.len(),
@@ -146,7 +148,7 @@ roles = ["ingest"]
     let full_topic = format!("{}{}", cfg.kafka.topic_prefix, topics::BARS);
     // Both producers run through the kills, for about 25 s.
     let rate = (python_msgs as f64 / 25.0).to_string();
-    let mut py_producer = Command::new(&py)
+    let py_producer = Command::new(&py)
         .arg(common::repo().join("scripts/py/kafka_produce.py"))
         .args([brokers.as_str(), full_topic.as_str()])
         .arg(&lines)
@@ -155,6 +157,18 @@ roles = ["ingest"]
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // A week of ours sent once more (a duplicate delivery), so that every
+    // kill round has a batch to work on even after the producers are done.
+    let again = ours[0].clone();
+    let resend = |publisher: tickmesh_core::bus::SharedPublisher| {
+        let payload = serde_json::to_vec(&again).unwrap();
+        async move {
+            publisher
+                .publish(topics::BARS, "CRSH5", &payload, &[])
+                .await
+                .unwrap();
+        }
+    };
     let publisher = a.publisher.clone();
     let ours_task = tokio::spawn(async move {
         let gap = Duration::from_secs_f64(25.0 / ours.len() as f64);
@@ -192,6 +206,8 @@ roles = ["ingest"]
             node.child.wait().unwrap();
             n += 1;
             node = spawn(&config, dir.path(), n, true);
+            resend(a.publisher.clone()).await;
+            total += 1;
             let start = Instant::now();
             loop {
                 let log = std::fs::read_to_string(&node.log).unwrap_or_default();
@@ -216,15 +232,14 @@ roles = ["ingest"]
         kills += 1;
         n += 1;
         node = spawn(&config, dir.path(), n, false);
-        // Recovery: until the committed offset moves past where it was.
+        resend(a.publisher.clone()).await;
+        total += 1;
+        // Recovery: until the committed offset moves past where it was
+        // (the resent week at least is there to commit).
         loop {
             if committed(&offsets).await > before {
                 recoveries.push(killed_at.elapsed());
                 break;
-            }
-            let produced_all = py_producer.try_wait().unwrap().is_some() && ours_task.is_finished();
-            if produced_all && before >= total {
-                break; // nothing left to move
             }
             assert!(
                 killed_at.elapsed() < Duration::from_secs(60),
