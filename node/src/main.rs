@@ -4,7 +4,7 @@
 //! tickmesh demo                                  the whole pipeline in one process (embedded)
 //! tickmesh run --node NAME [--config FILE]       start one node's roles from cluster.toml
 //! tickmesh config check [FILE]                   validate a cluster.toml
-//! tickmesh produce synthetic|csv ...             publish bars to h_alpaca
+//! tickmesh produce synthetic|files|alpaca|fred|company  publish a source to its topic
 //! tickmesh aggregate --tickers .. --interval ..  load aggregated_data, publish start_model
 //! tickmesh train --ticker AAPL --interval 1d     train one model from CSV files or the database
 //! tickmesh evaluate --checkpoint DIR             re-score a saved model on a date range
@@ -17,14 +17,15 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use chrono::NaiveDate;
 use clap::{Parser, Subcommand};
 use tickmesh::admin_cli::{self, AdminCmd};
+use tickmesh::produce_cli::{self, ProduceCmd};
 use tickmesh::train_cli::{self, Source, UsageError};
 use tickmesh::{demo, roles};
 use tickmesh_core::config::{Backend, ClusterConfig};
-use tickmesh_core::types::{topics, Interval};
+use tickmesh_core::types::Interval;
 use tickmesh_core::Adapters;
 use tracing_subscriber::EnvFilter;
 
@@ -217,26 +218,6 @@ enum ConfigCmd {
     Check {
         #[arg(default_value = "cluster.toml")]
         file: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum ProduceCmd {
-    /// Deterministic synthetic 1-minute bars on NYSE trading days.
-    Synthetic {
-        #[arg(long, value_delimiter = ',', required = true)]
-        tickers: Vec<String>,
-        #[arg(long)]
-        from: NaiveDate,
-        #[arg(long)]
-        to: NaiveDate,
-    },
-    /// Daily bars from a CSV (Ticker,Date,Open,High,Low,Close,Volume,Adj Close).
-    Csv {
-        #[arg(long)]
-        file: PathBuf,
-        #[arg(long, value_delimiter = ',', required = true)]
-        tickers: Vec<String>,
     },
 }
 
@@ -487,31 +468,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Produce { config, cmd } => {
             let cfg = load(&config)?;
-            let publisher = Adapters::connect(&cfg).await?.publisher;
-            let n = match cmd {
-                ProduceCmd::Synthetic { tickers, from, to } => {
-                    tickmesh_ingest::producer::publish_synthetic(
-                        publisher.as_ref(),
-                        &tickers,
-                        from,
-                        to,
-                    )
-                    .await?
-                }
-                ProduceCmd::Csv { file, tickers } => {
-                    let data = tickmesh_ingest::producer::read_daily_csv(&file, &tickers)?;
-                    let mut n = 0;
-                    for t in &tickers {
-                        let bars = data
-                            .get(t)
-                            .with_context(|| format!("{t} is not in {}", file.display()))?;
-                        n += tickmesh_ingest::producer::publish_bars(publisher.as_ref(), t, bars)
-                            .await?;
-                    }
-                    n
-                }
-            };
-            println!("published {n} messages to {}", cfg.topic(topics::BARS));
+            produce_cli::run(&cfg, cmd).await?;
         }
         Cmd::Aggregate {
             tickers,

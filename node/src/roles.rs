@@ -5,7 +5,8 @@
 //!   sessions whose peer stopped answering (see [`crate::cluster`]);
 //! - `coordinator`: `CoordinatorActor` (supervising its `StartModelConsumer`
 //!   and its mesh port) and its gRPC server (Admin, health, reflection);
-//! - `ingest`: a `Supervisor` with a `BarsConsumerActor` on `h_alpaca` (its share of the partitions);
+//! - `ingest`: a `Supervisor` with one consumer per ingest topic (bars on `h_alpaca` and `live_bars`,
+//!   macro on `h_macrodata`, company on `h_company`), each on its share of the partitions;
 //! - `aggregate`: `AggregatorActor` (driven by `tickmesh aggregate` and the demo);
 //! - `train`: `TrainerPool` (and its mesh port), registered with the coordinator;
 //! - `serve`: `PredictorSupervisor` (and its mesh port) and the HTTP API.
@@ -27,11 +28,10 @@ use tickmesh_core::config::{Backend, ClusterConfig, Role};
 use tickmesh_core::supervision::{
     ChildSpec, RestartBudget, ServerActor, ServerArgs, Slot, Supervisor, SupervisorArgs,
 };
-use tickmesh_core::types::topics;
 use tickmesh_core::Adapters;
 use tickmesh_ingest::consumer::ConsumerArgs;
 use tickmesh_ingest::metrics::IngestMetrics;
-use tickmesh_ingest::supervisor::ingest_supervisor;
+use tickmesh_ingest::supervisor::{ingest_supervisor, INGEST_TOPICS};
 use tickmesh_proto::auth::Link;
 use tickmesh_serve::http::HttpState;
 use tickmesh_serve::registry::{PredictorSupervisor, RegistryArgs, RegistryMsg};
@@ -230,17 +230,20 @@ pub async fn start(
     }
 
     if roles.contains(&Role::Ingest) {
-        let consumer = ConsumerArgs {
-            bus: adapters.bus.clone(),
-            topic: topics::BARS.into(),
-            group: "ingest".into(),
-            share: ingest_share(cfg, name),
-            store: adapters.store.clone(),
-            publisher: adapters.publisher.clone(),
-            metrics: node.ingest_metrics.clone(),
-            config: cfg.ingest.clone(),
-        };
-        let args = ingest_supervisor(vec![consumer], cfg.supervision.clone());
+        let consumers = INGEST_TOPICS
+            .iter()
+            .map(|topic| ConsumerArgs {
+                bus: adapters.bus.clone(),
+                topic: (*topic).into(),
+                group: "ingest".into(),
+                share: ingest_share(cfg, name),
+                store: adapters.store.clone(),
+                publisher: adapters.publisher.clone(),
+                metrics: node.ingest_metrics.clone(),
+                config: cfg.ingest.clone(),
+            })
+            .collect();
+        let args = ingest_supervisor(consumers, cfg.supervision.clone())?;
         children.push(ChildSpec::actor("ingest", Supervisor, move || args.clone()));
     }
 

@@ -319,6 +319,16 @@ impl Db {
         Ok(())
     }
 
+    /// The active tickers of `companies_info`, sorted.
+    pub async fn active_companies(&self) -> Result<Vec<String>> {
+        let q = self.sql("SELECT ticker FROM companies_info WHERE active ORDER BY ticker");
+        match self {
+            Db::Postgres(p) => sqlx::query_scalar::<_, String>(&q).fetch_all(p).await,
+            Db::Sqlite(p) => sqlx::query_scalar::<_, String>(&q).fetch_all(p).await,
+        }
+        .map_err(Error::db("read companies_info"))
+    }
+
     /// Loads one ticker-interval's rows in one transaction (upsert).
     pub async fn load_aggregated(
         &self,

@@ -294,6 +294,264 @@ impl StartModel {
     }
 }
 
+/// The first year of a macro observation accepted (FRED's oldest series
+/// start in the 18th century; nothing we use is older than this).
+pub const FIRST_MACRO_YEAR: i32 = 1800;
+
+/// The last date a message may carry: a year from now. Macro releases and
+/// fiscal years are dated in the past; this only refuses absurd dates.
+fn latest_date() -> NaiveDate {
+    (Utc::now() + chrono::Duration::days(366)).date_naive()
+}
+
+/// A FRED series id: 1-32 characters of A-Z 0-9 `_`, like `CPIAUCSL`,
+/// `DGS10`, `A191RL1Q225SBEA`.
+pub fn validate_series(s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "series",
+            format!("`{s}` must be 1-32 characters of A-Z 0-9 _"),
+        ))
+    }
+}
+
+/// One observation of a macro series (FRED `series/observations`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Observation {
+    /// The observation's date (FRED's `date`: the start of the period it
+    /// measures, not the day it was published).
+    pub date: NaiveDate,
+    pub value: f64,
+}
+
+/// `h_macrodata`: observations of one series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MacroMessage {
+    pub series: String,
+    pub observations: Vec<Observation>,
+}
+
+impl MacroMessage {
+    /// Parses and validates a macro message.
+    pub fn parse(payload: &[u8]) -> Result<Self> {
+        let msg: MacroMessage = parse_json("macro message", payload)?;
+        msg.validate()?;
+        Ok(msg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        validate_series(&self.series)?;
+        if self.observations.is_empty() {
+            return Err(Error::invalid("macro message", "`observations` is empty"));
+        }
+        let (first, last) = (
+            NaiveDate::from_ymd_opt(FIRST_MACRO_YEAR, 1, 1).expect("a valid date"),
+            latest_date(),
+        );
+        for (i, o) in self.observations.iter().enumerate() {
+            if o.date < first || o.date > last {
+                return Err(Error::invalid(
+                    "macro message",
+                    format!(
+                        "observations[{i}].date = {} is outside {first} .. {last}",
+                        o.date
+                    ),
+                ));
+            }
+            if !o.value.is_finite() {
+                return Err(Error::invalid(
+                    "macro message",
+                    format!("observations[{i}].value = {} must be finite", o.value),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The object key of one series-year in the `macro-data` bucket:
+/// `{series}/{yyyy}/{series}_{yyyy}.parquet`.
+pub fn macro_object_key(series: &str, year: i32) -> String {
+    format!("{series}/{year:04}/{series}_{year:04}.parquet")
+}
+
+/// The fundamentals columns after `symbol`, `calendarYear`, `date` and
+/// `fillingDate`, in schema order (the names of the Financial Modeling Prep
+/// statements the original's `df_company_fundamentals.parquet` came from).
+pub const FUNDAMENTAL_METRICS: [&str; 8] = [
+    "revenue",
+    "netIncome",
+    "eps",
+    "totalAssets",
+    "totalLiabilities",
+    "totalEquity",
+    "operatingCashFlow",
+    "sharesOutstanding",
+];
+
+/// `h_company`: one (symbol, calendarYear) row of fundamentals. Every
+/// metric is optional (`null` or absent when the source has none), but a
+/// message carries at least one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fundamentals {
+    pub symbol: String,
+    /// The calendar year the fiscal year ends in. A number, or a string of
+    /// digits as the FMP API sends it.
+    #[serde(deserialize_with = "year_from_number_or_string")]
+    pub calendar_year: i32,
+    /// The end of the fiscal period (FMP's `date`).
+    #[serde(default, rename = "date", skip_serializing_if = "Option::is_none")]
+    pub period_end: Option<NaiveDate>,
+    /// The day the statement was filed (FMP's `fillingDate`): when the values
+    /// became public.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filling_date: Option<NaiveDate>,
+    #[serde(default)]
+    pub revenue: Option<f64>,
+    #[serde(default)]
+    pub net_income: Option<f64>,
+    #[serde(default)]
+    pub eps: Option<f64>,
+    #[serde(default)]
+    pub total_assets: Option<f64>,
+    #[serde(default)]
+    pub total_liabilities: Option<f64>,
+    #[serde(default)]
+    pub total_equity: Option<f64>,
+    #[serde(default)]
+    pub operating_cash_flow: Option<f64>,
+    #[serde(default)]
+    pub shares_outstanding: Option<f64>,
+}
+
+fn year_from_number_or_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<i32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Year {
+        Number(i64),
+        // pandas stores an integer column with gaps as float64.
+        Float(f64),
+        Text(String),
+    }
+    let y = match Year::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a year as a number or a string of digits")
+    })? {
+        Year::Number(n) => n,
+        Year::Float(f) if f.fract() == 0.0 && f.abs() < 1e9 => f as i64,
+        Year::Float(f) => return Err(serde::de::Error::custom(format!("{f} is not a year"))),
+        Year::Text(s) => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a year")))?,
+    };
+    i32::try_from(y).map_err(|_| serde::de::Error::custom(format!("{y} is not a year")))
+}
+
+impl Fundamentals {
+    /// Parses and validates a company message.
+    pub fn parse(payload: &[u8]) -> Result<Self> {
+        let msg: Fundamentals = parse_json("company message", payload)?;
+        msg.validate()?;
+        Ok(msg)
+    }
+
+    /// The metrics in [`FUNDAMENTAL_METRICS`] order.
+    pub fn metrics(&self) -> [Option<f64>; 8] {
+        [
+            self.revenue,
+            self.net_income,
+            self.eps,
+            self.total_assets,
+            self.total_liabilities,
+            self.total_equity,
+            self.operating_cash_flow,
+            self.shares_outstanding,
+        ]
+    }
+
+    /// Sets the metric `i` of [`FUNDAMENTAL_METRICS`].
+    pub fn set_metric(&mut self, i: usize, v: Option<f64>) {
+        let slot = match i {
+            0 => &mut self.revenue,
+            1 => &mut self.net_income,
+            2 => &mut self.eps,
+            3 => &mut self.total_assets,
+            4 => &mut self.total_liabilities,
+            5 => &mut self.total_equity,
+            6 => &mut self.operating_cash_flow,
+            7 => &mut self.shares_outstanding,
+            _ => return,
+        };
+        *slot = v;
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        validate_ticker(&self.symbol)?;
+        let bad = |m: String| Error::invalid("company message", m);
+        let last = latest_date();
+        if self.calendar_year < 1900 || self.calendar_year > last.year() {
+            return Err(bad(format!(
+                "calendarYear = {} is outside 1900 .. {}",
+                self.calendar_year,
+                last.year()
+            )));
+        }
+        if let Some(d) = self.period_end {
+            if (d.year() - self.calendar_year).abs() > 1 {
+                return Err(bad(format!(
+                    "date = {d} is not near calendarYear {}",
+                    self.calendar_year
+                )));
+            }
+        }
+        if let (Some(end), Some(filed)) = (self.period_end, self.filling_date) {
+            if filed < end {
+                return Err(bad(format!(
+                    "fillingDate = {filed} is before the period's end {end}"
+                )));
+            }
+        }
+        if let Some(filed) = self.filling_date {
+            if filed > last {
+                return Err(bad(format!("fillingDate = {filed} is after {last}")));
+            }
+        }
+        let metrics = self.metrics();
+        if metrics.iter().all(Option::is_none) {
+            return Err(bad(format!(
+                "no metric: at least one of {} is required",
+                FUNDAMENTAL_METRICS.join(", ")
+            )));
+        }
+        for (name, v) in FUNDAMENTAL_METRICS.iter().zip(metrics) {
+            let Some(v) = v else { continue };
+            if !v.is_finite() {
+                return Err(bad(format!("{name} = {v} must be finite")));
+            }
+            let never_negative = matches!(*name, "revenue" | "totalAssets" | "sharesOutstanding");
+            if never_negative && v < 0.0 {
+                return Err(bad(format!("{name} = {v} must be >= 0")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The object key of one symbol-year in the `company-fundamentals` bucket:
+/// `{symbol}/{yyyy}/{symbol}_{yyyy}.parquet`.
+pub fn company_object_key(symbol: &str, year: i32) -> String {
+    format!("{symbol}/{year:04}/{symbol}_{year:04}.parquet")
+}
+
 /// An ISO week: the unit of one bars object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IsoWeek {
@@ -416,6 +674,99 @@ mod tests {
             bars_object_key("AAPL", IsoWeek::of(t)),
             "AAPL/2020/12/AAPL_2020-W53.parquet"
         );
+    }
+
+    #[test]
+    fn macro_messages_are_validated() {
+        let m = MacroMessage::parse(
+            br#"{"series":"CPIAUCSL","observations":[{"date":"2021-01-01","value":262.2}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.observations[0].value, 262.2);
+        assert_eq!(
+            macro_object_key("CPIAUCSL", 2021),
+            "CPIAUCSL/2021/CPIAUCSL_2021.parquet"
+        );
+        for (json, why) in [
+            (
+                r#"{"series":"cpi","observations":[{"date":"2021-01-01","value":1}]}"#,
+                "series",
+            ),
+            (r#"{"series":"CPI","observations":[]}"#, "empty"),
+            (r#"{"series":"CPI"}"#, "observations"),
+            (
+                r#"{"series":"CPI","observations":[{"date":"2021-01-01","value":"."}]}"#,
+                "observations[0].value",
+            ),
+            (
+                r#"{"series":"CPI","observations":[{"date":"1700-01-01","value":1}]}"#,
+                "outside",
+            ),
+            (
+                r#"{"series":"CPI","observations":[{"date":"+99999-01-01","value":1}]}"#,
+                "observations[0].date",
+            ),
+            (
+                r#"{"series":"CPI","observations":[{"date":"2021-02-30","value":1}]}"#,
+                "observations[0].date",
+            ),
+        ] {
+            let e = MacroMessage::parse(json.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn company_messages_are_validated() {
+        let f = Fundamentals::parse(
+            br#"{"symbol":"AAPL","calendarYear":"2021","date":"2021-09-25","fillingDate":"2021-10-29","revenue":365817000000,"netIncome":94680000000,"eps":5.67,"period":"FY"}"#,
+        )
+        .unwrap();
+        assert_eq!(f.calendar_year, 2021);
+        assert_eq!(f.eps, Some(5.67));
+        assert_eq!(f.total_assets, None);
+        let again: Fundamentals = serde_json::from_slice(&serde_json::to_vec(&f).unwrap()).unwrap();
+        assert_eq!(again, f);
+        assert_eq!(
+            company_object_key("AAPL", 2021),
+            "AAPL/2021/AAPL_2021.parquet"
+        );
+        for (json, why) in [
+            (r#"{"symbol":"AAPL","revenue":1}"#, "calendarYear"),
+            (
+                r#"{"symbol":"AAPL","calendarYear":"twenty","revenue":1}"#,
+                "calendarYear",
+            ),
+            (
+                r#"{"symbol":"AAPL","calendarYear":1850,"revenue":1}"#,
+                "outside",
+            ),
+            (r#"{"symbol":"AAPL","calendarYear":2021}"#, "no metric"),
+            (
+                r#"{"symbol":"AAPL","calendarYear":2021,"revenue":-5}"#,
+                ">= 0",
+            ),
+            (
+                r#"{"symbol":"AAPL","calendarYear":2021,"eps":"high"}"#,
+                "eps",
+            ),
+            (
+                r#"{"symbol":"AAPL","calendarYear":2021,"date":"2015-01-01","eps":1}"#,
+                "near",
+            ),
+            (
+                r#"{"symbol":"AAPL","calendarYear":2021,"date":"2021-09-25","fillingDate":"2021-01-01","eps":1}"#,
+                "before",
+            ),
+            (r#"{"calendarYear":2021,"eps":1}"#, "symbol"),
+        ] {
+            let e = Fundamentals::parse(json.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{json}: {e}");
+        }
     }
 
     #[test]

@@ -9,9 +9,10 @@ use bytes::Bytes;
 use tickmesh_core::parquet_io::{decode_bars, encode_bars, merge_bars};
 use tickmesh_core::store::{buckets, ObjectStore};
 use tickmesh_core::types::{bars_object_key, Bar, BarsMessage, IsoWeek};
-use tickmesh_core::{Error, Result};
+use tickmesh_core::Result;
 
 use crate::consumer::{write_object, ConsumerActor, Objects, Source};
+use crate::macro_consumer::key_folder;
 
 /// Bars: rows are bars, objects are ticker-weeks.
 pub struct Bars;
@@ -42,15 +43,7 @@ impl Source for Bars {
 
     /// The ticker column comes from the key (`{ticker}/{yyyy}/{mm}/…`).
     fn merge(key: &str, old: Option<Bytes>, new: &[Self::Row]) -> Result<Bytes> {
-        let ticker = match key.split_once('/') {
-            Some((t, _)) if !t.is_empty() => t,
-            _ => {
-                return Err(Error::invalid(
-                    "bars merge",
-                    format!("{key}: no ticker folder"),
-                ))
-            }
-        };
+        let ticker = key_folder(key, "bars merge")?;
         let what = format!("{}/{key}", buckets::STOCK_DATA);
         let old = match old {
             Some(b) => decode_bars(b, &what)?,

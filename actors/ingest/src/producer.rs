@@ -2,17 +2,21 @@
 //! ticker-week, keyed by ticker.
 //!
 //! - [`publish_synthetic`]: the deterministic synthetic market (1-minute bars).
-//! - [`read_daily_csv`] + [`publish_bars`]: daily bars from a CSV in the
-//!   `Ticker,Date,Open,High,Low,Close,Volume,Adj Close` layout (the committed
-//!   sample in `data/sample/stocks_daily.csv`), split-adjusted with `Adj Close`.
+//! - [`read_daily_csv`] / [`read_bar_dir`] + [`publish_bars`]: bars from CSV
+//!   files (the committed sample `data/sample/stocks_daily.csv` is
+//!   `Ticker,Date,Open,High,Low,Close,Volume,Adj Close`), prices and volume
+//!   adjusted with `Adj Close / Close`.
+//! - [`read_fundamentals`] + [`publish_fundamentals`]: fundamentals from a
+//!   Parquet or CSV file, one `h_company` message per (symbol, calendarYear).
+//! - [`crate::alpaca`] and [`crate::fred`]: the market-data APIs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use chrono::{NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use tickmesh_core::bus::Publisher;
 use tickmesh_core::synthetic::SyntheticMarket;
-use tickmesh_core::types::{topics, validate_ticker, Bar, BarsMessage, IsoWeek};
+use tickmesh_core::types::{topics, validate_ticker, Bar, BarsMessage, Fundamentals, IsoWeek};
 use tickmesh_core::{Error, Result};
 
 /// Groups bars by ISO week into messages.
@@ -61,65 +65,330 @@ pub async fn publish_synthetic(
     Ok(n)
 }
 
-/// Reads daily bars per ticker from a CSV with the columns
-/// `Ticker,Date,Open,High,Low,Close,Volume,Adj Close`. Prices are adjusted
-/// for splits and dividends with the `Adj Close / Close` factor. Each bar is
-/// stamped at the session open (09:30 New York) of its date.
+/// Column names a bar file may use for each field (compared without case).
+const TICKER_COLS: &[&str] = &["ticker", "symbol"];
+const TIME_COLS: &[&str] = &["t", "timestamp", "datetime", "date"];
+const OPEN_COLS: &[&str] = &["o", "open"];
+const HIGH_COLS: &[&str] = &["h", "high"];
+const LOW_COLS: &[&str] = &["l", "low"];
+const CLOSE_COLS: &[&str] = &["c", "close"];
+const VOLUME_COLS: &[&str] = &["v", "volume"];
+const ADJ_CLOSE_COLS: &[&str] = &["adj close", "adj_close", "adjclose", "adjusted_close"];
+const VWAP_COLS: &[&str] = &["vw", "vwap"];
+const TRADES_COLS: &[&str] = &["n", "trade_count", "trades"];
+
+/// Reads bars per ticker from a CSV file, parsed with a real CSV parser
+/// (quoted fields, CRLF, a BOM). Columns are found by name, in any order
+/// and letter case: a ticker (`Ticker`/`Symbol`; without one, the file's
+/// stem is the ticker), a time (`t`/`timestamp`/`datetime`: RFC 3339; or
+/// `Date`: the bar is stamped at that day's session open, 09:30 New York),
+/// open, high, low, close, volume, and optionally `Adj Close`, `vwap`,
+/// `trade_count`. With `Adj Close`, prices are multiplied and volume is
+/// divided by `Adj Close / Close`, so split-adjusted volumes line up with
+/// split-adjusted prices and the dollar volume of each bar is unchanged.
+/// `only` (when not empty) keeps those tickers.
 pub fn read_daily_csv(path: &Path, only: &[String]) -> Result<BTreeMap<String, Vec<Bar>>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out: BTreeMap<String, Vec<Bar>> = BTreeMap::new();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap_or_default();
-    let expected = "Ticker,Date,Open,High,Low,Close,Volume,Adj Close";
-    if header.trim() != expected {
-        return Err(Error::invalid(
-            "daily csv",
-            format!("{}: header `{header}` is not `{expected}`", path.display()),
-        ));
-    }
-    for (i, line) in lines.enumerate() {
-        let lineno = i + 2;
-        let bad =
-            |m: String| Error::invalid("daily csv", format!("{}:{lineno}: {m}", path.display()));
-        let f: Vec<&str> = line.split(',').collect();
-        if f.len() != 8 {
-            return Err(bad(format!("{} fields, expected 8", f.len())));
-        }
-        let ticker = f[0].to_string();
-        if !only.is_empty() && !only.contains(&ticker) {
-            continue;
-        }
-        let date: NaiveDate = f[1]
-            .parse()
-            .map_err(|e| bad(format!("date `{}`: {e}", f[1])))?;
-        let num = |j: usize| -> Result<f64> {
-            f[j].parse::<f64>()
-                .map_err(|e| bad(format!("field {} `{}`: {e}", j + 1, f[j])))
-        };
-        let (o, h, l, c, v, adj) = (num(2)?, num(3)?, num(4)?, num(5)?, num(6)?, num(7)?);
-        let k = if c > 0.0 { adj / c } else { 1.0 };
-        let open = tickmesh_core::calendar::session(date)
-            .map(|(o, _)| o)
-            .unwrap_or_else(|| {
-                Utc.from_utc_datetime(&date.and_hms_opt(14, 30, 0).expect("valid time"))
-            });
-        let bar = Bar {
-            t: open,
-            o: o * k,
-            h: h * k,
-            l: l * k,
-            c: c * k,
-            v: v.max(0.0) as u64,
-            n: 0,
-            vw: (h + l + c) / 3.0 * k,
-        };
-        out.entry(ticker).or_default().push(bar);
-    }
+    read_bar_csv(path, only, &mut out)?;
     for (t, bars) in &mut out {
         validate_ticker(t)?;
         bars.sort_by_key(|b| b.t);
     }
     Ok(out)
+}
+
+/// [`read_daily_csv`] over every `*.csv` file of a folder, in name order.
+pub fn read_bar_dir(dir: &Path, only: &[String]) -> Result<BTreeMap<String, Vec<Bar>>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("csv")))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::invalid(
+            "bar files",
+            format!("{} holds no .csv file", dir.display()),
+        ));
+    }
+    let mut out: BTreeMap<String, Vec<Bar>> = BTreeMap::new();
+    for f in &files {
+        read_bar_csv(f, only, &mut out)?;
+    }
+    for (t, bars) in &mut out {
+        validate_ticker(t)?;
+        bars.sort_by_key(|b| b.t);
+        bars.dedup_by_key(|b| b.t);
+    }
+    Ok(out)
+}
+
+fn read_bar_csv(path: &Path, only: &[String], out: &mut BTreeMap<String, Vec<Bar>>) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(file);
+    let at = |m: String| Error::invalid("bar file", format!("{}: {m}", path.display()));
+    let header: Vec<String> = rdr
+        .headers()
+        .map_err(|e| at(e.to_string()))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_ascii_lowercase())
+        .collect();
+    let find = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
+    let need = |names: &[&str]| {
+        find(names).ok_or_else(|| {
+            at(format!(
+                "no `{}` column (the header is `{}`)",
+                names.join("`/`"),
+                header.join(",")
+            ))
+        })
+    };
+    let (o, h, l, c, v) = (
+        need(OPEN_COLS)?,
+        need(HIGH_COLS)?,
+        need(LOW_COLS)?,
+        need(CLOSE_COLS)?,
+        need(VOLUME_COLS)?,
+    );
+    let time = need(TIME_COLS)?;
+    let daily = header[time] == "date";
+    let (ticker_col, adj, vw, trades) = (
+        find(TICKER_COLS),
+        find(ADJ_CLOSE_COLS),
+        find(VWAP_COLS),
+        find(TRADES_COLS),
+    );
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_ascii_uppercase())
+        .unwrap_or_default();
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| at(e.to_string()))?;
+        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        let bad = |m: String| at(format!("line {line}: {m}"));
+        let field = |i: usize| rec.get(i).unwrap_or("");
+        let ticker = match ticker_col {
+            Some(i) => field(i).to_string(),
+            None => stem.clone(),
+        };
+        if !only.is_empty() && !only.contains(&ticker) {
+            continue;
+        }
+        let num = |i: usize| -> Result<f64> {
+            field(i)
+                .parse::<f64>()
+                .map_err(|e| bad(format!("{} `{}`: {e}", header[i], field(i))))
+        };
+        let t = if daily {
+            let date: NaiveDate = field(time)
+                .parse()
+                .map_err(|e| bad(format!("date `{}`: {e}", field(time))))?;
+            tickmesh_core::calendar::session(date)
+                .map(|(o, _)| o)
+                .ok_or_else(|| bad(format!("{date} is not an NYSE trading day")))?
+        } else {
+            chrono::DateTime::parse_from_rfc3339(field(time))
+                .map_err(|e| bad(format!("{} `{}`: {e}", header[time], field(time))))?
+                .with_timezone(&Utc)
+        };
+        let (open, high, low, close, volume) = (num(o)?, num(h)?, num(l)?, num(c)?, num(v)?);
+        if !(volume.is_finite() && volume >= 0.0) {
+            return Err(bad(format!("volume {volume} must be >= 0")));
+        }
+        let k = match adj {
+            Some(i) if close > 0.0 => num(i)? / close,
+            _ => 1.0,
+        };
+        if !(k.is_finite() && k > 0.0) {
+            return Err(bad(format!(
+                "adjustment factor {k} (Adj Close / Close) must be > 0"
+            )));
+        }
+        let vwap = match vw {
+            Some(i) if !field(i).is_empty() => num(i)?,
+            _ => (high + low + close) / 3.0,
+        };
+        let n = match trades {
+            Some(i) if !field(i).is_empty() => num(i)?.max(0.0) as u64,
+            _ => 0,
+        };
+        out.entry(ticker).or_default().push(Bar {
+            t,
+            o: open * k,
+            h: high * k,
+            l: low * k,
+            c: close * k,
+            v: (volume / k).round() as u64,
+            n,
+            vw: vwap * k,
+        });
+    }
+    Ok(())
+}
+
+/// Reads fundamentals from a Parquet or CSV file (by its extension), laid
+/// out as the original's `df_company_fundamentals.parquet`: one row per
+/// (symbol, calendarYear), columns named as the `h_company` contract
+/// (`symbol`, `calendarYear`, optional `date`, `fillingDate` and the
+/// metrics; other columns are ignored). Each row is validated as a
+/// message would be; an error names the file and row.
+pub fn read_fundamentals(path: &Path) -> Result<Vec<Fundamentals>> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let rows = match ext.as_str() {
+        "csv" => fundamentals_csv_rows(path)?,
+        "parquet" | "pq" => fundamentals_parquet_rows(path)?,
+        _ => {
+            return Err(Error::invalid(
+                "fundamentals file",
+                format!("{}: expected a .parquet or .csv file", path.display()),
+            ))
+        }
+    };
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let at = |m: String| {
+                Error::invalid(
+                    "fundamentals file",
+                    format!("{} row {}: {m}", path.display(), i + 1),
+                )
+            };
+            let f: Fundamentals = serde_json::from_value(serde_json::Value::Object(row))
+                .map_err(|e| at(e.to_string()))?;
+            f.validate().map_err(|e| at(e.to_string()))?;
+            Ok(f)
+        })
+        .collect()
+}
+
+type JsonRow = serde_json::Map<String, serde_json::Value>;
+
+/// CSV rows as JSON objects: an empty cell is absent, a number is a
+/// number, anything else a string.
+fn fundamentals_csv_rows(path: &Path) -> Result<Vec<JsonRow>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(file);
+    let at = |m: String| Error::invalid("fundamentals file", format!("{}: {m}", path.display()));
+    let header: Vec<String> = rdr
+        .headers()
+        .map_err(|e| at(e.to_string()))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_string())
+        .collect();
+    let mut rows = Vec::new();
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| at(e.to_string()))?;
+        let mut row = JsonRow::new();
+        for (name, cell) in header.iter().zip(rec.iter()) {
+            if cell.is_empty() {
+                continue;
+            }
+            let v = match (cell.parse::<i64>(), cell.parse::<f64>()) {
+                _ if name == "symbol" => serde_json::Value::String(cell.to_string()),
+                (Ok(n), _) => serde_json::json!(n),
+                (_, Ok(x)) if x.is_finite() => serde_json::json!(x),
+                _ => serde_json::Value::String(cell.to_string()),
+            };
+            row.insert(name.clone(), v);
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// Parquet rows as JSON objects (strings, integers, floats, dates and
+/// timestamps; nulls are absent).
+fn fundamentals_parquet_rows(path: &Path) -> Result<Vec<JsonRow>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{
+        Date32Type, Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
+        TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType,
+    };
+    use arrow_array::Array;
+    use arrow_schema::{DataType, TimeUnit};
+    let what = path.display().to_string();
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::from(data),
+    )
+    .and_then(|b| b.build())
+    .map_err(|e| Error::parquet(what.clone(), e))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| Error::parquet(what.clone(), e))?;
+        let schema = batch.schema();
+        let mut out: Vec<JsonRow> = vec![JsonRow::new(); batch.num_rows()];
+        for (field, col) in schema.fields().iter().zip(batch.columns()) {
+            let day =
+                |d: i64| DateTime::<Utc>::from_timestamp(d, 0).map(|t| t.date_naive().to_string());
+            for (i, row) in out.iter_mut().enumerate() {
+                if col.is_null(i) {
+                    continue;
+                }
+                let v = match field.data_type() {
+                    DataType::Utf8 => serde_json::json!(col.as_string::<i32>().value(i)),
+                    DataType::LargeUtf8 => serde_json::json!(col.as_string::<i64>().value(i)),
+                    DataType::Int32 => serde_json::json!(col.as_primitive::<Int32Type>().value(i)),
+                    DataType::Int64 => serde_json::json!(col.as_primitive::<Int64Type>().value(i)),
+                    DataType::Float32 => {
+                        serde_json::json!(col.as_primitive::<Float32Type>().value(i) as f64)
+                    }
+                    DataType::Float64 => {
+                        serde_json::json!(col.as_primitive::<Float64Type>().value(i))
+                    }
+                    DataType::Date32 => {
+                        serde_json::json!(day(
+                            col.as_primitive::<Date32Type>().value(i) as i64 * 86_400
+                        ))
+                    }
+                    DataType::Timestamp(unit, _) => {
+                        let secs = match unit {
+                            TimeUnit::Second => col.as_primitive::<TimestampSecondType>().value(i),
+                            TimeUnit::Millisecond => {
+                                col.as_primitive::<TimestampMillisecondType>().value(i) / 1_000
+                            }
+                            TimeUnit::Microsecond => {
+                                col.as_primitive::<TimestampMicrosecondType>().value(i) / 1_000_000
+                            }
+                            TimeUnit::Nanosecond => {
+                                col.as_primitive::<TimestampNanosecondType>().value(i)
+                                    / 1_000_000_000
+                            }
+                        };
+                        serde_json::json!(day(secs))
+                    }
+                    // Columns of other types are not part of the contract.
+                    _ => continue,
+                };
+                row.insert(field.name().clone(), v);
+            }
+        }
+        rows.extend(out);
+    }
+    Ok(rows)
+}
+
+/// Publishes fundamentals rows to `h_company`, keyed by symbol; returns how
+/// many messages.
+pub async fn publish_fundamentals(
+    publisher: &dyn Publisher,
+    rows: &[Fundamentals],
+) -> Result<usize> {
+    for r in rows {
+        let payload =
+            serde_json::to_vec(r).map_err(|e| Error::invalid("company message", e.to_string()))?;
+        publisher
+            .publish(topics::COMPANY, &r.symbol, &payload, &[])
+            .await?;
+    }
+    Ok(rows.len())
 }
 
 #[cfg(test)]
@@ -138,6 +407,11 @@ mod tests {
     #[test]
     fn reads_the_committed_sample() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample/stocks_daily.csv");
+        let all = read_daily_csv(&path, &[]).unwrap();
+        assert_eq!(
+            all.keys().collect::<Vec<_>>(),
+            ["AAPL", "GOOG", "IBM", "MSFT"]
+        );
         let data = read_daily_csv(&path, &["AAPL".into()]).unwrap();
         let aapl = &data["AAPL"];
         assert!(aapl.len() > 3000);
@@ -154,5 +428,54 @@ mod tests {
             let ratio = close_on(after) / close_on(before);
             assert!((ratio - 1.0).abs() < 0.1, "{before} -> {after}: {ratio}");
         }
+        // Volume is divided by the factor prices are multiplied by: the
+        // first row (2000-03-01: close 130.31, volume 9,616,100, adjusted
+        // close 4.186662803811) keeps its dollar volume.
+        let first = &aapl[0];
+        let k: f64 = 4.186662803811 / 130.31;
+        assert_eq!(first.v, (9_616_100.0 / k).round() as u64);
+        assert!((first.c * first.v as f64 / (130.31 * 9_616_100.0) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn reads_the_committed_fundamentals() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample/fundamentals.csv");
+        let rows = read_fundamentals(&path).unwrap();
+        let aapl_2021 = rows
+            .iter()
+            .find(|r| r.symbol == "AAPL" && r.calendar_year == 2021)
+            .unwrap();
+        assert_eq!(aapl_2021.revenue, Some(365_817_000_000.0));
+        assert_eq!(aapl_2021.operating_cash_flow, None);
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("f.csv");
+        std::fs::write(&bad, "symbol,calendarYear,revenue\nAAPL,2021,-1\n").unwrap();
+        let e = read_fundamentals(&bad).unwrap_err().to_string();
+        assert!(e.contains("f.csv row 1") && e.contains("revenue"), "{e}");
+    }
+
+    #[test]
+    fn bar_files_are_parsed_by_header() {
+        let dir = tempfile::tempdir().unwrap();
+        // Quoted fields, another column order, lower case, CRLF, a BOM, no
+        // ticker column (the file name is the ticker), RFC 3339 times.
+        std::fs::write(
+            dir.path().join("msft.csv"),
+            "\u{feff}timestamp,close,open,high,low,volume,vwap,\"note\"\r\n\
+             2024-01-08T14:30:00Z,101.5,100,102,99.5,1200,101,\"a, quoted\"\r\n\
+             2024-01-08T14:31:00Z,101.6,101.5,101.7,101.4,800,,x\r\n",
+        )
+        .unwrap();
+        let data = read_bar_dir(dir.path(), &[]).unwrap();
+        let bars = &data["MSFT"];
+        assert_eq!(bars.len(), 2);
+        assert_eq!(
+            (bars[0].o, bars[0].c, bars[0].v, bars[0].vw),
+            (100.0, 101.5, 1200, 101.0)
+        );
+        assert!((bars[1].vw - (101.7 + 101.4 + 101.6) / 3.0).abs() < 1e-12);
+        std::fs::write(dir.path().join("bad.csv"), "Date,Open,High,Low,Close\n").unwrap();
+        let e = read_bar_dir(dir.path(), &[]).unwrap_err().to_string();
+        assert!(e.contains("bad.csv") && e.contains("`v`/`volume`"), "{e}");
     }
 }
