@@ -8,6 +8,7 @@
 //! - [`cluster`]: ractor_cluster membership (node servers, node agents).
 //! - [`bench`]: the training-throughput benchmark beside PyTorch.
 //! - [`bench_cp`]: the control plane's placement and failover benchmark.
+//! - [`dlq_cli`]: `tickmesh dlq list|replay`.
 //! - [`produce_cli`]: `tickmesh produce …`, a subcommand per source.
 //! - [`train_cli`]: `tickmesh train`, `evaluate` and `doctor`.
 
@@ -17,6 +18,7 @@ pub mod bench_cp;
 pub mod chart;
 pub mod cluster;
 pub mod demo;
+pub mod dlq_cli;
 pub mod produce_cli;
 pub mod roles;
 pub mod train_cli;

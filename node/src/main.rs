@@ -9,6 +9,7 @@
 //! tickmesh train --ticker AAPL --interval 1d     train one model from CSV files or the database
 //! tickmesh evaluate --checkpoint DIR             re-score a saved model on a date range
 //! tickmesh doctor                                libtorch, CUDA and cuDNN as this binary sees them
+//! tickmesh dlq list|replay <topic>            dead letters, re-injected after a fix
 //! tickmesh admin nodes|jobs|models|train|retrain|promote|rollback|drain|cordon
 //!                                                the Admin API (bearer token)
 //! tickmesh admin mesh|create-topics|create-buckets  operator chores
@@ -21,6 +22,7 @@ use anyhow::Result;
 use chrono::NaiveDate;
 use clap::{Parser, Subcommand};
 use tickmesh::admin_cli::{self, AdminCmd};
+use tickmesh::dlq_cli::{self, DlqCmd};
 use tickmesh::produce_cli::{self, ProduceCmd};
 use tickmesh::train_cli::{self, Source, UsageError};
 use tickmesh::{demo, roles};
@@ -175,6 +177,13 @@ enum Cmd {
     Doctor {
         #[arg(long)]
         json: bool,
+    },
+    /// Dead letters: list them, or replay them after a fix.
+    Dlq {
+        #[arg(long, default_value = "cluster.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: DlqCmd,
     },
     /// Operator commands.
     Admin {
@@ -486,6 +495,10 @@ async fn run(cli: Cli) -> Result<()> {
             for (t, rows) in report.rows {
                 println!("{t} {interval}: {rows} rows loaded");
             }
+        }
+        Cmd::Dlq { config, cmd } => {
+            let cfg = load(&config)?;
+            dlq_cli::run(&cfg, cmd).await?;
         }
         Cmd::Admin { config, cmd } => {
             let cfg = load(&config)?;

@@ -151,13 +151,19 @@ impl BusConfig {
 pub const DLQ_MAX_PAYLOAD: usize = 900 * 1024;
 
 /// Sends a record that failed validation to `<topic>.dlq`, with headers
-/// naming its topic, partition, offset and the error.
+/// naming its topic, partition, offset, the error and when
+/// (`tickmesh.topic`, `.partition`, `.offset`, `.error`, `.dead_lettered_at`;
+/// `.truncated_from` when the payload was cut to [`DLQ_MAX_PAYLOAD`]).
 pub async fn dead_letter(publisher: &dyn Publisher, rec: &Record, error: &str) -> Result<()> {
     let mut headers = vec![
         ("tickmesh.topic", rec.topic.clone()),
         ("tickmesh.partition", rec.partition.to_string()),
         ("tickmesh.offset", rec.offset.to_string()),
         ("tickmesh.error", error.chars().take(2000).collect()),
+        (
+            "tickmesh.dead_lettered_at",
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ),
     ];
     let payload = if rec.payload.len() > DLQ_MAX_PAYLOAD {
         headers.push(("tickmesh.truncated_from", rec.payload.len().to_string()));

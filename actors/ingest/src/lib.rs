@@ -6,6 +6,7 @@
 //! - [`bars_consumer`]: the bars source, `h_alpaca`/`live_bars` → `stock-data` ticker-weeks.
 //! - [`macro_consumer`]: the macro source, `h_macrodata` → `macro-data` series-years.
 //! - [`company_consumer`]: the company source, `h_company` → `company-fundamentals` symbol-years.
+//! - [`dlq`]: `tickmesh dlq list|replay`, the dead letters and their re-injection.
 //! - [`supervisor`]: the ingest role's supervisor (consumers restarted by the configured policy).
 //! - [`metrics`]: counters of what the consumers did.
 
@@ -13,6 +14,7 @@ pub mod alpaca;
 pub mod bars_consumer;
 pub mod company_consumer;
 pub mod consumer;
+pub mod dlq;
 pub mod fred;
 pub mod http;
 pub mod macro_consumer;
