@@ -5,6 +5,7 @@
 //! produce files --dir DIR | --file F [--tickers ..] bar CSV files → h_alpaca
 //! produce alpaca --from D --to D [--tickers ..]     Alpaca v2 1-minute bars → h_alpaca
 //! produce fred [--series ..] [--from D] [--to D]    FRED observations → h_macrodata
+//! produce macro --file F.csv                       macro series from a file → h_macrodata
 //! produce company --file F.parquet|F.csv            fundamentals → h_company
 //! ```
 
@@ -68,6 +69,12 @@ pub enum ProduceCmd {
         to: Option<NaiveDate>,
         #[arg(long, env = "TICKMESH_FRED_URL", default_value = fred::DEFAULT_BASE_URL)]
         base_url: String,
+    },
+    /// Macro series from a CSV file (`series,date,value`, or a date or
+    /// year+quarter column and one column per series), one message per series.
+    Macro {
+        #[arg(long)]
+        file: PathBuf,
     },
     /// Fundamentals from a Parquet or CSV file, one message per (symbol, calendarYear).
     Company {
@@ -168,6 +175,13 @@ pub async fn run(cfg: &ClusterConfig, cmd: ProduceCmd) -> Result<()> {
                 report.missing, report.retries
             );
             (report.messages, topics::MACRO)
+        }
+        ProduceCmd::Macro { file } => {
+            let mut n = 0;
+            for msg in producer::read_macro_csv(&file)? {
+                n += fred::publish_macro(publisher.as_ref(), &msg.series, msg.observations).await?;
+            }
+            (n, topics::MACRO)
         }
         ProduceCmd::Company { file } => {
             let rows = producer::read_fundamentals(&file)?;

@@ -8,6 +8,8 @@
 //!   adjusted with `Adj Close / Close`.
 //! - [`read_fundamentals`] + [`publish_fundamentals`]: fundamentals from a
 //!   Parquet or CSV file, one `h_company` message per (symbol, calendarYear).
+//! - [`read_macro_csv`] + [`crate::fred::publish_macro`]: macro series from a
+//!   CSV file (the committed `data/sample/macrodata.csv`).
 //! - [`crate::alpaca`] and [`crate::fred`]: the market-data APIs.
 
 use std::collections::BTreeMap;
@@ -16,7 +18,9 @@ use std::path::Path;
 use chrono::{DateTime, NaiveDate, Utc};
 use tickmesh_core::bus::Publisher;
 use tickmesh_core::synthetic::SyntheticMarket;
-use tickmesh_core::types::{topics, validate_ticker, Bar, BarsMessage, Fundamentals, IsoWeek};
+use tickmesh_core::types::{
+    topics, validate_ticker, Bar, BarsMessage, Fundamentals, IsoWeek, MacroMessage, Observation,
+};
 use tickmesh_core::{Error, Result};
 
 /// Groups bars by ISO week into messages.
@@ -375,6 +379,113 @@ fn fundamentals_parquet_rows(path: &Path) -> Result<Vec<JsonRow>> {
     Ok(rows)
 }
 
+/// Reads macro series from a CSV file, in one of two layouts:
+/// - long: `series,date,value` (one observation per line);
+/// - wide: a `date` column, or `year` and `quarter` columns (the quarter's
+///   first day is the date, as in statsmodels' `macrodata.csv`), and one
+///   column per series, named by the column in upper case (`cpi` → `CPI`).
+///
+/// Empty cells are skipped. Returns one message per series, validated.
+pub fn read_macro_csv(path: &Path) -> Result<Vec<MacroMessage>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(file);
+    let at = |m: String| Error::invalid("macro file", format!("{}: {m}", path.display()));
+    let header: Vec<String> = rdr
+        .headers()
+        .map_err(|e| at(e.to_string()))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_ascii_lowercase())
+        .collect();
+    let col = |n: &str| header.iter().position(|h| h == n);
+    let long = match (col("series"), col("date"), col("value")) {
+        (Some(s), Some(d), Some(v)) => Some((s, d, v)),
+        _ => None,
+    };
+    let when = match (col("date"), col("year"), col("quarter")) {
+        (Some(d), _, _) => Ok(d),
+        (None, Some(y), Some(q)) => Err((y, q)),
+        _ => {
+            return Err(at(format!(
+                "expected `series,date,value`, a `date` column, or `year` and `quarter` (the header is `{}`)",
+                header.join(",")
+            )))
+        }
+    };
+    let mut series: BTreeMap<String, Vec<Observation>> = BTreeMap::new();
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| at(e.to_string()))?;
+        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        let bad = |m: String| at(format!("line {line}: {m}"));
+        let field = |i: usize| rec.get(i).unwrap_or("");
+        let num = |i: usize| -> Result<f64> {
+            field(i)
+                .parse::<f64>()
+                .map_err(|e| bad(format!("{} `{}`: {e}", header[i], field(i))))
+        };
+        let date = match when {
+            Ok(d) => field(d)
+                .parse::<NaiveDate>()
+                .map_err(|e| bad(format!("date `{}`: {e}", field(d))))?,
+            Err((y, q)) => {
+                let (year, quarter) = (num(y)?, num(q)?);
+                if !(1.0..=4.0).contains(&quarter) || quarter.fract() != 0.0 || year.fract() != 0.0
+                {
+                    return Err(bad(format!("year {year} quarter {quarter}")));
+                }
+                NaiveDate::from_ymd_opt(year as i32, (quarter as u32 - 1) * 3 + 1, 1)
+                    .ok_or_else(|| bad(format!("year {year}")))?
+            }
+        };
+        if let Some((s, _, v)) = long {
+            if field(v).is_empty() {
+                continue;
+            }
+            series
+                .entry(field(s).to_string())
+                .or_default()
+                .push(Observation {
+                    date,
+                    value: num(v)?,
+                });
+            continue;
+        }
+        for (i, name) in header.iter().enumerate() {
+            let is_time = Ok(i) == when || matches!(when, Err((y, q)) if i == y || i == q);
+            if is_time || field(i).is_empty() {
+                continue;
+            }
+            let name: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            series.entry(name).or_default().push(Observation {
+                date,
+                value: num(i)?,
+            });
+        }
+    }
+    series
+        .into_iter()
+        .map(|(series, mut observations)| {
+            observations.sort_by_key(|o| o.date);
+            let msg = MacroMessage {
+                series,
+                observations,
+            };
+            msg.validate().map_err(|e| at(e.to_string()))?;
+            Ok(msg)
+        })
+        .collect()
+}
+
 /// Publishes fundamentals rows to `h_company`, keyed by symbol; returns how
 /// many messages.
 pub async fn publish_fundamentals(
@@ -452,6 +563,22 @@ mod tests {
         std::fs::write(&bad, "symbol,calendarYear,revenue\nAAPL,2021,-1\n").unwrap();
         let e = read_fundamentals(&bad).unwrap_err().to_string();
         assert!(e.contains("f.csv row 1") && e.contains("revenue"), "{e}");
+    }
+
+    #[test]
+    fn reads_the_committed_macro_sample() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample/macrodata.csv");
+        let msgs = read_macro_csv(&path).unwrap();
+        let names: Vec<&str> = msgs.iter().map(|m| m.series.as_str()).collect();
+        assert!(
+            names.contains(&"CPI") && names.contains(&"UNEMP"),
+            "{names:?}"
+        );
+        let cpi = msgs.iter().find(|m| m.series == "CPI").unwrap();
+        // 1959 Q1 .. 2009 Q3, the quarter's first day.
+        assert_eq!(cpi.observations.len(), 203);
+        assert_eq!(cpi.observations[0].date.to_string(), "1959-01-01");
+        assert_eq!(cpi.observations[0].value, 28.98);
     }
 
     #[test]
