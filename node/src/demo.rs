@@ -18,6 +18,7 @@ use ractor::call_t;
 use serde_json::Value;
 use tickmesh_aggregate::aggregator::AggregatorMsg;
 use tickmesh_core::config::{Backend, ClusterConfig, Role};
+use tickmesh_core::store::buckets;
 use tickmesh_core::types::{topics, Interval};
 use tickmesh_core::Adapters;
 use tickmesh_ingest::producer;
@@ -39,6 +40,10 @@ pub struct Inputs {
     pub synthetic_from: NaiveDate,
     pub synthetic_to: NaiveDate,
     pub synthetic_interval: Interval,
+    /// Macro series CSV (`data/sample/macrodata.csv`) → `h_macrodata`.
+    pub macro_csv: Option<PathBuf>,
+    /// Fundamentals file (`data/sample/fundamentals.csv`) → `h_company`.
+    pub fundamentals: Option<PathBuf>,
     /// Also publish one malformed message (it must be dead-lettered, not lost).
     pub malformed: bool,
     pub n_steps: usize,
@@ -125,6 +130,27 @@ pub async fn pipeline(node: &Node, adapters: &Adapters, inputs: &Inputs) -> Resu
         published += n;
         jobs.push((inputs.synthetic_tickers.clone(), inputs.synthetic_interval));
     }
+    if let Some(path) = &inputs.macro_csv {
+        let msgs = producer::read_macro_csv(path)?;
+        let (series, mut n) = (msgs.len(), 0);
+        for m in msgs {
+            n += tickmesh_ingest::fred::publish_macro(publisher, &m.series, m.observations).await?;
+        }
+        println!(
+            "produced  {series} macro series from {} in {n} messages",
+            path.display()
+        );
+        published += n;
+    }
+    if let Some(path) = &inputs.fundamentals {
+        let rows = producer::read_fundamentals(path)?;
+        let n = producer::publish_fundamentals(publisher, &rows).await?;
+        println!(
+            "produced  {n} symbol-years of fundamentals from {}",
+            path.display()
+        );
+        published += n;
+    }
     if inputs.malformed {
         publisher
             .publish(
@@ -151,6 +177,16 @@ pub async fn pipeline(node: &Node, adapters: &Adapters, inputs: &Inputs) -> Resu
         m.malformed(),
         m.dead_lettered()
     );
+    let mut stored = Vec::new();
+    for (bucket, what) in [
+        (buckets::STOCK_DATA, "ticker-weeks of bars"),
+        (buckets::MACRO_DATA, "macro series-years"),
+        (buckets::COMPANY, "fundamentals symbol-years"),
+    ] {
+        let n = adapters.store.list(bucket, "").await?.len();
+        stored.push(format!("{n} {what}"));
+    }
+    println!("stored    {}", stored.join(", "));
 
     let agg = node
         .aggregator
@@ -350,6 +386,8 @@ pub async fn run(opts: DemoOptions) -> Result<PathBuf> {
     );
     let inputs = Inputs {
         daily_csv: Some(opts.sample.clone()),
+        macro_csv: Some(opts.sample.with_file_name("macrodata.csv")),
+        fundamentals: Some(opts.sample.with_file_name("fundamentals.csv")),
         daily_tickers: vec!["AAPL".into(), "MSFT".into()],
         daily_from: Some(NaiveDate::from_ymd_opt(2008, 1, 1).expect("valid date")),
         synthetic_tickers: vec!["SYNA".into(), "SYNB".into()],

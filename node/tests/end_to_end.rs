@@ -22,11 +22,19 @@ fn inputs(daily: bool) -> Inputs {
         synthetic_from: d("2024-05-06"),
         synthetic_to: d("2024-05-17"),
         synthetic_interval: Interval::M15,
+        macro_csv: Some(tickmesh_ingest_sample("macrodata.csv")),
+        fundamentals: Some(tickmesh_ingest_sample("fundamentals.csv")),
         malformed: true,
         n_steps: 4,
         model: Default::default(),
         timeout: Duration::from_secs(300),
     }
+}
+
+fn tickmesh_ingest_sample(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/sample")
+        .join(name)
 }
 
 fn check(outcomes: &[tickmesh::demo::Outcome], expected: &[(&str, &str)]) {
@@ -54,6 +62,18 @@ async fn whole_chain_on_kafka_s3_postgres() {
     check(&out, &[("SYNX", "15m"), ("SYNY", "15m")]);
     assert_eq!(node.ingest_metrics.dead_lettered(), 1);
     node.stop().await;
+    sources_stored(&a).await;
+}
+
+/// The macro and fundamentals samples went through their consumers: one
+/// object per series-year (CPI: 1959..2009) and per symbol-year (AAPL: 2018..2025).
+async fn sources_stored(a: &tickmesh_core::Adapters) {
+    use tickmesh_core::store::buckets;
+    let cpi = a.store.list(buckets::MACRO_DATA, "CPI/").await.unwrap();
+    assert_eq!(cpi.len(), 51, "{cpi:?}");
+    assert!(cpi.contains(&"CPI/1959/CPI_1959.parquet".to_string()));
+    let aapl = a.store.list(buckets::COMPANY, "AAPL/").await.unwrap();
+    assert_eq!(aapl.len(), 8, "{aapl:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,6 +95,7 @@ async fn whole_chain_on_embedded_defaults() {
     assert_eq!(dlq.len(), 1);
     assert!(dir.path().join("store/models/IBM/1d/v1/meta.json").exists());
     node.stop().await;
+    sources_stored(&a).await;
 
     // A checkpoint whose weights were altered is refused.
     use tickmesh_core::store::buckets;
