@@ -127,18 +127,37 @@ pub fn read_bar_dir(dir: &Path, only: &[String]) -> Result<BTreeMap<String, Vec<
     Ok(out)
 }
 
-fn read_bar_csv(path: &Path, only: &[String], out: &mut BTreeMap<String, Vec<Bar>>) -> Result<()> {
+/// A CSV reader of `path` (fields trimmed) and its header, without a
+/// byte-order mark, lower-cased when `lower`. `what` names the file kind
+/// in errors.
+fn open_csv(
+    path: &Path,
+    what: &'static str,
+    lower: bool,
+) -> Result<(csv::Reader<std::fs::File>, Vec<String>)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut rdr = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(file);
-    let at = |m: String| Error::invalid("bar file", format!("{}: {m}", path.display()));
-    let header: Vec<String> = rdr
+    let header = rdr
         .headers()
-        .map_err(|e| at(e.to_string()))?
+        .map_err(|e| Error::invalid(what, format!("{}: {e}", path.display())))?
         .iter()
-        .map(|h| h.trim_start_matches('\u{feff}').to_ascii_lowercase())
+        .map(|h| h.trim_start_matches('\u{feff}'))
+        .map(|h| {
+            if lower {
+                h.to_ascii_lowercase()
+            } else {
+                h.to_string()
+            }
+        })
         .collect();
+    Ok((rdr, header))
+}
+
+fn read_bar_csv(path: &Path, only: &[String], out: &mut BTreeMap<String, Vec<Bar>>) -> Result<()> {
+    let (mut rdr, header) = open_csv(path, "bar file", true)?;
+    let at = |m: String| Error::invalid("bar file", format!("{}: {m}", path.display()));
     let find = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
     let need = |names: &[&str]| {
         find(names).ok_or_else(|| {
@@ -275,17 +294,8 @@ type JsonRow = serde_json::Map<String, serde_json::Value>;
 /// CSV rows as JSON objects: an empty cell is absent, a number is a
 /// number, anything else a string.
 fn fundamentals_csv_rows(path: &Path) -> Result<Vec<JsonRow>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .from_reader(file);
+    let (mut rdr, header) = open_csv(path, "fundamentals file", false)?;
     let at = |m: String| Error::invalid("fundamentals file", format!("{}: {m}", path.display()));
-    let header: Vec<String> = rdr
-        .headers()
-        .map_err(|e| at(e.to_string()))?
-        .iter()
-        .map(|h| h.trim_start_matches('\u{feff}').to_string())
-        .collect();
     let mut rows = Vec::new();
     for rec in rdr.records() {
         let rec = rec.map_err(|e| at(e.to_string()))?;
@@ -387,17 +397,8 @@ fn fundamentals_parquet_rows(path: &Path) -> Result<Vec<JsonRow>> {
 ///
 /// Empty cells are skipped. Returns one message per series, validated.
 pub fn read_macro_csv(path: &Path) -> Result<Vec<MacroMessage>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .from_reader(file);
+    let (mut rdr, header) = open_csv(path, "macro file", true)?;
     let at = |m: String| Error::invalid("macro file", format!("{}: {m}", path.display()));
-    let header: Vec<String> = rdr
-        .headers()
-        .map_err(|e| at(e.to_string()))?
-        .iter()
-        .map(|h| h.trim_start_matches('\u{feff}').to_ascii_lowercase())
-        .collect();
     let col = |n: &str| header.iter().position(|h| h == n);
     let long = match (col("series"), col("date"), col("value")) {
         (Some(s), Some(d), Some(v)) => Some((s, d, v)),
