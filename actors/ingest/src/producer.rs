@@ -59,12 +59,26 @@ pub async fn publish_synthetic(
     from: NaiveDate,
     to: NaiveDate,
 ) -> Result<usize> {
-    let mut n = 0;
     for t in tickers {
         validate_ticker(t)?;
+    }
+    let started = std::time::Instant::now();
+    let (mut n, mut total) = (0, 0usize);
+    for (i, t) in tickers.iter().enumerate() {
         let bars = tokio::task::block_in_place(|| SyntheticMarket.bars(t, from, to));
         n += publish_bars(publisher, t, &bars).await?;
-        tracing::info!(ticker = %t, bars = bars.len(), "synthetic bars published");
+        total += bars.len();
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            ticker = %t,
+            done = i + 1,
+            of = tickers.len(),
+            bars = bars.len(),
+            total_bars = total,
+            bars_per_s = (total as f64 / secs.max(1e-9)) as u64,
+            eta_s = (secs / (i + 1) as f64 * (tickers.len() - i - 1) as f64) as u64,
+            "synthetic bars published"
+        );
     }
     Ok(n)
 }
