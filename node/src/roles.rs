@@ -31,6 +31,7 @@ use tickmesh_core::supervision::{
 use tickmesh_core::Adapters;
 use tickmesh_ingest::consumer::ConsumerArgs;
 use tickmesh_ingest::metrics::IngestMetrics;
+use tickmesh_ingest::ownership::LeaseArgs;
 use tickmesh_ingest::supervisor::{ingest_supervisor, INGEST_TOPICS};
 use tickmesh_proto::auth::Link;
 use tickmesh_serve::http::HttpState;
@@ -98,26 +99,6 @@ where
 }
 
 /// Starts `roles` as node `name` under its root supervisor.
-/// This node's share of the ingest topics' partitions: the ingest nodes of
-/// cluster.toml, sorted by name, take partition `p` when `p % count` is
-/// their place. A node not listed (the demo, tests) reads every partition.
-pub fn ingest_share(cfg: &ClusterConfig, name: &str) -> tickmesh_core::bus::Share {
-    let mut ingest: Vec<&str> = cfg
-        .nodes
-        .iter()
-        .filter(|n| n.roles.contains(&Role::Ingest))
-        .map(|n| n.name.as_str())
-        .collect();
-    ingest.sort_unstable();
-    match ingest.iter().position(|n| *n == name) {
-        Some(index) => tickmesh_core::bus::Share {
-            index,
-            count: ingest.len(),
-        },
-        None => tickmesh_core::bus::Share::ALL,
-    }
-}
-
 pub async fn start(
     cfg: &ClusterConfig,
     name: &str,
@@ -236,7 +217,13 @@ pub async fn start(
                 bus: adapters.bus.clone(),
                 topic: (*topic).into(),
                 group: "ingest".into(),
-                share: ingest_share(cfg, name),
+                // A cluster's ingest nodes split each topic's partitions by
+                // lease; one embedded process reads its spool alone.
+                leases: (cfg.cluster.backend == Backend::Distributed).then(|| LeaseArgs {
+                    db: adapters.db.clone(),
+                    member: name.to_string(),
+                    ttl: Duration::from_secs(cfg.ingest.lease_secs),
+                }),
                 store: adapters.store.clone(),
                 publisher: adapters.publisher.clone(),
                 metrics: node.ingest_metrics.clone(),
@@ -469,16 +456,25 @@ fn embedded_token(cfg: &ClusterConfig) -> Option<String> {
     (!t.is_empty()).then(|| t.to_string())
 }
 
+/// Waits for SIGINT (ctrl-c) or SIGTERM.
+async fn stop_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => Ok(r?),
+        _ = term.recv() => Ok(()),
+    }
+}
+
 impl Node {
-    /// Waits for ctrl-c (Ok) or for the root supervisor to give up (Err:
+    /// Waits for ctrl-c or SIGTERM (Ok) or for the root supervisor to give up (Err:
     /// the node must exit non-zero).
     pub async fn wait(&mut self) -> Result<()> {
         let Some((_, h)) = self.root.as_mut() else {
-            tokio::signal::ctrl_c().await?;
-            return Ok(());
+            return stop_signal().await;
         };
         tokio::select! {
-            r = tokio::signal::ctrl_c() => Ok(r?),
+            r = stop_signal() => r,
             _ = h => {
                 // That handle has completed: stop() must not await it again.
                 self.root = None;

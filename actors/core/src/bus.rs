@@ -72,6 +72,18 @@ pub trait Subscription: Send + 'static {
     async fn commit(&mut self, rec: &Record) -> Result<()> {
         self.commit_batch(std::slice::from_ref(rec)).await
     }
+    /// Every partition of the topic (the spool has one, 0).
+    async fn partitions(&mut self) -> Result<Vec<i32>> {
+        Ok(vec![0])
+    }
+    /// Reads exactly `owned` from now on. A partition added starts at the
+    /// group's committed offset; a partition dropped has its commits
+    /// flushed first (synchronously), so its next reader resumes after
+    /// what this one processed. The spool's one partition is always read.
+    async fn assign(&mut self, owned: &[i32]) -> Result<()> {
+        let _ = owned;
+        Ok(())
+    }
 }
 
 /// How to reach the bus; cheap to clone, makes publishers and subscriptions.
@@ -131,6 +143,22 @@ impl BusConfig {
             ),
             BusConfig::Spool { root } => Box::new(SpoolSubscription::new(root, topic)?),
         })
+    }
+
+    /// The consumer group and full topic name of a subscription to `topic`
+    /// for `group`: the scope of its partition leases.
+    pub fn scope(&self, topic: &str, group: &str) -> (String, String) {
+        match self {
+            BusConfig::Kafka {
+                topic_prefix,
+                group_id,
+                ..
+            } => (
+                format!("{group_id}-{group}"),
+                format!("{topic_prefix}{topic}"),
+            ),
+            BusConfig::Spool { root } => (group.to_string(), format!("{}/{topic}", root.display())),
+        }
     }
 
     /// Counts the messages published to a spool topic and not yet committed
@@ -264,9 +292,10 @@ impl Publisher for KafkaPublisher {
     }
 }
 
-/// Which partitions of a topic a subscription reads: those whose number is
-/// `index` modulo `count`. The ingest nodes of a cluster split a topic this
-/// way, by their place in cluster.toml; everything else reads it all.
+/// Which partitions of a topic a subscription starts with: those whose
+/// number is `index` modulo `count`. Tools and tests read it all; the
+/// ingest consumers start with none and take partitions by lease
+/// (`actors/ingest/src/ownership.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Share {
     pub index: usize,
@@ -276,9 +305,12 @@ pub struct Share {
 impl Share {
     /// Every partition.
     pub const ALL: Share = Share { index: 0, count: 1 };
+    /// No partition (until [`Subscription::assign`] gives it some).
+    pub const NONE: Share = Share { index: 0, count: 0 };
 
     pub fn owns(self, partition: i32) -> bool {
-        self.count <= 1 || (partition.max(0) as usize) % self.count == self.index
+        self.count == 1
+            || (self.count > 1 && (partition.max(0) as usize) % self.count == self.index)
     }
 }
 
@@ -387,8 +419,12 @@ struct Hunt {
 ///   sends one commit of each partition's highest offset and returns.
 pub struct KafkaSubscription {
     consumer: Arc<KafkaConsumer>,
+    brokers: String,
+    group: String,
     prefix: String,
     name: String,
+    /// Every partition of the topic.
+    all: Vec<i32>,
     parts: BTreeMap<i32, Part>,
     committed: BTreeMap<i32, i64>,
 }
@@ -432,13 +468,6 @@ impl KafkaSubscription {
         let meta = blocking(move || c.fetch_metadata(Some(&n), Duration::from_secs(15)))
             .await
             .map_err(unreachable)?;
-        let partitions: Vec<i32> = meta
-            .topics()
-            .iter()
-            .filter(|t| t.name() == name && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .filter(|p| share.owns(*p))
-            .collect();
         if meta
             .topics()
             .iter()
@@ -449,29 +478,98 @@ impl KafkaSubscription {
                 "the topic does not exist (scripts/services.sh up and `tickmesh admin topics create` create the pipeline's topics)",
             ));
         }
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition(&name, *p);
+        let all: Vec<i32> = meta
+            .topics()
+            .iter()
+            .filter(|t| t.name() == name && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut sub = KafkaSubscription {
+            consumer,
+            brokers: brokers.to_string(),
+            group: group.to_string(),
+            prefix: prefix.to_string(),
+            name,
+            all: all.clone(),
+            parts: BTreeMap::new(),
+            committed: BTreeMap::new(),
+        };
+        let owned: Vec<i32> = all.into_iter().filter(|p| share.owns(*p)).collect();
+        sub.assign_partitions(&owned).await?;
+        Ok(sub)
+    }
+
+    fn unreachable(&self, e: rdkafka::error::KafkaError) -> Error {
+        Error::bus(
+            &self.name,
+            format!(
+                "{e} (is the broker up? scripts/services.sh up starts it at {})",
+                self.brokers
+            ),
+        )
+    }
+
+    /// Makes `owned` the assigned partitions: see [`Subscription::assign`].
+    async fn assign_partitions(&mut self, owned: &[i32]) -> Result<()> {
+        let owned: std::collections::BTreeSet<i32> = owned.iter().copied().collect();
+        if let Some(p) = owned.iter().find(|p| !self.all.contains(p)) {
+            return Err(Error::bus(
+                &self.name,
+                format!("partition {p} does not exist"),
+            ));
         }
-        let c = consumer.clone();
+        let dropped: Vec<i32> = self
+            .parts
+            .keys()
+            .filter(|p| !owned.contains(p))
+            .copied()
+            .collect();
+        let added: Vec<i32> = owned
+            .iter()
+            .filter(|p| !self.parts.contains_key(p))
+            .copied()
+            .collect();
+        if dropped.is_empty() && added.is_empty() && !self.parts.is_empty() {
+            return Ok(());
+        }
+        // The next reader of a dropped partition starts at its committed
+        // offset: make sure this one's last commit has landed.
+        let mut flush = TopicPartitionList::new();
+        for p in &dropped {
+            if let Some(o) = self.committed.get(p) {
+                flush
+                    .add_partition_offset(&self.name, *p, Offset::Offset(*o))
+                    .map_err(|e| Error::bus(&self.name, e))?;
+            }
+        }
+        if flush.count() > 0 {
+            let c = self.consumer.clone();
+            blocking(move || c.commit(&flush, CommitMode::Sync))
+                .await
+                .map_err(|e| Error::bus(&self.name, format!("commit before release: {e}")))?;
+        }
+        for p in &dropped {
+            self.parts.remove(p);
+            self.committed.remove(p);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in &added {
+            tpl.add_partition(&self.name, *p);
+        }
+        let c = self.consumer.clone();
         let committed = blocking(move || c.committed_offsets(tpl, Duration::from_secs(15)))
             .await
-            .map_err(unreachable)?
+            .map_err(|e| self.unreachable(e))?
             .to_topic_map();
-        let mut parts = BTreeMap::new();
-        let mut start = TopicPartitionList::new();
-        for p in partitions {
-            let (c, n) = (consumer.clone(), name.clone());
+        for p in added {
+            let (c, n) = (self.consumer.clone(), self.name.clone());
             let (low, _high) = blocking(move || c.fetch_watermarks(&n, p, Duration::from_secs(15)))
                 .await
-                .map_err(unreachable)?;
-            let next = match committed.get(&(name.clone(), p)) {
+                .map_err(|e| self.unreachable(e))?;
+            let next = match committed.get(&(self.name.clone(), p)) {
                 Some(Offset::Offset(o)) if *o >= low => *o,
                 _ => low,
             };
-            start
-                .add_partition_offset(&name, p, Offset::Offset(next))
-                .map_err(|e| Error::bus(&name, e))?;
             // A start after the first offset may sit inside the last batch,
             // which tansu answers with nothing: check it when it stays silent.
             let hunt = (next > low).then(|| Hunt {
@@ -480,17 +578,21 @@ impl KafkaSubscription {
                 since: std::time::Instant::now(),
                 gap: false,
             });
-            parts.insert(p, Part { next, low, hunt });
+            self.parts.insert(p, Part { next, low, hunt });
         }
-        consumer.assign(&start).map_err(|e| Error::bus(&name, e))?;
-        tracing::info!(topic = %name, group, partitions = ?parts.keys().collect::<Vec<_>>(), starts = ?parts.iter().map(|(p, s)| (*p, s.next)).collect::<Vec<_>>(), "kafka subscription assigned");
-        Ok(KafkaSubscription {
-            consumer,
-            prefix: prefix.to_string(),
-            name,
-            parts,
-            committed: BTreeMap::new(),
-        })
+        // Kept partitions go on from where they are: records fetched twice
+        // are skipped by offset.
+        let mut start = TopicPartitionList::new();
+        for (p, part) in &self.parts {
+            start
+                .add_partition_offset(&self.name, *p, Offset::Offset(part.next))
+                .map_err(|e| Error::bus(&self.name, e))?;
+        }
+        self.consumer
+            .assign(&start)
+            .map_err(|e| Error::bus(&self.name, e))?;
+        tracing::info!(topic = %self.name, group = %self.group, partitions = ?self.parts.keys().collect::<Vec<_>>(), starts = ?self.parts.iter().map(|(p, s)| (*p, s.next)).collect::<Vec<_>>(), "kafka subscription assigned");
+        Ok(())
     }
 
     /// Seeks partition `p` further back for its next offset.
@@ -628,6 +730,20 @@ impl KafkaSubscription {
         }
     }
 
+    /// Each assigned partition's high watermark (the offset its next record
+    /// will get), straight from the broker.
+    pub async fn high_watermarks(&self) -> Result<BTreeMap<i32, i64>> {
+        let mut out = BTreeMap::new();
+        for p in self.parts.keys().copied() {
+            let (c, n) = (self.consumer.clone(), self.name.clone());
+            let (_, high) = blocking(move || c.fetch_watermarks(&n, p, Duration::from_secs(15)))
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            out.insert(p, high);
+        }
+        Ok(out)
+    }
+
     /// The offsets committed for this subscription's group (a round trip to
     /// the broker): what a restart would resume from.
     pub async fn committed_offsets(&self) -> Result<BTreeMap<i32, i64>> {
@@ -708,6 +824,14 @@ impl Subscription for KafkaSubscription {
         self.consumer
             .commit(&tpl, CommitMode::Async)
             .map_err(|e| Error::bus(&self.name, format!("commit: {e}")))
+    }
+
+    async fn partitions(&mut self) -> Result<Vec<i32>> {
+        Ok(self.all.clone())
+    }
+
+    async fn assign(&mut self, owned: &[i32]) -> Result<()> {
+        self.assign_partitions(owned).await
     }
 }
 

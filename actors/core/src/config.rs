@@ -280,6 +280,10 @@ pub struct IngestConfig {
     pub batch_records: usize,
     /// Objects written at once (S3 requests in flight per consumer).
     pub write_concurrency: usize,
+    /// How long an ingest node's membership and partition leases last
+    /// without renewal (a cluster's nodes take partitions by lease): a
+    /// killed node's partitions move after about this long.
+    pub lease_secs: u64,
 }
 
 impl Default for IngestConfig {
@@ -288,6 +292,7 @@ impl Default for IngestConfig {
             max_message_bytes: 8 * 1024 * 1024,
             batch_records: 256,
             write_concurrency: 8,
+            lease_secs: 10,
         }
     }
 }
@@ -728,6 +733,9 @@ impl ClusterConfig {
         if self.ingest.write_concurrency == 0 || self.ingest.write_concurrency > 256 {
             return bad("ingest.write_concurrency", "must be 1 ..= 256".into());
         }
+        if !(2..=600).contains(&self.ingest.lease_secs) {
+            return bad("ingest.lease_secs", "must be 2 ..= 600".into());
+        }
         // Train and serve nodes talk to the coordinator over the mesh: when
         // the coordinator runs in another process, both ends need a port.
         let coordinators: Vec<&NodeConfig> = self
@@ -988,6 +996,24 @@ mod tests {
         assert!(e.contains("nodes[0].roles"), "{e}");
         let e = parse("bogus = 1\n").unwrap_err().to_string();
         assert!(e.contains("`bogus`"), "{e}");
+        for (key, value) in [
+            ("lease_secs", "1"),
+            ("lease_secs", "601"),
+            ("write_concurrency", "0"),
+            ("batch_records", "0"),
+        ] {
+            let e = parse(&format!("[ingest]\n{key} = {value}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("`ingest.{key}`")), "{e}");
+        }
+        assert_eq!(
+            parse("[ingest]\nlease_secs = 3\n")
+                .unwrap()
+                .ingest
+                .lease_secs,
+            3
+        );
     }
 
     #[test]

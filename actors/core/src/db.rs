@@ -239,7 +239,7 @@ impl Db {
         Ok(db)
     }
 
-    fn sql(&self, s: &str) -> String {
+    pub(crate) fn sql(&self, s: &str) -> String {
         match self {
             Db::Postgres(_) => s.to_string(),
             Db::Sqlite(_) => s.replace('$', "?"),
@@ -274,6 +274,8 @@ impl Db {
             format!(
                 "CREATE TABLE IF NOT EXISTS node_states (node TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at {ts} NOT NULL)"
             ),
+            "CREATE TABLE IF NOT EXISTS ingest_members (grp TEXT NOT NULL, topic TEXT NOT NULL, member TEXT NOT NULL, expires_ms BIGINT NOT NULL, PRIMARY KEY (grp, topic, member))".to_string(),
+            "CREATE TABLE IF NOT EXISTS ingest_leases (grp TEXT NOT NULL, topic TEXT NOT NULL, part BIGINT NOT NULL, owner TEXT NOT NULL, epoch BIGINT NOT NULL, expires_ms BIGINT NOT NULL, PRIMARY KEY (grp, topic, part))".to_string(),
             format!(
                 "CREATE TABLE IF NOT EXISTS job_attempts (job_id TEXT NOT NULL, epoch BIGINT NOT NULL, attempt BIGINT NOT NULL, ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, node TEXT NOT NULL, version BIGINT NOT NULL, assigned_at {ts} NOT NULL, ended_at {ts}, outcome TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (job_id, epoch))"
             ),

@@ -5,7 +5,8 @@
 //! - [`calendar`], [`synthetic`]: the NYSE calendar and a deterministic synthetic market.
 //! - [`parquet_io`]: the fixed Parquet schema of raw bars.
 //! - [`store`]: the object store (local directory or S3).
-//! - [`db`]: the feature store and registries (SQLite or PostgreSQL).
+//! - [`db`]: the feature store and registries (SQLite or PostgreSQL), and
+//!   the ingest consumers' partition leases.
 //! - [`bus`]: the message bus (file spool or Kafka).
 //! - [`supervision`]: restart budgets for the role supervisors.
 //! - [`testing`]: how integration tests reach the real services.
@@ -14,6 +15,7 @@ pub mod bus;
 pub mod calendar;
 pub mod config;
 pub mod db;
+mod db_leases;
 mod error;
 pub mod parquet_io;
 pub mod store;

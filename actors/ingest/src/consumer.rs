@@ -38,6 +38,7 @@ use tickmesh_core::{Error, Result};
 use tracing::{debug, warn};
 
 use crate::metrics::IngestMetrics;
+use crate::ownership::{LeaseArgs, Ownership};
 
 /// What one source's consumer does with a payload.
 pub trait Source: Send + Sync + 'static {
@@ -89,8 +90,9 @@ pub struct ConsumerArgs {
     pub topic: String,
     /// Consumer group suffix.
     pub group: String,
-    /// This node's share of the topic's partitions.
-    pub share: Share,
+    /// The partitions read: `Some` takes them by lease with the other
+    /// ingest nodes (a cluster), `None` reads them all (one process).
+    pub leases: Option<LeaseArgs>,
     pub store: Arc<dyn ObjectStore>,
     pub publisher: SharedPublisher,
     pub metrics: IngestMetrics,
@@ -100,6 +102,7 @@ pub struct ConsumerArgs {
 pub struct ConsumerState {
     sub: Box<dyn Subscription>,
     args: ConsumerArgs,
+    ownership: Option<Ownership>,
 }
 
 impl<S: Source> Actor for ConsumerActor<S> {
@@ -112,13 +115,47 @@ impl<S: Source> Actor for ConsumerActor<S> {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let sub = args
+        let share = match args.leases {
+            Some(_) => Share::NONE,
+            None => Share::ALL,
+        };
+        let mut sub = args
             .bus
-            .subscribe_share(&args.topic, &args.group, args.share)
+            .subscribe_share(&args.topic, &args.group, share)
             .await?;
-        tracing::info!(topic = %args.topic, source = S::NAME, "consumer started");
+        let mut ownership = args.leases.clone().map(|l| {
+            let (group, topic) = args.bus.scope(&args.topic, &args.group);
+            Ownership::new(l, &group, &topic)
+        });
+        if let Some(o) = ownership.as_mut() {
+            o.round(sub.as_mut()).await?;
+        }
+        tracing::info!(topic = %args.topic, source = S::NAME, partitions = ?ownership.as_ref().map(|o| o.owned().to_vec()), "consumer started");
         myself.cast(ConsumerMsg::Poll)?;
-        Ok(ConsumerState { sub, args })
+        Ok(ConsumerState {
+            sub,
+            args,
+            ownership,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(o) = state.ownership.as_mut() {
+            match tokio::time::timeout(Duration::from_secs(10), o.leave(state.sub.as_mut())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(topic = %state.args.topic, error = %e, "giving the partition leases back failed; they expire on their own")
+                }
+                Err(_) => {
+                    warn!(topic = %state.args.topic, "giving the partition leases back took over 10 s; they expire on their own")
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -129,11 +166,25 @@ impl<S: Source> Actor for ConsumerActor<S> {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ConsumerMsg::Poll => {
+                if let Some(o) = state.ownership.as_mut().filter(|o| o.due()) {
+                    o.round(state.sub.as_mut()).await?;
+                }
                 let batch = state
                     .sub
                     .poll_batch(state.args.config.batch_records, Duration::from_millis(500))
                     .await?;
-                if !batch.is_empty() {
+                let leased =
+                    |state: &ConsumerState| state.ownership.as_ref().is_none_or(|o| o.valid());
+                if !batch.is_empty() && !leased(state) {
+                    // The leases may have moved on: the batch is left to
+                    // whoever owns its partitions now.
+                    warn!(topic = %state.args.topic, records = batch.len(), "partition leases not renewed in time: the batch is dropped, not written");
+                    // Read its partitions again from the committed offsets
+                    // if the next round keeps them.
+                    if let Some(o) = state.ownership.as_mut() {
+                        o.reset(state.sub.as_mut()).await?;
+                    }
+                } else if !batch.is_empty() {
                     process_batch::<S>(&state.args, &batch).await?;
                     if let Some(ms) = std::env::var(FAILPOINT_PAUSE)
                         .ok()
@@ -142,7 +193,11 @@ impl<S: Source> Actor for ConsumerActor<S> {
                         tracing::info!(ms, "failpoint: batch written, pausing before its commit");
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                     }
-                    state.sub.commit_batch(&batch).await?;
+                    if leased(state) {
+                        state.sub.commit_batch(&batch).await?;
+                    } else {
+                        warn!(topic = %state.args.topic, records = batch.len(), "partition leases ran out while the batch was written: not committed (it is delivered again)");
+                    }
                 }
                 myself.cast(ConsumerMsg::Poll)?;
             }

@@ -8,6 +8,7 @@
 //! - [`company_consumer`]: the company source, `h_company` → `company-fundamentals` symbol-years.
 //! - [`dlq`]: `tickmesh dlq list|replay`, the dead letters and their re-injection.
 //! - [`supervisor`]: the ingest role's supervisor (consumers restarted by the configured policy).
+//! - [`ownership`]: which ingest node reads which partition (leases in the database).
 //! - [`metrics`]: counters of what the consumers did.
 
 pub mod alpaca;
@@ -19,5 +20,6 @@ pub mod fred;
 pub mod http;
 pub mod macro_consumer;
 pub mod metrics;
+pub mod ownership;
 pub mod producer;
 pub mod supervisor;
