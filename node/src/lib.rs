@@ -8,6 +8,7 @@
 //! - [`cluster`]: ractor_cluster membership (node servers, node agents).
 //! - [`bench`]: the training-throughput benchmark beside PyTorch.
 //! - [`bench_cp`]: the control plane's placement and failover benchmark.
+//! - [`bench_ingest`]: the ingest role's Kafka → Parquet throughput.
 //! - [`dlq_cli`]: `tickmesh dlq list|replay`.
 //! - [`produce_cli`]: `tickmesh produce …`, a subcommand per source.
 //! - [`train_cli`]: `tickmesh train`, `evaluate` and `doctor`.
@@ -15,6 +16,7 @@
 pub mod admin_cli;
 pub mod bench;
 pub mod bench_cp;
+pub mod bench_ingest;
 pub mod chart;
 pub mod cluster;
 pub mod demo;

@@ -151,6 +151,17 @@ enum Cmd {
         #[arg(long)]
         postgres_config: Option<PathBuf>,
     },
+    /// Ingest throughput, Kafka → Parquet, of records already on the topics (scripts/bench/ingest.sh).
+    #[command(hide = true)]
+    BenchIngest {
+        #[arg(long)]
+        config: PathBuf,
+        /// Stop once this many records are written.
+        #[arg(long)]
+        records: u64,
+        #[arg(long, default_value_t = 1800)]
+        timeout_secs: u64,
+    },
     /// Training throughput of each model kind (scripts/bench/train.sh runs it beside PyTorch).
     #[command(hide = true)]
     BenchTrain {
@@ -408,6 +419,20 @@ async fn run(cli: Cli) -> Result<()> {
             for line in out {
                 println!("{line}");
             }
+        }
+        Cmd::BenchIngest {
+            config,
+            records,
+            timeout_secs,
+        } => {
+            let cfg = load(&config)?;
+            let out = tickmesh::bench_ingest::run(
+                &cfg,
+                records,
+                std::time::Duration::from_secs(timeout_secs),
+            )
+            .await?;
+            println!("{out}");
         }
         Cmd::BenchTrain {
             kinds,

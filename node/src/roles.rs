@@ -49,13 +49,15 @@ use tracing::info;
 pub struct Bound {
     pub coordinator: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
+    /// The node's `/metrics` and `/healthz` (`metrics_listen`).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A running node: one root [`Supervisor`] (`node:NAME`, the
 /// `[supervision]` policy) owning every role's top actor and every server,
 /// in this order: the mesh links, coordinator, coordinator gRPC, ingest,
-/// aggregate, train, serve (the predictor registry), forecast HTTP.
-/// Stopped in the reverse order.
+/// aggregate, train, serve (the predictor registry), forecast HTTP, the
+/// node's metrics HTTP. Stopped in the reverse order.
 pub struct Node {
     pub name: String,
     pub bound: Bound,
@@ -105,6 +107,7 @@ pub async fn start(
     roles: &[Role],
     adapters: &Adapters,
 ) -> Result<Node> {
+    tickmesh_core::telemetry::install();
     let mut node = Node {
         name: name.to_string(),
         bound: Bound::default(),
@@ -332,6 +335,24 @@ pub async fn start(
             }
         })?);
         info!(%addr, "forecast API serving");
+    }
+
+    if let Some(listen) = nc.and_then(|n| n.metrics_listen.as_ref()) {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("bind nodes.{name}.metrics_listen {listen}"))?;
+        let addr = listener.local_addr()?;
+        node.bound.metrics = Some(addr);
+        children.push(server_child(
+            "metrics HTTP",
+            listener,
+            move |l, sd| async move {
+                tickmesh_serve::http::serve_node(l, sd)
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )?);
+        info!(%addr, "metrics serving at /metrics");
     }
 
     if let Some(mesh) = &mesh {

@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{Datelike, NaiveDate};
@@ -251,6 +251,38 @@ async fn one_percent_poison_of_every_kind_is_dead_lettered_and_replayed_after_a_
         },
     )
     .await;
+    // The same counts on /metrics, per source, through the metrics library.
+    let text = tickmesh_core::telemetry::render();
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{line_start}` in /metrics:\n{text}"))
+    };
+    let per_source: BTreeMap<&str, f64> = ["bars", "macro", "company"]
+        .into_iter()
+        .map(|s| {
+            (
+                s,
+                value(&format!(
+                    "tickmesh_ingest_dead_letters_total{{source=\"{s}\"}}"
+                )),
+            )
+        })
+        .collect();
+    assert_eq!(per_source.values().sum::<f64>(), 17.0, "{per_source:?}");
+    for s in ["bars", "macro", "company"] {
+        assert!(value(&format!("tickmesh_ingest_records_total{{source=\"{s}\"}}")) > 0.0);
+    }
+    assert!(
+        text.contains("# TYPE tickmesh_ingest_dead_letters_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# HELP tickmesh_ingest_dead_letters_total "),
+        "{text}"
+    );
     node.stop().await;
 
     // The dead-letter topics hold exactly the poison, each with its headers.

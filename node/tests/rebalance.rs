@@ -60,6 +60,21 @@ fn tail(log: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// `GET /metrics` of a node, over a plain socket.
+fn get_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
+}
+
 /// Who holds a live lease of each partition.
 async fn owners(db: &Db, group: &str, topic: &str) -> BTreeMap<i32, String> {
     db.ingest_leases(group, topic)
@@ -154,6 +169,11 @@ async fn partitions_move_when_a_second_consumer_joins_leaves_and_dies_with_nothi
     .expect("create the 6-partition topics");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("cluster.toml");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     std::fs::write(
         &config,
         format!(
@@ -177,6 +197,7 @@ lease_secs = 3
 [[nodes]]
 name = "ingest-a"
 roles = ["ingest"]
+metrics_listen = "127.0.0.1:{metrics_port}"
 [[nodes]]
 name = "ingest-b"
 roles = ["ingest"]
@@ -382,6 +403,24 @@ roles = ["ingest"]
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // ingest-a's /metrics (Prometheus text through the metrics library).
+    let text = get_metrics(metrics_port);
+    for want in [
+        "# TYPE tickmesh_ingest_write_seconds histogram",
+        "tickmesh_ingest_write_seconds_bucket{source=\"bars\",le=\"0.05\"}",
+        "# TYPE tickmesh_ingest_records_total counter",
+        "# HELP tickmesh_ingest_consumer_lag ",
+        &format!("tickmesh_ingest_partitions_owned{{topic=\"{topic}\"}} 6"),
+        "# TYPE tickmesh_kafka_commits_total counter",
+    ] {
+        assert!(text.contains(want), "no `{want}` in /metrics:\n{text}");
+    }
+    let rows: f64 = text
+        .lines()
+        .find(|l| l.starts_with("tickmesh_ingest_rows_total{source=\"bars\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no bar rows in /metrics:\n{text}"));
+    assert!(rows > 0.0, "{text}");
     node_a.kill().unwrap();
     node_a.wait().unwrap();
 

@@ -344,6 +344,12 @@ pub static KAFKA_STATS: KafkaStats = KafkaStats {
     commits: AtomicU64::new(0),
 };
 
+/// Adds one to a [`KAFKA_STATS`] counter and to its metric.
+fn count(c: &AtomicU64, metric: &'static str) {
+    c.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(metric).increment(1);
+}
+
 /// Counts refused asynchronous commits.
 pub struct CommitCounter;
 
@@ -356,7 +362,10 @@ impl rdkafka::consumer::ConsumerContext for CommitCounter {
         offsets: &TopicPartitionList,
     ) {
         if let Err(e) = result {
-            KAFKA_STATS.commit_failures.fetch_add(1, Ordering::Relaxed);
+            count(
+                &KAFKA_STATS.commit_failures,
+                "tickmesh_kafka_commit_failures_total",
+            );
             tracing::warn!(error = %e, offsets = ?offsets.to_topic_map(), "offset commit refused; a later commit covers it");
         }
     }
@@ -427,7 +436,12 @@ pub struct KafkaSubscription {
     all: Vec<i32>,
     parts: BTreeMap<i32, Part>,
     committed: BTreeMap<i32, i64>,
+    /// When the lag gauges are next measured.
+    lag_due: std::time::Instant,
 }
+
+/// How often a Kafka subscription measures its partitions' lag.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs a blocking Kafka client call off the async reactor.
 async fn blocking<T: Send + 'static>(
@@ -493,6 +507,7 @@ impl KafkaSubscription {
             all: all.clone(),
             parts: BTreeMap::new(),
             committed: BTreeMap::new(),
+            lag_due: std::time::Instant::now(),
         };
         let owned: Vec<i32> = all.into_iter().filter(|p| share.owns(*p)).collect();
         sub.assign_partitions(&owned).await?;
@@ -551,6 +566,8 @@ impl KafkaSubscription {
         for p in &dropped {
             self.parts.remove(p);
             self.committed.remove(p);
+            // Whoever reads it now reports its lag.
+            metrics::gauge!("tickmesh_ingest_consumer_lag", "topic" => self.name.clone(), "partition" => p.to_string()).set(0.0);
         }
         let mut tpl = TopicPartitionList::new();
         for p in &added {
@@ -595,6 +612,28 @@ impl KafkaSubscription {
         Ok(())
     }
 
+    /// Measures each partition's lag (high watermark minus the next offset
+    /// to hand out) into `tickmesh_ingest_consumer_lag`, every
+    /// [`LAG_EVERY`], off the reactor.
+    fn measure_lag(&mut self) {
+        let now = std::time::Instant::now();
+        if now < self.lag_due {
+            return;
+        }
+        self.lag_due = now + LAG_EVERY;
+        let at: Vec<(i32, i64)> = self.parts.iter().map(|(p, s)| (*p, s.next)).collect();
+        let (c, name) = (self.consumer.clone(), self.name.clone());
+        tokio::task::spawn_blocking(move || {
+            for (p, next) in at {
+                match c.fetch_watermarks(&name, p, Duration::from_secs(5)) {
+                    Ok((_, high)) => metrics::gauge!("tickmesh_ingest_consumer_lag", "topic" => name.clone(), "partition" => p.to_string())
+                        .set((high - next).max(0) as f64),
+                    Err(e) => tracing::debug!(topic = %name, partition = p, error = %e, "lag not measured"),
+                }
+            }
+        });
+    }
+
     /// Seeks partition `p` further back for its next offset.
     fn hunt_further(&mut self, p: i32, gap: bool) {
         let Some(part) = self.parts.get_mut(&p) else {
@@ -611,7 +650,10 @@ impl KafkaSubscription {
         if at_low {
             // Already back at the first offset the broker holds.
             if was_gap {
-                KAFKA_STATS.gaps_genuine.fetch_add(1, Ordering::Relaxed);
+                count(
+                    &KAFKA_STATS.gaps_genuine,
+                    "tickmesh_kafka_gaps_genuine_total",
+                );
                 tracing::warn!(topic = %self.name, partition = p, next = part.next, "offsets missing all the way back to the partition's first: passed as a real gap");
             }
             part.hunt = None;
@@ -625,7 +667,7 @@ impl KafkaSubscription {
             since: std::time::Instant::now(),
             gap: was_gap,
         });
-        KAFKA_STATS.seeks.fetch_add(1, Ordering::Relaxed);
+        count(&KAFKA_STATS.seeks, "tickmesh_kafka_seeks_total");
         if let Err(e) = self
             .consumer
             .seek(&self.name, p, Offset::Offset(target), Duration::ZERO)
@@ -650,7 +692,10 @@ impl KafkaSubscription {
                 // the partition is caught up.
                 if let Some(part) = self.parts.get_mut(&p) {
                     if part.hunt.take().is_some_and(|h| h.gap) {
-                        KAFKA_STATS.gaps_recovered.fetch_add(1, Ordering::Relaxed);
+                        count(
+                            &KAFKA_STATS.gaps_recovered,
+                            "tickmesh_kafka_gaps_recovered_total",
+                        );
                     }
                 }
             } else {
@@ -674,7 +719,10 @@ impl KafkaSubscription {
         }
         if offset == part.next {
             if part.hunt.take().is_some_and(|h| h.gap) {
-                KAFKA_STATS.gaps_recovered.fetch_add(1, Ordering::Relaxed);
+                count(
+                    &KAFKA_STATS.gaps_recovered,
+                    "tickmesh_kafka_gaps_recovered_total",
+                );
             }
             part.next = offset + 1;
             return true;
@@ -682,7 +730,10 @@ impl KafkaSubscription {
         match &part.hunt {
             Some(h) if h.seen_before => {
                 // Both sides of the gap in one run: nothing is there.
-                KAFKA_STATS.gaps_genuine.fetch_add(1, Ordering::Relaxed);
+                count(
+                    &KAFKA_STATS.gaps_genuine,
+                    "tickmesh_kafka_gaps_genuine_total",
+                );
                 tracing::info!(topic = %self.name, partition = p, from = part.next, to = offset, "offsets not in the log (compaction or transaction markers)");
                 part.hunt = None;
                 part.next = offset + 1;
@@ -691,14 +742,14 @@ impl KafkaSubscription {
             Some(h) => {
                 if !h.gap {
                     // The check at assignment caught the broker skipping.
-                    KAFKA_STATS.gaps.fetch_add(1, Ordering::Relaxed);
+                    count(&KAFKA_STATS.gaps, "tickmesh_kafka_gaps_total");
                     tracing::warn!(topic = %self.name, partition = p, expected = part.next, got = offset, "the broker skipped offsets; seeking back for them");
                 }
                 self.hunt_further(p, true);
                 false
             }
             None => {
-                KAFKA_STATS.gaps.fetch_add(1, Ordering::Relaxed);
+                count(&KAFKA_STATS.gaps, "tickmesh_kafka_gaps_total");
                 tracing::warn!(topic = %self.name, partition = p, expected = part.next, got = offset, "the broker skipped offsets; seeking back for them");
                 self.hunt_further(p, true);
                 false
@@ -772,6 +823,7 @@ impl Subscription for KafkaSubscription {
         use futures::FutureExt;
         let deadline = tokio::time::Instant::now() + wait;
         let mut out = Vec::new();
+        self.measure_lag();
         loop {
             self.step_hunts();
             let consumer = self.consumer.clone();
@@ -820,7 +872,7 @@ impl Subscription for KafkaSubscription {
         if tpl.count() == 0 {
             return Ok(());
         }
-        KAFKA_STATS.commits.fetch_add(1, Ordering::Relaxed);
+        count(&KAFKA_STATS.commits, "tickmesh_kafka_commits_total");
         self.consumer
             .commit(&tpl, CommitMode::Async)
             .map_err(|e| Error::bus(&self.name, format!("commit: {e}")))
@@ -963,6 +1015,8 @@ impl SpoolSubscription {
             .into_iter()
             .filter(|p| !self.in_flight.contains(p))
             .collect();
+        metrics::gauge!("tickmesh_ingest_consumer_lag", "topic" => self.topic.clone(), "partition" => "0")
+            .set(self.pending.len() as f64);
         Ok(())
     }
 

@@ -542,6 +542,11 @@ pub struct NodeConfig {
     /// per GPU on a CUDA device, else `train.cpu_jobs`.
     #[serde(default)]
     pub jobs: Option<usize>,
+    /// Where this node serves `/metrics` (Prometheus text) and `/healthz`
+    /// over HTTP. A node with the serve role serves them on its forecast
+    /// API too.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 /// A token or cookie: at least 16 printable ASCII characters, no spaces.
@@ -753,6 +758,16 @@ impl ClusterConfig {
             );
         }
         let coordinator = coordinators.first().copied();
+        for n in &self.nodes {
+            if let Some(addr) = &n.metrics_listen {
+                if addr.parse::<SocketAddr>().is_err() {
+                    return bad(
+                        &format!("nodes.{}.metrics_listen", n.name),
+                        format!("`{addr}` is not a socket address like 127.0.0.1:9464"),
+                    );
+                }
+            }
+        }
         for n in &self.nodes {
             let remote = (n.roles.contains(&Role::Train) || n.roles.contains(&Role::Serve))
                 && !n.roles.contains(&Role::Coordinator);
@@ -1014,6 +1029,10 @@ mod tests {
                 .lease_secs,
             3
         );
+        let e = parse("[[nodes]]\nname = \"i\"\nroles = [\"ingest\"]\nmetrics_listen = \"9464\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`nodes.i.metrics_listen`"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   the ingest consumers' partition leases.
 //! - [`bus`]: the message bus (file spool or Kafka).
 //! - [`supervision`]: restart budgets for the role supervisors.
+//! - [`telemetry`]: the metrics recorder and the `/metrics` text.
 //! - [`testing`]: how integration tests reach the real services.
 
 pub mod bus;
@@ -21,6 +22,7 @@ pub mod parquet_io;
 pub mod store;
 pub mod supervision;
 pub mod synthetic;
+pub mod telemetry;
 pub mod testing;
 pub mod types;
 

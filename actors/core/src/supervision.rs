@@ -91,6 +91,7 @@ pub fn metrics() -> &'static SupervisionMetrics {
 
 impl SupervisionMetrics {
     pub fn restarted(&self, supervisor: &str, child: &str) {
+        metrics::counter!("tickmesh_supervisor_restarts_total", "supervisor" => supervisor.to_string(), "child" => child.to_string()).increment(1);
         *self
             .restarts
             .lock()
@@ -100,6 +101,7 @@ impl SupervisionMetrics {
     }
 
     pub fn escalated(&self, supervisor: &str, reason: &str) {
+        metrics::counter!("tickmesh_supervisor_escalations_total", "supervisor" => supervisor.to_string()).increment(1);
         *self
             .escalations
             .lock()
@@ -139,35 +141,6 @@ impl SupervisionMetrics {
             .get(supervisor)
             .copied()
             .unwrap_or(0)
-    }
-
-    /// Prometheus text exposition (HELP and TYPE lines included).
-    pub fn render(&self) -> String {
-        let mut out = String::from(
-            "# HELP tickmesh_supervisor_restarts_total Children restarted by a supervisor.\n# TYPE tickmesh_supervisor_restarts_total counter\n",
-        );
-        for ((s, c), n) in self
-            .restarts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            out.push_str(&format!(
-                "tickmesh_supervisor_restarts_total{{supervisor=\"{s}\",child=\"{c}\"}} {n}\n"
-            ));
-        }
-        out.push_str("# HELP tickmesh_supervisor_escalations_total Supervisors that gave up (restart budget spent).\n# TYPE tickmesh_supervisor_escalations_total counter\n");
-        for (s, n) in self
-            .escalations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            out.push_str(&format!(
-                "tickmesh_supervisor_escalations_total{{supervisor=\"{s}\"}} {n}\n"
-            ));
-        }
-        out
     }
 }
 
@@ -786,6 +759,7 @@ mod strategy_tests {
 
     #[tokio::test]
     async fn a_child_failing_in_a_loop_is_restarted_within_its_budget_then_escalates() {
+        crate::telemetry::install();
         // A parent that records how its child supervisor ended.
         struct Parent(Arc<Mutex<Option<String>>>);
         impl Actor for Parent {
@@ -862,9 +836,13 @@ mod strategy_tests {
             .clone()
             .expect("the parent saw a failure");
         assert!(why.contains("exited more than 3 times"), "{why}");
-        assert!(metrics()
-            .render()
-            .contains("tickmesh_supervisor_escalations_total{supervisor=\"t-escalate\"} 1"));
+        let text = crate::telemetry::render();
+        assert!(
+            text.contains("tickmesh_supervisor_escalations_total{supervisor=\"t-escalate\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE tickmesh_supervisor_escalations_total counter"));
+        assert!(text.contains("# HELP tickmesh_supervisor_escalations_total "));
     }
 
     #[tokio::test]

@@ -264,7 +264,7 @@ pub async fn process_batch<S: Source>(args: &ConsumerArgs, batch: &[Record]) -> 
             Err(reason) => {
                 warn!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, error = %reason, "message sent to the dead-letter topic");
                 let dlq = dead_letter(args.publisher.as_ref(), rec, &reason).await;
-                args.metrics.add_malformed(dlq.is_ok());
+                args.metrics.add_malformed(S::NAME, dlq.is_ok());
                 // A failed DLQ write must not drop the record: retry later.
                 dlq?;
             }
@@ -278,7 +278,7 @@ pub async fn process_batch<S: Source>(args: &ConsumerArgs, batch: &[Record]) -> 
         .map(|(key, rows)| async move {
             let started = Instant::now();
             let conflicts = write_object::<S>(store, &key, &rows).await?;
-            metrics.add_write(started.elapsed(), conflicts);
+            metrics.add_write(S::NAME, started.elapsed(), conflicts);
             Ok::<_, Error>(())
         })
         .buffer_unordered(args.config.write_concurrency)

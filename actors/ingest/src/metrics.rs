@@ -1,4 +1,6 @@
-//! Counters of the ingest role, shared by every consumer of a process.
+//! Counters of the ingest role, shared by every consumer of a process
+//! (read in-process by the demo and tests), each also recorded as a metric
+//! for `/metrics` (names and help texts in `tickmesh_core::telemetry`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -73,7 +75,14 @@ impl IngestMetrics {
             .collect()
     }
 
-    pub(crate) fn add_write(&self, took: Duration, conflicts: u32) {
+    pub(crate) fn add_write(&self, source: &'static str, took: Duration, conflicts: u32) {
+        metrics::histogram!("tickmesh_ingest_write_seconds", "source" => source)
+            .record(took.as_secs_f64());
+        metrics::counter!("tickmesh_ingest_objects_written_total", "source" => source).increment(1);
+        if conflicts > 0 {
+            metrics::counter!("tickmesh_ingest_write_conflicts_total", "source" => source)
+                .increment(conflicts as u64);
+        }
         let ms = took.as_millis() as u64;
         let i = WRITE_MS_BUCKETS
             .iter()
@@ -88,12 +97,17 @@ impl IngestMetrics {
 
     pub(crate) fn add_batch(
         &self,
-        source: &str,
+        source: &'static str,
         records: usize,
         good: usize,
         bytes: usize,
         rows: usize,
     ) {
+        metrics::counter!("tickmesh_ingest_records_total", "source" => source)
+            .increment(records as u64);
+        metrics::counter!("tickmesh_ingest_bytes_total", "source" => source)
+            .increment(bytes as u64);
+        metrics::counter!("tickmesh_ingest_rows_total", "source" => source).increment(rows as u64);
         let add = |c: &AtomicU64, n: usize| c.fetch_add(n as u64, Ordering::Relaxed);
         add(&self.0.batches, 1);
         add(&self.0.records, records);
@@ -105,9 +119,11 @@ impl IngestMetrics {
         }
     }
 
-    pub(crate) fn add_malformed(&self, dead_lettered: bool) {
+    pub(crate) fn add_malformed(&self, source: &'static str, dead_lettered: bool) {
         self.0.malformed.fetch_add(1, Ordering::Relaxed);
         if dead_lettered {
+            metrics::counter!("tickmesh_ingest_dead_letters_total", "source" => source)
+                .increment(1);
             self.0.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
     }

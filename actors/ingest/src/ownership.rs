@@ -171,6 +171,8 @@ impl Ownership {
         if !taken.is_empty() || !surplus.is_empty() {
             info!(topic = %self.topic, member, members = members.len(), taken = ?taken, released = ?surplus, owned = ?keep, "partition ownership changed");
         }
+        metrics::gauge!("tickmesh_ingest_partitions_owned", "topic" => self.topic.clone())
+            .set(keep.len() as f64);
         self.owned = keep;
         self.valid_until = started + self.args.ttl * 4 / 5;
         Ok(())
@@ -189,6 +191,7 @@ impl Ownership {
     pub async fn leave(&mut self, sub: &mut dyn Subscription) -> Result<()> {
         let owned = std::mem::take(&mut self.owned);
         self.valid_until = Instant::now();
+        metrics::gauge!("tickmesh_ingest_partitions_owned", "topic" => self.topic.clone()).set(0.0);
         let flushed = sub.assign(&[]).await;
         let released = self
             .args

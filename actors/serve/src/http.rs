@@ -11,12 +11,11 @@
 //!   test metrics) or `failed` (with the reason); 404 for an unknown id.
 //!   Asked of the coordinator's port on the mesh.
 //! - `GET /ml/models` → what is served, with metrics beside the naive baseline.
-//! - `GET /health` → `ok`; `GET /metrics` → Prometheus counters.
+//! - `GET /health` → `ok`; `GET /metrics` → the process's metrics
+//!   (`tickmesh_core::telemetry`).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -44,14 +43,6 @@ pub struct HttpState {
     link: Option<Link>,
     /// The cluster's scope on the mesh, for job status from the coordinator's port.
     scope: Scope,
-    counters: Arc<Counters>,
-}
-
-#[derive(Default)]
-struct Counters {
-    ok: AtomicU64,
-    client_errors: AtomicU64,
-    unavailable: AtomicU64,
 }
 
 impl HttpState {
@@ -61,7 +52,6 @@ impl HttpState {
             max_steps,
             link: None,
             scope,
-            counters: Arc::default(),
         }
     }
 
@@ -142,19 +132,15 @@ async fn forecast(
         .map_err(|e| ServeError::Unavailable(format!("predictor registry: {e}")))?
     }
     .await;
-    let c = &st.counters;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(ServeError::Unavailable(_)) => "unavailable",
+        Err(_) => "client_error",
+    };
+    metrics::counter!("tickmesh_forecast_requests_total", "outcome" => outcome).increment(1);
     match result {
-        Ok(r) => {
-            c.ok.fetch_add(1, Ordering::Relaxed);
-            Json(r).into_response()
-        }
-        Err(e) => {
-            match e {
-                ServeError::Unavailable(_) => c.unavailable.fetch_add(1, Ordering::Relaxed),
-                _ => c.client_errors.fetch_add(1, Ordering::Relaxed),
-            };
-            e.into_response()
-        }
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -328,14 +314,10 @@ async fn models(State(st): State<HttpState>) -> Response {
     }
 }
 
-async fn metrics(State(st): State<HttpState>) -> String {
-    let c = &st.counters;
-    let supervision = tickmesh_core::supervision::metrics().render();
-    format!(
-        "tickmesh_forecast_requests_total{{outcome=\"ok\"}} {}\ntickmesh_forecast_requests_total{{outcome=\"client_error\"}} {}\ntickmesh_forecast_requests_total{{outcome=\"unavailable\"}} {}\n{supervision}",
-        c.ok.load(Ordering::Relaxed),
-        c.client_errors.load(Ordering::Relaxed),
-        c.unavailable.load(Ordering::Relaxed)
+async fn metrics() -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        tickmesh_core::telemetry::render(),
     )
 }
 
@@ -348,6 +330,24 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
         .with_state(state)
+}
+
+/// Every node's own endpoints (`nodes.*.metrics_listen`): `GET /metrics`
+/// and `GET /healthz`.
+pub fn node_router() -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+}
+
+/// Serves [`node_router`] on `listener` until `shutdown` completes.
+pub async fn serve_node(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, node_router())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
