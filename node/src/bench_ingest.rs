@@ -21,7 +21,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-pub async fn run(cfg: &ClusterConfig, records: u64, timeout: Duration) -> Result<serde_json::Value> {
+pub async fn run(
+    cfg: &ClusterConfig,
+    records: u64,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
     let adapters = Adapters::connect(cfg).await?;
     let started = Instant::now();
     let node = crate::roles::start(cfg, "bench-ingest", &[Role::Ingest], &adapters).await?;
@@ -38,7 +42,13 @@ pub async fn run(cfg: &ClusterConfig, records: u64, timeout: Duration) -> Result
         }
         if last.1.elapsed() >= Duration::from_secs(5) {
             let rate = (m.bars() - last.0) as f64 / last.1.elapsed().as_secs_f64();
-            tracing::warn!(records = m.records(), of = records, bars = m.bars(), bars_per_s = rate as u64, "ingesting");
+            tracing::warn!(
+                records = m.records(),
+                of = records,
+                bars = m.bars(),
+                bars_per_s = rate as u64,
+                "ingesting"
+            );
             last = (m.bars(), Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

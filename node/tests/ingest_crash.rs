@@ -33,6 +33,14 @@ struct Node {
     log: std::path::PathBuf,
 }
 
+/// A failed assertion must not leave the process consuming.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn(config: &std::path::Path, dir: &std::path::Path, n: usize, pause: bool) -> Node {
     let log = dir.join(format!("ingest-{n}.log"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tickmesh"));

@@ -36,12 +36,36 @@ use tickmesh_ingest::producer::weekly_messages;
 
 const PARTITIONS: i32 = 6;
 
+/// A node process, killed when the test ends however it ends (a failed
+/// assertion must not leave it consuming).
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn spawn(
     config: &std::path::Path,
     dir: &std::path::Path,
     node: &str,
     n: usize,
-) -> (Child, std::path::PathBuf) {
+) -> (Proc, std::path::PathBuf) {
     let log = dir.join(format!("{node}-{n}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_tickmesh"))
         .args(["run", "--node", node, "--config"])
@@ -51,7 +75,7 @@ fn spawn(
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    (child, log)
+    (Proc(child), log)
 }
 
 fn tail(log: &std::path::Path) -> String {

@@ -51,6 +51,7 @@ endpoint_url = "http://127.0.0.1:${S3_PORT}"
 bucket_prefix = "$id-tm-"
 [postgres]
 port = ${PG_PORT}
+${INGEST_TOML:-}
 TOML
 tm() { RUST_LOG="${RUST_LOG:-warn}" "$TICKMESH_BIN" "$@"; }
 tm admin --config "$work/cluster.toml" create-topics --partitions "${PARTITIONS:-1}" >&2

@@ -55,6 +55,8 @@ def main():
             "group.id": group,
             "auto.offset.reset": "earliest",
             "fetch.message.max.bytes": 20000000,
+            # As tickmesh's consumer: tansu 0.6.0 holds every fetch this long.
+            "fetch.wait.max.ms": 10,
         }
     )
     consumer.subscribe([topic])

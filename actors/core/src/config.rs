@@ -291,7 +291,7 @@ impl Default for IngestConfig {
         IngestConfig {
             max_message_bytes: 8 * 1024 * 1024,
             batch_records: 256,
-            write_concurrency: 8,
+            write_concurrency: 16,
             lease_secs: 10,
         }
     }

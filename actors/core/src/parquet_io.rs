@@ -24,6 +24,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use crate::types::{Bar, Fundamentals, Observation, FUNDAMENTAL_METRICS};
 use crate::{Error, Result};
@@ -76,7 +77,10 @@ pub fn encode_bars(ticker: &str, bars: &[Bar]) -> Result<Bytes> {
     write_file(bars_schema(), columns, bars.len() * 40, &ctx())
 }
 
-/// Writes one record batch as a Parquet file (snappy).
+/// Writes one record batch as a Parquet file (snappy). Only the first
+/// column (the object's ticker, series or symbol: one value) is dictionary
+/// encoded; hashing every timestamp and price for a dictionary cost more
+/// time than it saved space.
 fn write_file(
     schema: SchemaRef,
     columns: Vec<ArrayRef>,
@@ -85,9 +89,13 @@ fn write_file(
 ) -> Result<Bytes> {
     let batch =
         RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::parquet(ctx, e))?;
-    let props = WriterProperties::builder()
+    let mut props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
-        .build();
+        .set_dictionary_enabled(false);
+    if let Some(first) = schema.fields().first() {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(first.name().as_str()), true);
+    }
+    let props = props.build();
     let mut buf = Vec::with_capacity(size_hint + 1024);
     let mut w =
         ArrowWriter::try_new(&mut buf, schema, Some(props)).map_err(|e| Error::parquet(ctx, e))?;

@@ -161,16 +161,33 @@ pub struct Bar {
 /// 1998 (the first year the NYSE closed for Martin Luther King Jr. Day).
 pub const FIRST_BAR_YEAR: i32 = 1998;
 
+/// The times a bar may have, computed once per message, and the last UTC
+/// hour looked up in the calendar.
+struct TimeSpan {
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+    memo: std::cell::Cell<Option<(i64, NaiveDate, bool)>>,
+}
+
+impl TimeSpan {
+    fn now() -> Self {
+        TimeSpan {
+            first: Utc
+                .with_ymd_and_hms(FIRST_BAR_YEAR, 1, 1, 0, 0, 0)
+                .single()
+                .expect("a valid date"),
+            last: Utc::now() + chrono::Duration::days(1),
+            memo: std::cell::Cell::new(None),
+        }
+    }
+}
+
 impl Bar {
     /// A bar's time must be on an NYSE trading day from [`FIRST_BAR_YEAR`]
     /// to tomorrow (UTC): anything else (a weekend, a holiday, year 0001 or
     /// 9999, a date chrono cannot place in a week) is refused, never stored.
-    fn validate_time(&self, i: usize) -> Result<()> {
-        let first = Utc
-            .with_ymd_and_hms(FIRST_BAR_YEAR, 1, 1, 0, 0, 0)
-            .single()
-            .expect("a valid date");
-        let last = Utc::now() + chrono::Duration::days(1);
+    fn validate_time(&self, i: usize, span: &TimeSpan) -> Result<()> {
+        let (first, last) = (span.first, span.last);
         if self.t < first || self.t > last {
             return Err(Error::invalid(
                 "bar",
@@ -180,8 +197,18 @@ impl Bar {
                 ),
             ));
         }
-        let day = crate::calendar::ny_date(self.t);
-        if !crate::calendar::is_trading_day(day) {
+        // New York's offsets are whole hours: one look-up per UTC hour.
+        let hour = self.t.timestamp().div_euclid(3600);
+        let (day, trading) = match span.memo.get() {
+            Some((h, day, trading)) if h == hour => (day, trading),
+            _ => {
+                let day = crate::calendar::ny_date(self.t);
+                let trading = crate::calendar::is_trading_day(day);
+                span.memo.set(Some((hour, day, trading)));
+                (day, trading)
+            }
+        };
+        if !trading {
             return Err(Error::invalid(
                 "bar",
                 format!(
@@ -194,8 +221,8 @@ impl Bar {
         Ok(())
     }
 
-    fn validate(&self, i: usize) -> Result<()> {
-        self.validate_time(i)?;
+    fn validate(&self, i: usize, span: &TimeSpan) -> Result<()> {
+        self.validate_time(i, span)?;
         let prices = [("o", self.o), ("h", self.h), ("l", self.l), ("c", self.c)];
         for (name, p) in prices {
             if !p.is_finite() || p <= 0.0 {
@@ -249,6 +276,10 @@ fn parse_json<T: for<'de> Deserialize<'de>>(what: &'static str, payload: &[u8]) 
             ),
         ));
     }
+    // The fast path; a payload that fails is parsed again to say where.
+    if let Ok(v) = serde_json::from_slice(payload) {
+        return Ok(v);
+    }
     let de = &mut serde_json::Deserializer::from_slice(payload);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -274,8 +305,9 @@ impl BarsMessage {
         if self.bars.is_empty() {
             return Err(Error::invalid("bars message", "`bars` is empty"));
         }
+        let span = TimeSpan::now();
         for (i, b) in self.bars.iter().enumerate() {
-            b.validate(i)?;
+            b.validate(i, &span)?;
         }
         Ok(())
     }

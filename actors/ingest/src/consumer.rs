@@ -99,15 +99,40 @@ pub struct ConsumerArgs {
     pub config: IngestConfig,
 }
 
-pub struct ConsumerState {
+pub struct ConsumerState<S: Source> {
     sub: Box<dyn Subscription>,
     args: ConsumerArgs,
     ownership: Option<Ownership>,
+    /// The next batch, polled and parsed while the last one was written.
+    next: Option<Prepared<S>>,
+}
+
+/// A batch of records with each one's parse outcome, in the same order.
+pub struct Prepared<S: Source> {
+    batch: Arc<Vec<Record>>,
+    parsed: Vec<std::result::Result<Objects<S>, String>>,
+}
+
+/// Polls a batch and parses it.
+async fn poll_prepared<S: Source>(
+    sub: &mut dyn Subscription,
+    config: &IngestConfig,
+) -> Result<Prepared<S>> {
+    let batch = Arc::new(
+        sub.poll_batch(config.batch_records, Duration::from_millis(500))
+            .await?,
+    );
+    let parsed = if batch.is_empty() {
+        Vec::new()
+    } else {
+        parse_all::<S>(batch.clone(), config.max_message_bytes).await?
+    };
+    Ok(Prepared { batch, parsed })
 }
 
 impl<S: Source> Actor for ConsumerActor<S> {
     type Msg = ConsumerMsg;
-    type State = ConsumerState;
+    type State = ConsumerState<S>;
     type Arguments = ConsumerArgs;
 
     async fn pre_start(
@@ -136,6 +161,7 @@ impl<S: Source> Actor for ConsumerActor<S> {
             sub,
             args,
             ownership,
+            next: None,
         })
     }
 
@@ -167,25 +193,38 @@ impl<S: Source> Actor for ConsumerActor<S> {
         match msg {
             ConsumerMsg::Poll => {
                 if let Some(o) = state.ownership.as_mut().filter(|o| o.due()) {
-                    o.round(state.sub.as_mut()).await?;
+                    if o.round(state.sub.as_mut()).await? && state.next.take().is_some() {
+                        // The batch read ahead may hold records of partitions
+                        // given up: drop it and read the kept ones again from
+                        // their committed offsets.
+                        o.reset(state.sub.as_mut()).await?;
+                        o.round(state.sub.as_mut()).await?;
+                    }
                 }
-                let batch = state
-                    .sub
-                    .poll_batch(state.args.config.batch_records, Duration::from_millis(500))
-                    .await?;
-                let leased =
-                    |state: &ConsumerState| state.ownership.as_ref().is_none_or(|o| o.valid());
-                if !batch.is_empty() && !leased(state) {
+                let current = match state.next.take() {
+                    Some(p) => p,
+                    None => poll_prepared::<S>(state.sub.as_mut(), &state.args.config).await?,
+                };
+                let leased = |o: &Option<Ownership>| o.as_ref().is_none_or(|o| o.valid());
+                if current.batch.is_empty() {
+                    // Nothing arrived.
+                } else if !leased(&state.ownership) {
                     // The leases may have moved on: the batch is left to
                     // whoever owns its partitions now.
-                    warn!(topic = %state.args.topic, records = batch.len(), "partition leases not renewed in time: the batch is dropped, not written");
+                    warn!(topic = %state.args.topic, records = current.batch.len(), "partition leases not renewed in time: the batch is dropped, not written");
                     // Read its partitions again from the committed offsets
                     // if the next round keeps them.
                     if let Some(o) = state.ownership.as_mut() {
                         o.reset(state.sub.as_mut()).await?;
                     }
-                } else if !batch.is_empty() {
-                    process_batch::<S>(&state.args, &batch).await?;
+                } else {
+                    // Write this batch while the next one is polled and parsed.
+                    let (written, next) = tokio::join!(
+                        apply_batch::<S>(&state.args, &current.batch, current.parsed),
+                        poll_prepared::<S>(state.sub.as_mut(), &state.args.config)
+                    );
+                    written?;
+                    let next = next?;
                     if let Some(ms) = std::env::var(FAILPOINT_PAUSE)
                         .ok()
                         .and_then(|v| v.parse::<u64>().ok())
@@ -193,10 +232,13 @@ impl<S: Source> Actor for ConsumerActor<S> {
                         tracing::info!(ms, "failpoint: batch written, pausing before its commit");
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                     }
-                    if leased(state) {
-                        state.sub.commit_batch(&batch).await?;
+                    if leased(&state.ownership) {
+                        state.sub.commit_batch(&current.batch).await?;
                     } else {
-                        warn!(topic = %state.args.topic, records = batch.len(), "partition leases ran out while the batch was written: not committed (it is delivered again)");
+                        warn!(topic = %state.args.topic, records = current.batch.len(), "partition leases ran out while the batch was written: not committed (it is delivered again)");
+                    }
+                    if !next.batch.is_empty() {
+                        state.next = Some(next);
                     }
                 }
                 myself.cast(ConsumerMsg::Poll)?;
@@ -242,19 +284,62 @@ fn parse_guarded<S: Source>(rec: &Record, limit: usize) -> std::result::Result<O
     }
 }
 
+/// Parses a batch's records on every core (off the reactor), in order.
+async fn parse_all<S: Source>(
+    batch: Arc<Vec<Record>>,
+    limit: usize,
+) -> Result<Vec<std::result::Result<Objects<S>, String>>> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(batch.len().max(1));
+    tokio::task::spawn_blocking(move || {
+        let chunk = batch.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = batch
+                .chunks(chunk)
+                .map(|recs| {
+                    scope.spawn(move || {
+                        recs.iter()
+                            .map(|r| parse_guarded::<S>(r, limit))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|h| h.join().expect("parse_guarded catches panics"))
+                .collect()
+        })
+    })
+    .await
+    .map_err(|e| Error::invalid("parse", format!("the parsing task failed: {e}")))
+}
+
 /// Processes one batch: dead-letters the bad records, writes each object
 /// the good ones touch once. Returns an error (nothing may be committed)
 /// when a write or a dead-letter publish failed.
-pub async fn process_batch<S: Source>(args: &ConsumerArgs, batch: &[Record]) -> Result<()> {
+pub async fn process_batch<S: Source>(args: &ConsumerArgs, batch: Arc<Vec<Record>>) -> Result<()> {
+    let parsed = parse_all::<S>(batch.clone(), args.config.max_message_bytes).await?;
+    apply_batch::<S>(args, &batch, parsed).await
+}
+
+/// [`process_batch`] of a batch already parsed (`parsed[i]` is `batch[i]`'s).
+async fn apply_batch<S: Source>(
+    args: &ConsumerArgs,
+    batch: &[Record],
+    parsed: Vec<std::result::Result<Objects<S>, String>>,
+) -> Result<()> {
     let mut objects: BTreeMap<String, Vec<S::Row>> = BTreeMap::new();
     let mut good = 0usize;
     let mut bytes = 0usize;
-    let mut sorted: Vec<&Record> = batch.iter().collect();
+    let mut sorted: Vec<(&Record, std::result::Result<Objects<S>, String>)> =
+        batch.iter().zip(parsed).collect();
     // Within an object, later deliveries win: apply records in log order.
-    sorted.sort_by_key(|r| (r.partition, r.offset));
-    for rec in sorted {
+    sorted.sort_by_key(|(r, _)| (r.partition, r.offset));
+    for (rec, outcome) in sorted {
         bytes += rec.payload.len();
-        match parse_guarded::<S>(rec, args.config.max_message_bytes) {
+        match outcome {
             Ok(groups) => {
                 good += 1;
                 for (key, rows) in groups {

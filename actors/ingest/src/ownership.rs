@@ -105,23 +105,23 @@ impl Ownership {
     }
 
     /// One round (see the module's docs); `sub` is reassigned to the
-    /// partitions held afterwards. A database error is returned only once
-    /// the leases are no longer valid: until then the next round tries
-    /// again.
-    pub async fn round(&mut self, sub: &mut dyn Subscription) -> Result<()> {
+    /// partitions held afterwards. Returns whether partitions were given up
+    /// or lost. A database error is returned only once the leases are no
+    /// longer valid: until then the next round tries again.
+    pub async fn round(&mut self, sub: &mut dyn Subscription) -> Result<bool> {
         let started = Instant::now();
         self.next_round = started + self.interval();
         match self.try_round(sub, started).await {
-            Ok(()) => Ok(()),
+            Ok(dropped) => Ok(dropped),
             Err(e) if self.valid() => {
                 warn!(topic = %self.topic, member = %self.args.member, error = %e, "partition lease round failed; trying again while the leases are valid");
-                Ok(())
+                Ok(false)
             }
             Err(e) => Err(e),
         }
     }
 
-    async fn try_round(&mut self, sub: &mut dyn Subscription, started: Instant) -> Result<()> {
+    async fn try_round(&mut self, sub: &mut dyn Subscription, started: Instant) -> Result<bool> {
         let (db, member) = (&self.args.db, self.args.member.as_str());
         let ttl_ms = self.args.ttl.as_millis() as i64;
         let members = db
@@ -173,9 +173,10 @@ impl Ownership {
         }
         metrics::gauge!("tickmesh_ingest_partitions_owned", "topic" => self.topic.clone())
             .set(keep.len() as f64);
+        let dropped = self.owned.iter().any(|p| !keep.contains(p));
         self.owned = keep;
         self.valid_until = started + self.args.ttl * 4 / 5;
-        Ok(())
+        Ok(dropped)
     }
 
     /// Stops reading every partition, so that the next round starts those
