@@ -994,13 +994,41 @@ impl Publisher for SpoolPublisher {
     }
 }
 
+/// Watches a spool folder (inotify on Linux): any change but a read wakes
+/// `wake`. `None`, logged, when it cannot be watched: the folder is then
+/// listed every 100 ms.
+fn watch_folder(dir: &Path, wake: Arc<tokio::sync::Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        // An error (an overflowed queue) wakes the reader too: it lists.
+        if !matches!(ev, Ok(ref e) if matches!(e.kind, EventKind::Access(_))) {
+            wake.notify_one();
+        }
+    });
+    match watcher.and_then(|mut w| w.watch(dir, RecursiveMode::NonRecursive).map(|_| w)) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the spool folder; listing it every 100 ms instead");
+            None
+        }
+    }
+}
+
 /// How many committed spool files `.done/` keeps (the oldest go first).
 pub const SPOOL_DONE_KEEP: usize = 1000;
+
+/// How often a watched spool folder is listed anyway (a watcher can miss
+/// events when the kernel's queue overflows); an unwatched one is listed
+/// every 100 ms.
+const SPOOL_RESCAN: Duration = Duration::from_secs(2);
 
 pub struct SpoolSubscription {
     topic: String,
     dir: PathBuf,
     done: PathBuf,
+    /// Woken by the folder's watcher when something lands in it.
+    wake: Arc<tokio::sync::Notify>,
+    watcher: Option<notify::RecommendedWatcher>,
     /// Files listed and not yet handed out, oldest first.
     pending: std::collections::VecDeque<PathBuf>,
     in_flight: HashSet<PathBuf>,
@@ -1013,15 +1041,24 @@ impl SpoolSubscription {
         let dir = root.join(topic);
         let done = dir.join(".done");
         std::fs::create_dir_all(&done).map_err(|e| Error::io(&done, e))?;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let watcher = watch_folder(&dir, wake.clone());
         Ok(SpoolSubscription {
             topic: topic.to_string(),
             dir,
             done,
+            wake,
+            watcher,
             pending: Default::default(),
             in_flight: HashSet::new(),
             next_offset: 0,
             commits: 0,
         })
+    }
+
+    /// Whether the folder is watched (else listed every 100 ms).
+    pub fn watching(&self) -> bool {
+        self.watcher.is_some()
     }
 
     /// Lists the folder off the reactor.
@@ -1109,10 +1146,18 @@ impl Subscription for SpoolSubscription {
                     out.push(rec);
                 }
             }
-            if !out.is_empty() || tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if !out.is_empty() || now >= deadline {
                 return Ok(out);
             }
-            tokio::time::sleep(Duration::from_millis(100).min(wait)).await;
+            let nap = match self.watcher {
+                Some(_) => SPOOL_RESCAN,
+                None => Duration::from_millis(100),
+            };
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until((now + nap).min(deadline)) => {}
+            }
         }
     }
 
@@ -1174,6 +1219,30 @@ mod tests {
             root: dir.path().to_path_buf(),
         };
         assert_eq!(cfg.spool_pending("t"), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_spool_reader_is_woken_by_its_folder_watcher() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SpoolSubscription::new(dir.path(), "t").unwrap();
+        assert!(s.watching(), "inotify is available here");
+        let p = SpoolPublisher::new(dir.path());
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            p.publish("t", "AAPL", b"late", &[]).await.unwrap();
+        });
+        // Listing finds nothing; the next listing without the watcher would
+        // be SPOOL_RESCAN (2 s) later. Woken by the event it returns well
+        // before that.
+        let started = std::time::Instant::now();
+        let rec = s.poll(Duration::from_secs(30)).await.unwrap().unwrap();
+        let took = started.elapsed();
+        late.await.unwrap();
+        assert_eq!(rec.payload, b"late");
+        assert!(
+            took < SPOOL_RESCAN,
+            "the reader waited {took:?}: it was not woken by the watcher"
+        );
     }
 
     #[tokio::test]
