@@ -10,7 +10,6 @@
 //! - [`bus`]: the message bus (file spool or Kafka).
 //! - [`supervision`]: restart budgets for the role supervisors.
 //! - [`telemetry`]: the metrics recorder and the `/metrics` text.
-//! - [`testing`]: how integration tests reach the real services.
 
 pub mod bus;
 pub mod calendar;
@@ -23,7 +22,6 @@ pub mod store;
 pub mod supervision;
 pub mod synthetic;
 pub mod telemetry;
-pub mod testing;
 pub mod types;
 
 pub use error::{Error, Result};

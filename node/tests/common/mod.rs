@@ -21,7 +21,7 @@ pub fn fast_training(cfg: &mut ClusterConfig) {
 }
 
 pub async fn distributed(label: &str) -> (ClusterConfig, Adapters) {
-    let mut cfg = tickmesh_core::testing::distributed_config(label).await;
+    let mut cfg = tickmesh_testkit::distributed_config(label).await;
     fast_training(&mut cfg);
     let adapters = Adapters::connect(&cfg)
         .await
@@ -30,7 +30,7 @@ pub async fn distributed(label: &str) -> (ClusterConfig, Adapters) {
 }
 
 pub async fn embedded(dir: &std::path::Path) -> (ClusterConfig, Adapters) {
-    let mut cfg = tickmesh_core::testing::embedded_config(dir);
+    let mut cfg = tickmesh_testkit::embedded_config(dir);
     fast_training(&mut cfg);
     let adapters = Adapters::connect(&cfg)
         .await

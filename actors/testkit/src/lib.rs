@@ -1,3 +1,5 @@
+//! tickmesh-testkit: a dev-dependency only.
+//!
 //! How integration tests reach the real services that `scripts/services.sh`
 //! starts on 127.0.0.1. Every helper fails (never skips) with a message
 //! naming that script when its server does not answer. Each call isolates
@@ -7,7 +9,7 @@ use std::collections::HashMap;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::config::{Backend, ClusterConfig};
+use tickmesh_core::config::{Backend, ClusterConfig};
 
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())
@@ -62,15 +64,15 @@ pub async fn distributed_config(label: &str) -> ClusterConfig {
     cfg.s3.bucket_prefix = format!("{id}-");
     cfg.postgres.db = id.replace('-', "_");
 
-    crate::bus::kafka_create_topics(
+    tickmesh_core::bus::kafka_create_topics(
         &cfg.kafka.brokers,
         &cfg.kafka.topic_prefix,
-        crate::types::topics::ALL,
+        tickmesh_core::types::topics::ALL,
         1,
     )
     .await
     .expect("create test topics");
-    crate::store::S3Store::new(&cfg.s3)
+    tickmesh_core::store::S3Store::new(&cfg.s3)
         .create_buckets()
         .await
         .expect("create test buckets");
