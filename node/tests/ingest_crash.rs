@@ -58,12 +58,6 @@ fn spawn(config: &std::path::Path, dir: &std::path::Path, n: usize, pause: bool)
     }
 }
 
-fn tail(log: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
 async fn committed(sub: &KafkaSubscription) -> i64 {
     sub.committed_offsets()
         .await
@@ -82,33 +76,13 @@ async fn a_million_bars_survive_20_sigkills_with_nothing_missing_or_duplicated()
     std::fs::write(
         &config,
         format!(
-            r#"[cluster]
-name = "crash"
-backend = "distributed"
-cookie = "crash-cookie-for-the-test"
-[kafka]
-brokers = "{brokers}"
-topic_prefix = "{prefix}"
-group_id = "{group}"
-[s3]
-endpoint_url = "{s3}"
-bucket_prefix = "{bucket_prefix}"
-[postgres]
-port = {pg}
-db = "{db}"
-[ingest]
+            r#"{services}[ingest]
 batch_records = 7
 [[nodes]]
 name = "ingest-1"
 roles = ["ingest"]
 "#,
-            brokers = cfg.kafka.brokers,
-            prefix = cfg.kafka.topic_prefix,
-            group = cfg.kafka.group_id,
-            s3 = cfg.s3.endpoint_url,
-            bucket_prefix = cfg.s3.bucket_prefix,
-            pg = cfg.postgres.port,
-            db = cfg.postgres.db,
+            services = common::services_toml(&cfg, "crash"),
         ),
     )
     .unwrap();
@@ -225,7 +199,7 @@ roles = ["ingest"]
                 assert!(
                     start.elapsed() < Duration::from_secs(60),
                     "the failpoint never paused:\n{}",
-                    tail(&node.log)
+                    common::tail(&node.log)
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -252,7 +226,7 @@ roles = ["ingest"]
             assert!(
                 killed_at.elapsed() < Duration::from_secs(60),
                 "kill {kills}: nothing committed for 60 s after the restart:\n{}",
-                tail(&node.log)
+                common::tail(&node.log)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -277,7 +251,7 @@ roles = ["ingest"]
             start.elapsed() < Duration::from_secs(180),
             "committed {} of {total} after 180 s:\n{}",
             committed(&offsets).await,
-            tail(&node.log)
+            common::tail(&node.log)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -314,32 +288,5 @@ roles = ["ingest"]
     );
 
     // Read back independently: pyarrow over the S3 protocol.
-    let exp_path = dir.path().join("expected.csv");
-    let text: String = expected
-        .iter()
-        .map(|(t, us)| format!("{t},{us}\n"))
-        .collect();
-    std::fs::write(&exp_path, text).unwrap();
-    let out = Command::new(&py)
-        .arg(common::repo().join("scripts/py/readback_parquet.py"))
-        .args([
-            cfg.s3.endpoint_url.as_str(),
-            cfg.s3.access_key.as_str(),
-            cfg.s3.secret_key.as_str(),
-            &format!("{}stock-data", cfg.s3.bucket_prefix),
-        ])
-        .arg(&exp_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "readback_parquet.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("read back: {report}");
-    assert_eq!(report["missing"], 0, "{report}");
-    assert_eq!(report["duplicates"], 0, "{report}");
-    assert_eq!(report["extra"], 0, "{report}");
-    assert_eq!(report["distinct"], expected.len(), "{report}");
+    common::assert_bars_read_back(&py, &cfg, &expected, dir.path());
 }

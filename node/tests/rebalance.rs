@@ -78,12 +78,6 @@ fn spawn(
     (Proc(child), log)
 }
 
-fn tail(log: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
 /// `GET /metrics` of a node, over a plain socket.
 fn get_metrics(port: u16) -> String {
     use std::io::{Read, Write};
@@ -126,7 +120,7 @@ async fn until_owners(
             return start.elapsed();
         }
         if start.elapsed() > Duration::from_secs(60) {
-            let tails: Vec<String> = logs.iter().map(|l| tail(l)).collect();
+            let tails: Vec<String> = logs.iter().map(|l| common::tail(l)).collect();
             panic!(
                 "{what}: not within 60 s; owners {o:?}\n{}",
                 tails.join("\n---\n")
@@ -171,7 +165,7 @@ async fn until_progress(
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "{what}: nothing committed on {parts:?} within 60 s:\n{}",
-            tail(log)
+            common::tail(log)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -201,21 +195,7 @@ async fn partitions_move_when_a_second_consumer_joins_leaves_and_dies_with_nothi
     std::fs::write(
         &config,
         format!(
-            r#"[cluster]
-name = "rebal"
-backend = "distributed"
-cookie = "rebal-cookie-for-the-test"
-[kafka]
-brokers = "{brokers}"
-topic_prefix = "{prefix}"
-group_id = "{group}"
-[s3]
-endpoint_url = "{s3}"
-bucket_prefix = "{bucket_prefix}"
-[postgres]
-port = {pg}
-db = "{db}"
-[ingest]
+            r#"{services}[ingest]
 batch_records = 20
 lease_secs = 3
 [[nodes]]
@@ -226,13 +206,7 @@ metrics_listen = "127.0.0.1:{metrics_port}"
 name = "ingest-b"
 roles = ["ingest"]
 "#,
-            brokers = cfg.kafka.brokers,
-            prefix = cfg.kafka.topic_prefix,
-            group = cfg.kafka.group_id,
-            s3 = cfg.s3.endpoint_url,
-            bucket_prefix = cfg.s3.bucket_prefix,
-            pg = cfg.postgres.port,
-            db = cfg.postgres.db,
+            services = common::services_toml(&cfg, "rebal"),
         ),
     )
     .unwrap();
@@ -366,13 +340,13 @@ roles = ["ingest"]
             assert!(
                 status.success(),
                 "ingest-b did not stop cleanly on SIGTERM: {status}\n{}",
-                tail(&log_b)
+                common::tail(&log_b)
             );
             let log = std::fs::read_to_string(&log_b).unwrap();
             assert!(
                 log.contains("left the partition group"),
                 "ingest-b did not give its leases back:\n{}",
-                tail(&log_b)
+                common::tail(&log_b)
             );
         }
         handovers.push((how, t));
@@ -423,7 +397,7 @@ roles = ["ingest"]
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "committed {sum} of {total} records after 120 s: {committed:?}\n{}",
-            tail(&log_a)
+            common::tail(&log_a)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -449,32 +423,5 @@ roles = ["ingest"]
     node_a.wait().unwrap();
 
     // Read back independently: pyarrow over the S3 protocol.
-    let exp_path = dir.path().join("expected.csv");
-    let text: String = expected
-        .iter()
-        .map(|(t, us)| format!("{t},{us}\n"))
-        .collect();
-    std::fs::write(&exp_path, text).unwrap();
-    let out = Command::new(&py)
-        .arg(common::repo().join("scripts/py/readback_parquet.py"))
-        .args([
-            cfg.s3.endpoint_url.as_str(),
-            cfg.s3.access_key.as_str(),
-            cfg.s3.secret_key.as_str(),
-            &format!("{}stock-data", cfg.s3.bucket_prefix),
-        ])
-        .arg(&exp_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "readback_parquet.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("read back: {report}");
-    assert_eq!(report["missing"], 0, "{report}");
-    assert_eq!(report["duplicates"], 0, "{report}");
-    assert_eq!(report["extra"], 0, "{report}");
-    assert_eq!(report["distinct"], expected.len(), "{report}");
+    common::assert_bars_read_back(&py, &cfg, &expected, dir.path());
 }

@@ -181,3 +181,80 @@ pub fn python_with(modules: &str) -> String {
     );
     py
 }
+
+/// The last 30 lines of a node's log, for assertion messages.
+pub fn tail(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The `[cluster]` to `[postgres]` sections of a cluster.toml for node
+/// processes on `cfg`'s services (its prefixes and database); a test
+/// appends its `[ingest]` and `[[nodes]]`.
+pub fn services_toml(cfg: &ClusterConfig, name: &str) -> String {
+    format!(
+        r#"[cluster]
+name = "{name}"
+backend = "distributed"
+cookie = "{name}-cookie-for-the-test"
+[kafka]
+brokers = "{brokers}"
+topic_prefix = "{prefix}"
+group_id = "{group}"
+[s3]
+endpoint_url = "{s3}"
+bucket_prefix = "{bucket_prefix}"
+[postgres]
+port = {pg}
+db = "{db}"
+"#,
+        brokers = cfg.kafka.brokers,
+        prefix = cfg.kafka.topic_prefix,
+        group = cfg.kafka.group_id,
+        s3 = cfg.s3.endpoint_url,
+        bucket_prefix = cfg.s3.bucket_prefix,
+        pg = cfg.postgres.port,
+        db = cfg.postgres.db,
+    )
+}
+
+/// Reads every object of the `stock-data` bucket back with pyarrow over
+/// the S3 protocol (`scripts/py/readback_parquet.py`, independent of
+/// tickmesh's reader) and asserts its (ticker, timestamp) rows are exactly
+/// `expected`: 0 missing, 0 duplicates, 0 extra.
+pub fn assert_bars_read_back(
+    py: &str,
+    cfg: &ClusterConfig,
+    expected: &std::collections::BTreeSet<(String, i64)>,
+    dir: &std::path::Path,
+) {
+    let exp_path = dir.join("expected.csv");
+    let text: String = expected
+        .iter()
+        .map(|(t, us)| format!("{t},{us}\n"))
+        .collect();
+    std::fs::write(&exp_path, text).unwrap();
+    let out = std::process::Command::new(py)
+        .arg(repo().join("scripts/py/readback_parquet.py"))
+        .args([
+            cfg.s3.endpoint_url.as_str(),
+            cfg.s3.access_key.as_str(),
+            cfg.s3.secret_key.as_str(),
+            &format!("{}stock-data", cfg.s3.bucket_prefix),
+        ])
+        .arg(&exp_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "readback_parquet.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("read back: {report}");
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert_eq!(report["extra"], 0, "{report}");
+    assert_eq!(report["distinct"], expected.len(), "{report}");
+}
