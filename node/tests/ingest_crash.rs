@@ -99,13 +99,7 @@ roles = ["ingest"]
         let weeks = weekly_messages(t, &bars);
         if i < 5 {
             // confluent-kafka: one message per ticker-day.
-            for day in bars.chunk_by(|x, y| x.t.date_naive() == y.t.date_naive()) {
-                let m = BarsMessage {
-                    ticker: t.clone(),
-                    bars: day.to_vec(),
-                };
-                python_lines.push_str(&format!("{t}\t{}\n", serde_json::to_string(&m).unwrap()));
-            }
+            python_lines.push_str(&common::daily_tsv_lines(t, &bars));
         } else {
             // Ours, one message per week; confluent-kafka sends 4 weeks again.
             for w in &weeks[..4] {

@@ -221,13 +221,7 @@ roles = ["ingest"]
         let bars = SyntheticMarket.bars(&t, from, to);
         expected.extend(bars.iter().map(|b| (t.clone(), b.t.timestamp_micros())));
         if i < 4 {
-            for day in bars.chunk_by(|x, y| x.t.date_naive() == y.t.date_naive()) {
-                let m = BarsMessage {
-                    ticker: t.clone(),
-                    bars: day.to_vec(),
-                };
-                python_lines.push_str(&format!("{t}\t{}\n", serde_json::to_string(&m).unwrap()));
-            }
+            python_lines.push_str(&common::daily_tsv_lines(&t, &bars));
         } else {
             ours.extend(weekly_messages(&t, &bars));
         }

@@ -316,15 +316,10 @@ async fn parse_all<S: Source>(
     .map_err(|e| Error::invalid("parse", format!("the parsing task failed: {e}")))
 }
 
-/// Processes one batch: dead-letters the bad records, writes each object
-/// the good ones touch once. Returns an error (nothing may be committed)
-/// when a write or a dead-letter publish failed.
-pub async fn process_batch<S: Source>(args: &ConsumerArgs, batch: Arc<Vec<Record>>) -> Result<()> {
-    let parsed = parse_all::<S>(batch.clone(), args.config.max_message_bytes).await?;
-    apply_batch::<S>(args, &batch, parsed).await
-}
-
-/// [`process_batch`] of a batch already parsed (`parsed[i]` is `batch[i]`'s).
+/// Processes one parsed batch (`parsed[i]` is `batch[i]`'s outcome):
+/// dead-letters the bad records, writes each object the good ones touch
+/// once. Returns an error (nothing may be committed) when a write or a
+/// dead-letter publish failed.
 async fn apply_batch<S: Source>(
     args: &ConsumerArgs,
     batch: &[Record],

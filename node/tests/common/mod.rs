@@ -258,3 +258,18 @@ pub fn assert_bars_read_back(
     assert_eq!(report["extra"], 0, "{report}");
     assert_eq!(report["distinct"], expected.len(), "{report}");
 }
+
+/// One `ticker<TAB>message` line per ticker-day of `bars`, the input of
+/// `scripts/py/kafka_produce.py` (confluent-kafka batches such small
+/// messages many to a record batch).
+pub fn daily_tsv_lines(ticker: &str, bars: &[tickmesh_core::types::Bar]) -> String {
+    bars.chunk_by(|x, y| x.t.date_naive() == y.t.date_naive())
+        .map(|day| {
+            let m = tickmesh_core::types::BarsMessage {
+                ticker: ticker.to_string(),
+                bars: day.to_vec(),
+            };
+            format!("{ticker}\t{}\n", serde_json::to_string(&m).unwrap())
+        })
+        .collect()
+}
