@@ -309,7 +309,7 @@ pub async fn run(cfg: &ClusterConfig, cmd: AdminCmd) -> Result<()> {
             print_node(&n);
         }
         AdminCmd::CreateTopics { partitions } => {
-            tickmesh_core::bus::kafka_create_topics(
+            tickmesh_io::bus::kafka_create_topics(
                 &cfg.kafka.brokers,
                 &cfg.kafka.topic_prefix,
                 topics::ALL,
@@ -319,7 +319,7 @@ pub async fn run(cfg: &ClusterConfig, cmd: AdminCmd) -> Result<()> {
             println!("topics ready on {}", cfg.kafka.brokers);
         }
         AdminCmd::CreateBuckets => {
-            tickmesh_core::store::S3Store::new(&cfg.s3)
+            tickmesh_io::store::S3Store::new(&cfg.s3)
                 .create_buckets()
                 .await?;
             println!("buckets ready on {}", cfg.s3.endpoint_url);

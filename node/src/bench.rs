@@ -10,8 +10,8 @@ use anyhow::{anyhow, Result};
 use serde_json::json;
 use tch::Tensor;
 use tickmesh_core::config::{ModelKind, TrainConfig, FEATURE_COLUMNS};
-use tickmesh_core::db::AggRow;
 use tickmesh_core::synthetic::SyntheticMarket;
+use tickmesh_core::types::AggRow;
 use tickmesh_model::dataset::Dataset;
 
 /// The dataset of the benchmark: `days` trading days of synthetic 1-minute bars.

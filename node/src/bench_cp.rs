@@ -26,9 +26,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs};
 use tickmesh_coordinator::grpc::{serve, ServeOptions};
 use tickmesh_core::config::FEATURE_COLUMNS;
-use tickmesh_core::db::{AggRow, Db};
-use tickmesh_core::supervision::{RestartBudget, Slot};
+use tickmesh_core::types::AggRow;
 use tickmesh_core::types::Interval;
+use tickmesh_io::db::Db;
+use tickmesh_io::supervision::{RestartBudget, Slot};
 use tickmesh_proto::auth::Link;
 use tickmesh_proto::mesh::{
     self, CoordinatorPortMsg, Heartbeat, HeldJob, Register, TrainerPortMsg,

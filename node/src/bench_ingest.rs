@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde_json::json;
 use tickmesh_core::config::{ClusterConfig, Role};
-use tickmesh_core::Adapters;
+use tickmesh_io::Adapters;
 
 /// The process's peak resident set (VmHWM), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {

@@ -18,10 +18,10 @@ use ractor::call_t;
 use serde_json::Value;
 use tickmesh_aggregate::aggregator::AggregatorMsg;
 use tickmesh_core::config::{Backend, ClusterConfig, Role};
-use tickmesh_core::store::buckets;
 use tickmesh_core::types::{topics, Interval};
-use tickmesh_core::Adapters;
 use tickmesh_ingest::producer;
+use tickmesh_io::store::buckets;
+use tickmesh_io::Adapters;
 use tracing::info;
 
 use crate::chart::{self, Panel};

@@ -4,8 +4,8 @@
 use anyhow::Result;
 use clap::Subcommand;
 use tickmesh_core::config::ClusterConfig;
-use tickmesh_core::Adapters;
 use tickmesh_ingest::dlq;
+use tickmesh_io::Adapters;
 
 #[derive(Subcommand, Debug)]
 pub enum DlqCmd {

@@ -28,7 +28,7 @@ use tickmesh::train_cli::{self, Source, UsageError};
 use tickmesh::{demo, roles};
 use tickmesh_core::config::{Backend, ClusterConfig};
 use tickmesh_core::types::Interval;
-use tickmesh_core::Adapters;
+use tickmesh_io::Adapters;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -401,9 +401,7 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             let db = match postgres_config {
-                Some(p) => {
-                    Some(tickmesh_core::db::Db::connect_postgres(&load(&p)?.postgres).await?)
-                }
+                Some(p) => Some(tickmesh_io::db::Db::connect_postgres(&load(&p)?.postgres).await?),
                 None => None,
             };
             let out = tickmesh::bench_cp::run(tickmesh::bench_cp::Options {

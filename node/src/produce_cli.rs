@@ -17,8 +17,8 @@ use chrono::{NaiveDate, TimeZone, Utc};
 use clap::Subcommand;
 use tickmesh_core::config::ClusterConfig;
 use tickmesh_core::types::topics;
-use tickmesh_core::Adapters;
 use tickmesh_ingest::{alpaca, fred, producer};
+use tickmesh_io::Adapters;
 
 #[derive(Subcommand, Debug)]
 pub enum ProduceCmd {

@@ -25,14 +25,14 @@ use ractor::{Actor, ActorCell};
 use tickmesh_aggregate::aggregator::{AggregatorActor, AggregatorArgs, AggregatorMsg};
 use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs, CoordinatorMsg};
 use tickmesh_core::config::{Backend, ClusterConfig, Role};
-use tickmesh_core::supervision::{
-    ChildSpec, RestartBudget, ServerActor, ServerArgs, Slot, Supervisor, SupervisorArgs,
-};
-use tickmesh_core::Adapters;
 use tickmesh_ingest::consumer::ConsumerArgs;
 use tickmesh_ingest::metrics::IngestMetrics;
 use tickmesh_ingest::ownership::LeaseArgs;
 use tickmesh_ingest::supervisor::{ingest_supervisor, INGEST_TOPICS};
+use tickmesh_io::supervision::{
+    ChildSpec, RestartBudget, ServerActor, ServerArgs, Slot, Supervisor, SupervisorArgs,
+};
+use tickmesh_io::Adapters;
 use tickmesh_proto::auth::Link;
 use tickmesh_serve::http::HttpState;
 use tickmesh_serve::registry::{PredictorSupervisor, RegistryArgs, RegistryMsg};
@@ -107,7 +107,7 @@ pub async fn start(
     roles: &[Role],
     adapters: &Adapters,
 ) -> Result<Node> {
-    tickmesh_core::telemetry::install();
+    tickmesh_io::telemetry::install();
     let mut node = Node {
         name: name.to_string(),
         bound: Bound::default(),
@@ -499,7 +499,7 @@ impl Node {
             _ = h => {
                 // That handle has completed: stop() must not await it again.
                 self.root = None;
-                let why = tickmesh_core::supervision::metrics()
+                let why = tickmesh_io::supervision::metrics()
                     .last_escalation(&root_name(&self.name))
                     .unwrap_or_else(|| "its root supervisor stopped".into());
                 Err(anyhow!("node {} gives up: {why}", self.name))

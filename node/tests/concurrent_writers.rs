@@ -16,12 +16,12 @@ mod common;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tickmesh_core::parquet_io::decode_bars;
-use tickmesh_core::store::{buckets, LocalStore, ObjectStore, S3Store};
 use tickmesh_core::synthetic::SyntheticMarket;
 use tickmesh_core::types::{bars_object_key, IsoWeek};
 use tickmesh_ingest::bars_consumer::Bars;
 use tickmesh_ingest::consumer::{merge_into_object, write_object};
+use tickmesh_io::parquet_io::decode_bars;
+use tickmesh_io::store::{buckets, LocalStore, ObjectStore, S3Store};
 
 async fn refuses_stale_versions(store: &dyn ObjectStore) {
     let key = "CAS/2024/01/CAS_2024-W02.parquet";
@@ -174,7 +174,7 @@ async fn a_stale_write_is_refused_and_two_writers_lose_nothing_on_s3() {
 /// its completion obeys the write condition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_object_goes_up_in_parts_under_its_write_condition() {
-    use tickmesh_core::store::{MULTIPART_PART, MULTIPART_THRESHOLD};
+    use tickmesh_io::store::{MULTIPART_PART, MULTIPART_THRESHOLD};
     let (cfg, _a) = common::distributed("multipart").await;
     let s3 = S3Store::new(&cfg.s3);
     let key = "BIG/2024/01/BIG_2024-W02.parquet";

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use ractor::RpcReplyPort;
 use ractor_cluster::{BytesConvertable, RactorClusterMessage};
-use tickmesh_core::db::{Db, JobRow};
-use tickmesh_core::store::{buckets, LocalStore, ObjectStore};
 use tickmesh_core::types::Interval;
+use tickmesh_io::db::{Db, JobRow};
+use tickmesh_io::store::{buckets, LocalStore, ObjectStore};
 use tickmesh_proto::auth::{AdminConn, Link};
 use tickmesh_proto::mesh::{CoordinatorPortMsg, Register, Registered, Scope, Wire};
 use tickmesh_proto::v1::admin_client::AdminClient;
@@ -497,7 +497,7 @@ device = "cpu"
     /// One lineage per ticker: attempts in epoch order never overlap in
     /// time, exactly the last one is `done`, and the registered champion is
     /// that attempt's version.
-    async fn check_lineage(&self, ticker: &str) -> Vec<tickmesh_core::db::AttemptRow> {
+    async fn check_lineage(&self, ticker: &str) -> Vec<tickmesh_io::db::AttemptRow> {
         let attempts = self.db.attempts(ticker, INTERVAL).await.unwrap();
         assert!(!attempts.is_empty(), "{ticker}: no attempts");
         for w in attempts.windows(2) {

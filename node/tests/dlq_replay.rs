@@ -22,10 +22,10 @@ use chrono::{Datelike, NaiveDate};
 use common::*;
 use tickmesh_core::calendar::is_trading_day;
 use tickmesh_core::config::Role;
-use tickmesh_core::parquet_io::{decode_bars, decode_fundamentals, decode_macro};
-use tickmesh_core::store::buckets;
 use tickmesh_core::types::topics;
 use tickmesh_ingest::dlq;
+use tickmesh_io::parquet_io::{decode_bars, decode_fundamentals, decode_macro};
+use tickmesh_io::store::buckets;
 
 /// The payload limit before the fix.
 const LIMIT: usize = 64 * 1024;
@@ -252,7 +252,7 @@ async fn one_percent_poison_of_every_kind_is_dead_lettered_and_replayed_after_a_
     )
     .await;
     // The same counts on /metrics, per source, through the metrics library.
-    let text = tickmesh_core::telemetry::render();
+    let text = tickmesh_io::telemetry::render();
     let value = |line_start: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(line_start))

@@ -67,8 +67,8 @@ async fn whole_chain_on_kafka_s3_postgres() {
 
 /// The macro and fundamentals samples went through their consumers: one
 /// object per series-year (CPI: 1959..2009) and per symbol-year (AAPL: 2018..2025).
-async fn sources_stored(a: &tickmesh_core::Adapters) {
-    use tickmesh_core::store::buckets;
+async fn sources_stored(a: &tickmesh_io::Adapters) {
+    use tickmesh_io::store::buckets;
     let cpi = a.store.list(buckets::MACRO_DATA, "CPI/").await.unwrap();
     assert_eq!(cpi.len(), 51, "{cpi:?}");
     assert!(cpi.contains(&"CPI/1959/CPI_1959.parquet".to_string()));
@@ -98,7 +98,7 @@ async fn whole_chain_on_embedded_defaults() {
     sources_stored(&a).await;
 
     // A checkpoint whose weights were altered is refused.
-    use tickmesh_core::store::buckets;
+    use tickmesh_io::store::buckets;
     let champ =
         a.db.champions()
             .await

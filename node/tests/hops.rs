@@ -8,13 +8,13 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use common::*;
 use tickmesh_aggregate::aggregator;
-use tickmesh_core::bus::BusConfig;
 use tickmesh_core::config::Role;
-use tickmesh_core::parquet_io::decode_bars;
-use tickmesh_core::store::buckets;
 use tickmesh_core::synthetic::SyntheticMarket;
 use tickmesh_core::types::{bars_object_key, topics, Interval, IsoWeek, StartModel};
 use tickmesh_ingest::producer;
+use tickmesh_io::bus::BusConfig;
+use tickmesh_io::parquet_io::decode_bars;
+use tickmesh_io::store::buckets;
 
 fn d(s: &str) -> NaiveDate {
     s.parse().unwrap()
@@ -279,7 +279,7 @@ async fn start_model_to_checkpoint_to_forecast() {
 /// The real S3 store, failing its first `n` writes (fault injection; every
 /// write that succeeds goes to s3s-fs).
 struct FailingFirstWrites {
-    inner: tickmesh_core::store::SharedStore,
+    inner: tickmesh_io::store::SharedStore,
     left: std::sync::atomic::AtomicUsize,
 }
 
@@ -303,7 +303,7 @@ impl FailingFirstWrites {
 }
 
 #[async_trait::async_trait]
-impl tickmesh_core::store::ObjectStore for FailingFirstWrites {
+impl tickmesh_io::store::ObjectStore for FailingFirstWrites {
     async fn put(&self, bucket: &str, key: &str, data: bytes::Bytes) -> tickmesh_core::Result<()> {
         self.fail_first(bucket, key)?;
         self.inner.put(bucket, key, data).await
@@ -348,7 +348,7 @@ impl tickmesh_core::store::ObjectStore for FailingFirstWrites {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_write_is_retried_after_a_restart() {
     use std::sync::Arc;
-    use tickmesh_core::Adapters;
+    use tickmesh_io::Adapters;
 
     let (mut cfg, a) = distributed("hop4").await;
     let flaky = Arc::new(FailingFirstWrites {

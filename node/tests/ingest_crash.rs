@@ -23,10 +23,10 @@ use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tickmesh_core::bus::{KafkaSubscription, Share};
 use tickmesh_core::synthetic::SyntheticMarket;
 use tickmesh_core::types::{topics, BarsMessage};
 use tickmesh_ingest::producer::weekly_messages;
+use tickmesh_io::bus::{KafkaSubscription, Share};
 
 struct Node {
     child: Child,
@@ -136,7 +136,7 @@ roles = ["ingest"]
     // A week of ours sent once more (a duplicate delivery), so that every
     // kill round has a batch to work on even after the producers are done.
     let again = ours[0].clone();
-    let resend = |publisher: tickmesh_core::bus::SharedPublisher| {
+    let resend = |publisher: tickmesh_io::bus::SharedPublisher| {
         let payload = serde_json::to_vec(&again).unwrap();
         async move {
             publisher

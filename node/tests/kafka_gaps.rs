@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tickmesh_core::bus::{KafkaSubscription, Share, Subscription, KAFKA_STATS};
+use tickmesh_io::bus::{KafkaSubscription, Share, Subscription, KAFKA_STATS};
 
 /// Publishes `n` small messages with confluent-kafka's batching, flushing
 /// every `flush_every` (so batches end there at the latest).

@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use tickmesh_core::store::{buckets, LocalStore, ObjectStore};
 use tickmesh_ingest::bars_consumer::write_bars;
 use tickmesh_ingest::company_consumer::Company;
 use tickmesh_ingest::consumer::write_object;
@@ -15,6 +14,7 @@ use tickmesh_ingest::macro_consumer::Macro;
 use tickmesh_ingest::producer::{
     read_daily_csv, read_fundamentals, read_macro_csv, weekly_messages,
 };
+use tickmesh_io::store::{buckets, LocalStore, ObjectStore};
 
 #[tokio::test]
 async fn parquet_of_every_source_reads_in_pyarrow_and_duckdb_as_the_readme_documents() {

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use common::*;
 use tickmesh_core::config::Role;
-use tickmesh_core::store::buckets;
 use tickmesh_core::types::topics;
 use tickmesh_ingest::producer;
+use tickmesh_io::store::buckets;
 
 /// The configured payload limit of this test (`ingest.max_message_bytes`).
 const LIMIT: usize = 1024 * 1024;

@@ -26,13 +26,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tickmesh_core::bus::{
-    kafka_create_topics, KafkaPublisher, KafkaSubscription, Publisher, Share,
-};
-use tickmesh_core::db::Db;
 use tickmesh_core::synthetic::SyntheticMarket;
 use tickmesh_core::types::{topics, BarsMessage};
 use tickmesh_ingest::producer::weekly_messages;
+use tickmesh_io::bus::{kafka_create_topics, KafkaPublisher, KafkaSubscription, Publisher, Share};
+use tickmesh_io::db::Db;
 
 const PARTITIONS: i32 = 6;
 

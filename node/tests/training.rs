@@ -9,7 +9,7 @@ use std::process::Command;
 
 use tickmesh::train_cli::{self, Source, TrainOptions};
 use tickmesh_core::config::{ModelKind, TrainConfig, FEATURE_COLUMNS};
-use tickmesh_core::db::AggRow;
+use tickmesh_core::types::AggRow;
 use tickmesh_core::types::Interval;
 use tickmesh_model::checkpoint;
 use tickmesh_model::dataset::Dataset;
@@ -381,7 +381,7 @@ async fn trains_from_the_database() {
     .unwrap();
     let cfg = tickmesh_core::config::ClusterConfig::load(&toml, &std::collections::HashMap::new())
         .unwrap();
-    let a = tickmesh_core::Adapters::connect(&cfg).await.unwrap();
+    let a = tickmesh_io::Adapters::connect(&cfg).await.unwrap();
     a.db.load_aggregated("AAPL", Interval::D1, &aapl_rows())
         .await
         .unwrap();

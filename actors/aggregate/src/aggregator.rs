@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tickmesh_core::bus::SharedPublisher;
-use tickmesh_core::db::Db;
-use tickmesh_core::parquet_io::{decode_bars, merge_bars};
-use tickmesh_core::store::{buckets, SharedStore};
 use tickmesh_core::types::{topics, validate_ticker, Bar, Interval, StartModel};
 use tickmesh_core::{Error, Result};
 use tickmesh_features::feature_rows;
+use tickmesh_io::bus::SharedPublisher;
+use tickmesh_io::db::Db;
+use tickmesh_io::parquet_io::{decode_bars, merge_bars};
+use tickmesh_io::store::{buckets, SharedStore};
 use tracing::info;
 
 use crate::resample::resample;

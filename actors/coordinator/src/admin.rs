@@ -5,9 +5,9 @@
 //! cluster goes through the coordinator actor, which owns the state.
 
 use ractor::call_t;
-use tickmesh_core::db::{Db, JobRow, ModelVersion};
-use tickmesh_core::supervision::Slot;
 use tickmesh_core::types::{validate_ticker, Interval};
+use tickmesh_io::db::{Db, JobRow, ModelVersion};
+use tickmesh_io::supervision::Slot;
 use tickmesh_proto::v1::admin_server::Admin;
 use tickmesh_proto::v1::*;
 use tonic::{Request, Response, Status};

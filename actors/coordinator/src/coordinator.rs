@@ -54,11 +54,11 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use ractor::pg::GroupChangeMessage;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tickmesh_core::bus::{BusConfig, SharedPublisher};
 use tickmesh_core::config::ModelKind;
-use tickmesh_core::db::{Db, JobRow, ModelVersion};
-use tickmesh_core::supervision::{stopped_child, RestartBudget};
 use tickmesh_core::types::{model_prefix, Interval};
+use tickmesh_io::bus::{BusConfig, SharedPublisher};
+use tickmesh_io::db::{Db, JobRow, ModelVersion};
+use tickmesh_io::supervision::{stopped_child, RestartBudget};
 use tickmesh_proto::mesh::{
     self, Assignment, CheckpointAck, CheckpointReport, JobFailure, JobProgress, ModelUpdate,
     PredictorPortMsg, TrainerPortMsg, PREDICTORS, TRAINERS,

@@ -10,9 +10,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use ractor::{call_t, ActorRef};
-use tickmesh_core::db::Db;
-use tickmesh_core::supervision::Slot;
 use tickmesh_core::types::{validate_ticker, Interval};
+use tickmesh_io::db::Db;
+use tickmesh_io::supervision::Slot;
 use tickmesh_proto::auth::Guard;
 use tickmesh_proto::v1::admin_server::AdminServer;
 use tickmesh_proto::v1::*;

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tickmesh_core::bus::{dead_letter, BusConfig, SharedPublisher, Subscription};
 use tickmesh_core::types::{topics, StartModel};
+use tickmesh_io::bus::{dead_letter, BusConfig, SharedPublisher, Subscription};
 use tracing::{info, warn};
 
 use crate::coordinator::CoordinatorMsg;

@@ -18,11 +18,12 @@ use ractor::{call_t, Actor, ActorProcessingErr, ActorRef};
 use tickmesh_coordinator::coordinator::{
     CoordinatorActor, CoordinatorArgs, CoordinatorMsg, Registration,
 };
-use tickmesh_core::bus::BusConfig;
 use tickmesh_core::config::FEATURE_COLUMNS;
-use tickmesh_core::db::{AggRow, Db, ModelVersion};
-use tickmesh_core::supervision::RestartBudget;
+use tickmesh_core::types::AggRow;
 use tickmesh_core::types::{topics, Interval};
+use tickmesh_io::bus::BusConfig;
+use tickmesh_io::db::{Db, ModelVersion};
+use tickmesh_io::supervision::RestartBudget;
 use tickmesh_proto::mesh::{
     Assignment, ModelUpdate, PredictorPortMsg, Scope, TrainerPortMsg, PREDICTORS, TRAINERS,
 };

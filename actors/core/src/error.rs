@@ -28,12 +28,13 @@ pub enum Error {
         key: String,
         message: String,
     },
-    /// A database operation failed.
+    /// A database operation failed. The source is the driver's error
+    /// (sqlx's, in `tickmesh-io`), boxed so this crate needs no driver.
     #[error("database: {context}: {source}")]
     Db {
         context: String,
         #[source]
-        source: sqlx::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A message bus (Kafka or the file spool) operation failed.
     #[error("bus {topic}: {message}")]
@@ -71,9 +72,15 @@ impl Error {
         }
     }
 
-    pub fn db(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Self {
+    pub fn db<E>(context: impl Into<String>) -> impl FnOnce(E) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let context = context.into();
-        move |source| Error::Db { context, source }
+        move |source| Error::Db {
+            context,
+            source: Box::new(source),
+        }
     }
 
     pub fn bus(topic: impl Into<String>, message: impl ToString) -> Self {

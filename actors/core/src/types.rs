@@ -627,6 +627,14 @@ pub fn model_prefix(ticker: &str, interval: Interval, version: i64) -> String {
     format!("{ticker}/{interval}/v{version}")
 }
 
+/// One row of `aggregated_data`: a timestamp and one value per
+/// [`crate::config::FEATURE_COLUMNS`] entry, `None` while an indicator warms up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggRow {
+    pub ts: DateTime<Utc>,
+    pub values: Vec<Option<f64>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

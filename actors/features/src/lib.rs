@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 use tickmesh_core::config::FEATURE_COLUMNS;
-use tickmesh_core::db::AggRow;
+use tickmesh_core::types::AggRow;
 use tickmesh_core::types::Bar;
 
 #[cfg(test)]

@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
-use tickmesh_core::bus::Publisher;
 use tickmesh_core::types::{topics, validate_ticker, Bar, BarsMessage, IsoWeek};
 use tickmesh_core::{Error, Result};
+use tickmesh_io::bus::Publisher;
 
 use crate::http::{client, get_retrying, secret, RetryPolicy};
 

@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use tickmesh_core::parquet_io::{decode_bars, encode_bars, merge_bars};
-use tickmesh_core::store::{buckets, ObjectStore};
 use tickmesh_core::types::{bars_object_key, Bar, BarsMessage, IsoWeek};
 use tickmesh_core::Result;
+use tickmesh_io::parquet_io::{decode_bars, encode_bars, merge_bars};
+use tickmesh_io::store::{buckets, ObjectStore};
 
 use crate::consumer::{write_object, ConsumerActor, Objects, Source};
 use crate::macro_consumer::key_folder;

@@ -4,10 +4,10 @@
 //! [`ConsumerActor`] of this source.
 
 use bytes::Bytes;
-use tickmesh_core::parquet_io::{decode_fundamentals, encode_fundamentals, merge_fundamentals};
-use tickmesh_core::store::buckets;
 use tickmesh_core::types::{company_object_key, Fundamentals};
 use tickmesh_core::Result;
+use tickmesh_io::parquet_io::{decode_fundamentals, encode_fundamentals, merge_fundamentals};
+use tickmesh_io::store::buckets;
 
 use crate::consumer::{ConsumerActor, Objects, Source};
 

@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tickmesh_core::bus::{dead_letter, BusConfig, Record, Share, SharedPublisher, Subscription};
 use tickmesh_core::config::IngestConfig;
-use tickmesh_core::store::ObjectStore;
 use tickmesh_core::{Error, Result};
+use tickmesh_io::bus::{dead_letter, BusConfig, Record, Share, SharedPublisher, Subscription};
+use tickmesh_io::store::ObjectStore;
 use tracing::{debug, warn};
 
 use crate::metrics::IngestMetrics;

@@ -11,15 +11,15 @@
 //!   written before the replay started are taken: one that fails again is
 //!   dead-lettered anew, and waits for the next replay instead of looping.
 //!   A dead letter whose payload was truncated (over
-//!   [`DLQ_MAX_PAYLOAD`](tickmesh_core::bus::DLQ_MAX_PAYLOAD)) cannot be
+//!   [`DLQ_MAX_PAYLOAD`](tickmesh_io::bus::DLQ_MAX_PAYLOAD)) cannot be
 //!   replayed: it is counted and left for an operator.
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tickmesh_core::bus::{BusConfig, Publisher, Record};
 use tickmesh_core::types::topics;
 use tickmesh_core::{Error, Result};
+use tickmesh_io::bus::{BusConfig, Publisher, Record};
 
 /// The consumer group whose committed offsets mark what was replayed.
 pub const REPLAY_GROUP: &str = "dlq-replay";

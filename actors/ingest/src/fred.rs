@@ -11,9 +11,9 @@
 
 use chrono::NaiveDate;
 use serde::Deserialize;
-use tickmesh_core::bus::Publisher;
 use tickmesh_core::types::{topics, validate_series, MacroMessage, Observation};
 use tickmesh_core::{Error, Result};
+use tickmesh_io::bus::Publisher;
 
 use crate::http::{client, get_retrying, secret, RetryPolicy};
 

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use chrono::Datelike;
-use tickmesh_core::parquet_io::{decode_macro, encode_macro, merge_macro};
-use tickmesh_core::store::buckets;
 use tickmesh_core::types::{macro_object_key, MacroMessage, Observation};
 use tickmesh_core::{Error, Result};
+use tickmesh_io::parquet_io::{decode_macro, encode_macro, merge_macro};
+use tickmesh_io::store::buckets;
 
 use crate::consumer::{ConsumerActor, Objects, Source};
 

@@ -1,6 +1,6 @@
 //! Counters of the ingest role, shared by every consumer of a process
 //! (read in-process by the demo and tests), each also recorded as a metric
-//! for `/metrics` (names and help texts in `tickmesh_core::telemetry`).
+//! for `/metrics` (names and help texts in `tickmesh_io::telemetry`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -31,9 +31,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use tickmesh_core::bus::Subscription;
-use tickmesh_core::db::Db;
 use tickmesh_core::Result;
+use tickmesh_io::bus::Subscription;
+use tickmesh_io::db::Db;
 use tracing::{info, warn};
 
 /// How a consumer takes part in partition ownership.

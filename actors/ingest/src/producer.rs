@@ -16,12 +16,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use tickmesh_core::bus::Publisher;
 use tickmesh_core::synthetic::SyntheticMarket;
 use tickmesh_core::types::{
     topics, validate_ticker, Bar, BarsMessage, Fundamentals, IsoWeek, MacroMessage, Observation,
 };
 use tickmesh_core::{Error, Result};
+use tickmesh_io::bus::Publisher;
 
 /// Groups bars by ISO week into messages.
 pub fn weekly_messages(ticker: &str, bars: &[Bar]) -> Vec<BarsMessage> {

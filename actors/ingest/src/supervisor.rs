@@ -5,12 +5,12 @@
 //! backoff on a timer). When the budget is spent it fails, and its parent
 //! decides.
 //!
-//! [`Supervisor`]: tickmesh_core::supervision::Supervisor
+//! [`Supervisor`]: tickmesh_io::supervision::Supervisor
 
 use tickmesh_core::config::SupervisionConfig;
-use tickmesh_core::supervision::{ChildSpec, SupervisorArgs};
 use tickmesh_core::types::topics;
 use tickmesh_core::{Error, Result};
+use tickmesh_io::supervision::{ChildSpec, SupervisorArgs};
 
 use crate::bars_consumer::BarsConsumerActor;
 use crate::company_consumer::CompanyConsumerActor;
@@ -50,7 +50,7 @@ pub fn consumer_child(args: ConsumerArgs) -> Result<ChildSpec> {
     })
 }
 
-/// The arguments of the ingest role's [`Supervisor`](tickmesh_core::supervision::Supervisor):
+/// The arguments of the ingest role's [`Supervisor`](tickmesh_io::supervision::Supervisor):
 /// one consumer per element of `consumers`.
 pub fn ingest_supervisor(
     consumers: Vec<ConsumerArgs>,

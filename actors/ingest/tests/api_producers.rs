@@ -16,11 +16,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use chrono::{DateTime, Utc};
-use tickmesh_core::bus::BusConfig;
 use tickmesh_core::types::{topics, BarsMessage, MacroMessage};
 use tickmesh_ingest::alpaca::{produce_alpaca, AlpacaClient};
 use tickmesh_ingest::fred::{produce_fred, FredClient};
 use tickmesh_ingest::http::RetryPolicy;
+use tickmesh_io::bus::BusConfig;
 
 const KEY: &str = "PKTEST";
 const SECRET: &str = "sEcReT";

@@ -23,9 +23,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tch::nn;
 use tickmesh_core::config::{ModelKind, TrainConfig, FEATURE_COLUMNS};
-use tickmesh_core::store::{buckets, sha256_hex, ObjectStore};
 use tickmesh_core::types::{model_prefix, Interval};
 use tickmesh_core::{Error, Result};
+use tickmesh_io::store::{buckets, sha256_hex, ObjectStore};
 use tracing::warn;
 
 use crate::arch::{build, Arch, SeqModel};

@@ -19,7 +19,7 @@ use std::ops::Range;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
-use tickmesh_core::db::AggRow;
+use tickmesh_core::types::AggRow;
 use tickmesh_core::{Error, Result};
 
 /// Min-max scaling per feature to [0, 1].

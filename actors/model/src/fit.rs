@@ -285,11 +285,11 @@ pub fn fingerprint(ds: &Dataset, cfg: &TrainConfig) -> String {
         "rows": ds.rows.len(),
         "from": ds.ts.first(),
         "to": ds.ts.last(),
-        "data": tickmesh_core::store::sha256_hex(
+        "data": tickmesh_io::store::sha256_hex(
             &ds.rows.iter().flatten().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
         ),
     });
-    tickmesh_core::store::sha256_hex(v.to_string().as_bytes())
+    tickmesh_io::store::sha256_hex(v.to_string().as_bytes())
 }
 
 /// Called by [`fit_with`] after each epoch.

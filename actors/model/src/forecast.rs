@@ -15,7 +15,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use tch::{nn, Device, Tensor};
 use tickmesh_core::calendar;
-use tickmesh_core::db::AggRow;
+use tickmesh_core::types::AggRow;
 use tickmesh_core::types::Interval;
 use tickmesh_core::{Error, Result};
 use tickmesh_features::{column_index, FeatureRow, IndicatorState, Ohlcv, N_COLUMNS};

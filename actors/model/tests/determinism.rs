@@ -3,8 +3,8 @@
 //! generators, never libtorch's process-global one).
 
 use tickmesh_core::config::{ModelKind, TrainConfig, FEATURE_COLUMNS};
-use tickmesh_core::db::AggRow;
 use tickmesh_core::synthetic::SyntheticMarket;
+use tickmesh_core::types::AggRow;
 use tickmesh_model::checkpoint::weights_bytes;
 use tickmesh_model::dataset::Dataset;
 use tickmesh_model::fit::fit;

@@ -12,7 +12,7 @@
 //!   Asked of the coordinator's port on the mesh.
 //! - `GET /ml/models` → what is served, with metrics beside the naive baseline.
 //! - `GET /health` → `ok`; `GET /metrics` → the process's metrics
-//!   (`tickmesh_core::telemetry`).
+//!   (`tickmesh_io::telemetry`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,8 +25,8 @@ use axum::{Json, Router};
 use ractor::{call_t, ActorRef};
 use serde_json::json;
 use tickmesh_core::config::ModelKind;
-use tickmesh_core::supervision::Slot;
 use tickmesh_core::types::{validate_ticker, Interval};
+use tickmesh_io::supervision::Slot;
 use tickmesh_proto::auth::Link;
 use tickmesh_proto::mesh::{CoordinatorPortMsg, Scope};
 use tickmesh_proto::v1::StartTrainingRequest;
@@ -317,7 +317,7 @@ async fn models(State(st): State<HttpState>) -> Response {
 async fn metrics() -> impl IntoResponse {
     (
         [("content-type", "text/plain; version=0.0.4")],
-        tickmesh_core::telemetry::render(),
+        tickmesh_io::telemetry::render(),
     )
 }
 

@@ -8,9 +8,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tickmesh_core::db::Db;
-use tickmesh_core::store::SharedStore;
 use tickmesh_core::types::Interval;
+use tickmesh_io::db::Db;
+use tickmesh_io::store::SharedStore;
 use tracing::{error, warn};
 
 use crate::port::PredictorPort;
@@ -192,7 +192,7 @@ impl Actor for PredictorSupervisor {
         evt: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some((id, why)) = tickmesh_core::supervision::stopped_child(&evt) {
+        if let Some((id, why)) = tickmesh_io::supervision::stopped_child(&evt) {
             if st.port.as_ref().map(|p| p.get_id()) == Some(id) {
                 return Err(format!("the registry's mesh port stopped: {why}").into());
             }

@@ -64,7 +64,7 @@ pub async fn distributed_config(label: &str) -> ClusterConfig {
     cfg.s3.bucket_prefix = format!("{id}-");
     cfg.postgres.db = id.replace('-', "_");
 
-    tickmesh_core::bus::kafka_create_topics(
+    tickmesh_io::bus::kafka_create_topics(
         &cfg.kafka.brokers,
         &cfg.kafka.topic_prefix,
         tickmesh_core::types::topics::ALL,
@@ -72,7 +72,7 @@ pub async fn distributed_config(label: &str) -> ClusterConfig {
     )
     .await
     .expect("create test topics");
-    tickmesh_core::store::S3Store::new(&cfg.s3)
+    tickmesh_io::store::S3Store::new(&cfg.s3)
         .create_buckets()
         .await
         .expect("create test buckets");

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tickmesh_core::config::Role;
-use tickmesh_core::store::buckets;
 use tickmesh_core::types::Interval;
+use tickmesh_io::store::buckets;
 use tickmesh_model::fit::EpochProgress;
 use tickmesh_proto::mesh::{
     self, CheckpointAck, CheckpointReport, CoordinatorPortMsg, Heartbeat, HeldJob, JobFailure,
@@ -443,7 +443,7 @@ impl Actor for TrainerPool {
         evt: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some((id, why)) = tickmesh_core::supervision::stopped_child(&evt) {
+        if let Some((id, why)) = tickmesh_io::supervision::stopped_child(&evt) {
             if id == state.port.get_id() {
                 return Err(format!("the pool's mesh port stopped: {why}").into());
             }
@@ -464,7 +464,7 @@ impl Actor for TrainerPool {
 }
 
 /// Removes a done job's snapshots (all attempts).
-async fn remove_snapshots(store: &tickmesh_core::store::SharedStore, job: &Job) {
+async fn remove_snapshots(store: &tickmesh_io::store::SharedStore, job: &Job) {
     let prefix = job_runs_prefix(job);
     match store.list(buckets::MODELS, &prefix).await {
         Ok(keys) => {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tickmesh::roles::{self, Node};
 use tickmesh_core::config::{ClusterConfig, Role};
-use tickmesh_core::Adapters;
+use tickmesh_io::Adapters;
 
 /// Small, fast training settings for tests.
 pub fn fast_training(cfg: &mut ClusterConfig) {

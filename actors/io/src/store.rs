@@ -23,8 +23,8 @@ use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::config::S3Config;
-use crate::{Error, Result};
+use tickmesh_core::config::S3Config;
+use tickmesh_core::{Error, Result};
 
 /// Logical bucket names.
 pub mod buckets {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tracing::{error, warn};
 
-use crate::config::{Strategy, SupervisionConfig};
+use tickmesh_core::config::{Strategy, SupervisionConfig};
 
 /// The child and the reason when a supervision event says a child stopped
 /// (failed, or terminated); `None` for other events.

@@ -3,7 +3,7 @@
 //! Both adapters give at-least-once delivery with explicit commits: a record
 //! handed out by [`Subscription::poll`] is delivered again after a restart
 //! unless [`Subscription::commit`] was called for it. Topic names given to
-//! these types are the logical names of [`crate::types::topics`]; a
+//! these types are the logical names of [`tickmesh_core::types::topics`]; a
 //! configured prefix is added by the Kafka adapter.
 //!
 //! The spool keeps one directory per topic under its root (`data/raw/` in
@@ -26,7 +26,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::{Error, Result};
+use tickmesh_core::{Error, Result};
 
 /// One message taken from the bus.
 #[derive(Debug, Clone)]
@@ -202,7 +202,7 @@ pub async fn dead_letter(publisher: &dyn Publisher, rec: &Record, error: &str) -
     let key = rec.key.clone().unwrap_or_default();
     publisher
         .publish(
-            &crate::types::topics::dlq(&rec.topic),
+            &tickmesh_core::types::topics::dlq(&rec.topic),
             &key,
             payload,
             &headers,

@@ -17,17 +17,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, QueryBuilder, Row, SqlitePool};
 
-use crate::config::{PostgresConfig, FEATURE_COLUMNS};
-use crate::types::Interval;
-use crate::{Error, Result};
-
-/// One row of `aggregated_data`: a timestamp and one value per
-/// [`FEATURE_COLUMNS`] entry, `None` while an indicator warms up.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AggRow {
-    pub ts: DateTime<Utc>,
-    pub values: Vec<Option<f64>>,
-}
+use tickmesh_core::config::{PostgresConfig, FEATURE_COLUMNS};
+use tickmesh_core::types::{AggRow, Interval};
+use tickmesh_core::{Error, Result};
 
 /// One row of `model_versions`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

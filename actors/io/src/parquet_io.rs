@@ -26,8 +26,8 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
-use crate::types::{Bar, Fundamentals, Observation, FUNDAMENTAL_METRICS};
-use crate::{Error, Result};
+use tickmesh_core::types::{Bar, Fundamentals, Observation, FUNDAMENTAL_METRICS};
+use tickmesh_core::{Error, Result};
 
 /// The Arrow schema of a bars file.
 pub fn bars_schema() -> SchemaRef {
@@ -333,7 +333,7 @@ pub fn merge_fundamentals(old: Vec<Fundamentals>, new: &[Fundamentals]) -> Vec<F
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synthetic::SyntheticMarket;
+    use tickmesh_core::synthetic::SyntheticMarket;
 
     #[test]
     fn macro_and_fundamentals_roundtrip() {

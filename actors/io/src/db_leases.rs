@@ -16,7 +16,7 @@
 use sqlx::Row;
 
 use crate::db::Db;
-use crate::{Error, Result};
+use tickmesh_core::{Error, Result};
 
 /// One partition lease, as [`Db::ingest_leases`] reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
