@@ -31,6 +31,10 @@ use tickmesh_core::types::Interval;
 use tickmesh_io::Adapters;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc (see BENCHMARKS.md, ingest).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tickmesh",

@@ -10,6 +10,8 @@
 //!   they race without the per-object lock a process's writers share (as
 //!   writers in two processes would), and do lose races and merge again;
 //!   on s3s-fs they share the lock (see the S3 test for why).
+//! - An object another process wrote is merged into, though this process
+//!   first tries to create it without reading.
 
 mod common;
 
@@ -149,6 +151,31 @@ async fn the_slower_writer_merges_again(store: &dyn ObjectStore) {
     assert_eq!(decode_bars(data, &key).unwrap(), bars);
 }
 
+/// An object that another process wrote, and this one has never seen, is
+/// merged into, not replaced: the first write of an unseen object is a
+/// create (`If-None-Match: *`) without a read, which the server refuses
+/// here, and the read, merge and `If-Match` write follow. The refused
+/// create is not a conflict between writers.
+async fn an_unseen_object_is_merged_not_replaced(store: &dyn ObjectStore, ticker: &str) {
+    let bars = SyntheticMarket.bars(
+        ticker,
+        "2024-01-08".parse().unwrap(),
+        "2024-01-09".parse().unwrap(),
+    );
+    let key = bars_object_key(ticker, IsoWeek::of(bars[0].t));
+    let (theirs, ours) = bars.split_at(bars.len() / 3);
+    // Written by "another process": straight to the store.
+    let data = <Bars as tickmesh_ingest::consumer::Source>::merge(&key, None, theirs).unwrap();
+    assert!(store
+        .put_if(buckets::STOCK_DATA, &key, data, None)
+        .await
+        .unwrap());
+    let conflicts = merge_into_object::<Bars>(store, &key, ours).await.unwrap();
+    assert_eq!(conflicts, 0, "a refused create is not a writers' conflict");
+    let data = store.get(buckets::STOCK_DATA, &key).await.unwrap().unwrap();
+    assert_eq!(decode_bars(data, &key).unwrap(), bars);
+}
+
 /// On the S3 server. Writers racing on one key at full speed without the
 /// process's lock are run on the local store only: s3s-fs 0.14.1 checks a
 /// condition before it writes and saves an object's checksum apart from its
@@ -160,6 +187,7 @@ async fn a_stale_write_is_refused_and_two_writers_lose_nothing_on_s3() {
     let s3 = S3Store::new(&cfg.s3);
     refuses_stale_versions(&s3).await;
     the_slower_writer_merges_again(&s3).await;
+    an_unseen_object_is_merged_not_replaced(&s3, "UNSN").await;
     // Two consumers of one process share its per-object lock.
     two_writers_lose_nothing(
         Arc::new(S3Store::new(&cfg.s3)),
@@ -222,6 +250,7 @@ async fn a_stale_write_is_refused_and_two_writers_lose_nothing_locally() {
     let local = LocalStore::open(dir.path()).unwrap();
     refuses_stale_versions(&local).await;
     the_slower_writer_merges_again(&local).await;
+    an_unseen_object_is_merged_not_replaced(&local, "UNSL").await;
     two_writers_lose_nothing(
         Arc::new(LocalStore::open(dir.path()).unwrap()),
         Arc::new(LocalStore::open(dir.path()).unwrap()),

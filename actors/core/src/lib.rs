@@ -7,6 +7,7 @@
 //! - [`calendar`], [`synthetic`]: the NYSE calendar and a deterministic synthetic market.
 //! - [`Error`]: the one error type, shared by the adapters.
 
+mod bars_json;
 pub mod calendar;
 pub mod config;
 mod error;

@@ -23,7 +23,8 @@
 //!   cannot be written (the store is down) is not committed: the actor
 //!   fails, its supervisor restarts it and the batch is delivered again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -338,7 +339,12 @@ async fn apply_batch<S: Source>(
             Ok(groups) => {
                 good += 1;
                 for (key, rows) in groups {
-                    objects.entry(key).or_default().extend(rows);
+                    match objects.entry(key) {
+                        Entry::Vacant(e) => {
+                            e.insert(rows);
+                        }
+                        Entry::Occupied(mut e) => e.get_mut().extend(rows),
+                    }
                 }
             }
             Err(reason) => {
@@ -357,7 +363,7 @@ async fn apply_batch<S: Source>(
     futures::stream::iter(objects)
         .map(|(key, rows)| async move {
             let started = Instant::now();
-            let conflicts = write_object::<S>(store, &key, &rows).await?;
+            let conflicts = write_rows::<S>(store, &key, Arc::new(rows)).await?;
             metrics.add_write(S::NAME, started.elapsed(), conflicts);
             Ok::<_, Error>(())
         })
@@ -432,29 +438,83 @@ pub async fn write_object<S: Source>(
 ) -> Result<u32> {
     let lock = object_lock(S::BUCKET, key);
     let _turn = lock.lock().await;
-    merge_into_object::<S>(store, key, rows).await
+    merge_rows::<S>(store, key, Arc::new(rows.to_vec())).await
+}
+
+/// [`write_object`] of rows the caller gives up (no copy).
+async fn write_rows<S: Source>(
+    store: &dyn ObjectStore,
+    key: &str,
+    rows: Arc<Vec<S::Row>>,
+) -> Result<u32> {
+    let lock = object_lock(S::BUCKET, key);
+    let _turn = lock.lock().await;
+    merge_rows::<S>(store, key, rows).await
+}
+
+/// Objects this process has seen exist (written or read), by
+/// `bucket/key`; forgotten wholesale past [`KNOWN_OBJECTS_MAX`].
+static KNOWN_OBJECTS: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+const KNOWN_OBJECTS_MAX: usize = 200_000;
+
+fn known_object(id: &str) -> bool {
+    let known = KNOWN_OBJECTS.lock().unwrap_or_else(|p| p.into_inner());
+    known.contains(id)
+}
+
+fn remember_object(id: String) {
+    let mut known = KNOWN_OBJECTS.lock().unwrap_or_else(|p| p.into_inner());
+    if known.len() >= KNOWN_OBJECTS_MAX {
+        known.clear();
+    }
+    known.insert(id);
 }
 
 /// [`write_object`] without this process's per-object lock: the
 /// conditional write alone, as writers in different processes race.
+///
+/// An object this process has not seen is first written as new, with
+/// `If-None-Match: *`, without reading it: on the reference workload every
+/// ticker-week is new, and the read that would answer "absent" was a third
+/// of the requests. If the object exists after all, that write is refused
+/// and the usual read, merge and `If-Match` write follow; the refusal is
+/// not a conflict between writers and is not counted as one.
 pub async fn merge_into_object<S: Source>(
     store: &dyn ObjectStore,
     key: &str,
     rows: &[S::Row],
 ) -> Result<u32> {
+    merge_rows::<S>(store, key, Arc::new(rows.to_vec())).await
+}
+
+async fn merge_rows<S: Source>(
+    store: &dyn ObjectStore,
+    key: &str,
+    rows: Arc<Vec<S::Row>>,
+) -> Result<u32> {
+    let id = format!("{}/{key}", S::BUCKET);
     let mut conflicts = 0;
+    let mut assume_absent = !known_object(&id);
     loop {
-        let current = get_retrying(store, S::BUCKET, key).await?;
+        let current = if assume_absent {
+            None
+        } else {
+            get_retrying(store, S::BUCKET, key).await?
+        };
         let (old, tag) = match current {
             Some((data, tag)) => (Some(data), Some(tag)),
             None => (None, None),
         };
-        let (k, new) = (key.to_string(), rows.to_vec());
+        let (k, new) = (key.to_string(), rows.clone());
         let data = tokio::task::spawn_blocking(move || S::merge(&k, old, &new))
             .await
             .map_err(|e| Error::invalid("merge", format!("{}/{key}: {e}", S::BUCKET)))??;
         if store.put_if(S::BUCKET, key, data, tag.as_deref()).await? {
+            remember_object(id);
             return Ok(conflicts);
+        }
+        if std::mem::take(&mut assume_absent) {
+            continue;
         }
         conflicts += 1;
         if conflicts >= MAX_CONFLICTS {
