@@ -3,8 +3,9 @@
 //! records already on the topic. It starts the ingest role in this process
 //! exactly as `tickmesh run` does, waits until the consumers have written
 //! `records` records, and prints one JSON line: records, bars, objects,
-//! seconds (from the role's start), bars per second and the process's peak
-//! resident memory.
+//! seconds (from the role's start), bars per second, the process's peak
+//! resident memory and its resident memory at the start (the binary links
+//! libtorch and its CUDA libraries, which alone take about 480 MiB here).
 
 use std::time::{Duration, Instant};
 
@@ -13,12 +14,20 @@ use serde_json::json;
 use tickmesh_core::config::{ClusterConfig, Role};
 use tickmesh_io::Adapters;
 
-/// The process's peak resident set (VmHWM), in bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
+/// A `/proc/self/status` size (`VmHWM`, `VmRSS`, …), in bytes.
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// The process's peak resident set (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM")
 }
 
 pub async fn run(
@@ -26,6 +35,7 @@ pub async fn run(
     records: u64,
     timeout: Duration,
 ) -> Result<serde_json::Value> {
+    let start_rss = status_bytes("VmRSS");
     let adapters = Adapters::connect(cfg).await?;
     let started = Instant::now();
     let node = crate::roles::start(cfg, "bench-ingest", &[Role::Ingest], &adapters).await?;
@@ -62,6 +72,7 @@ pub async fn run(
         "seconds": secs,
         "bars_per_s": m.bars() as f64 / secs,
         "peak_rss_bytes": peak_rss_bytes(),
+        "start_rss_bytes": start_rss,
     });
     node.stop().await;
     Ok(out)

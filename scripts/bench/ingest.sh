@@ -79,7 +79,8 @@ a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 assert a["bars"] == b["bars"], (a["bars"], b["bars"])
 mib = lambda x: x / 2**20
 print(f"bars: {a['bars']:,} in {a['records']:,} messages")
-print(f"tickmesh {a['bars_per_s']:,.0f} bars/s ({a['seconds']:.1f} s, peak RSS {mib(a['peak_rss_bytes']):.0f} MiB)")
-print(f"python   {b['bars_per_s']:,.0f} bars/s ({b['seconds']:.1f} s, peak RSS {mib(b['peak_rss_bytes']):.0f} MiB)")
+rss = lambda r: f"peak RSS {mib(r['peak_rss_bytes']):.0f} MiB, {mib(r['start_rss_bytes']):.0f} MiB of it at the start"
+print(f"tickmesh {a['bars_per_s']:,.0f} bars/s ({a['seconds']:.1f} s, {rss(a)})")
+print(f"python   {b['bars_per_s']:,.0f} bars/s ({b['seconds']:.1f} s, {rss(b)})")
 print(f"ratio    {a['bars_per_s'] / b['bars_per_s']:.2f}x")
 PY

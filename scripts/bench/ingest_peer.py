@@ -12,7 +12,8 @@ original did. The object keys are tickmesh's
 usage: ingest_peer.py BROKERS TOPIC GROUP ENDPOINT ACCESS_KEY SECRET_KEY BUCKET RECORDS
 
 Prints one JSON line: records, bars, objects_written, seconds, bars_per_s,
-peak_rss_bytes.
+peak_rss_bytes, and start_rss_bytes (the resident set once the modules are
+imported, before the first message).
 """
 import io
 import json
@@ -34,7 +35,16 @@ def object_key(ticker, first):
     return f"{ticker}/{monday.year:04d}/{monday.month:02d}/{ticker}_{iso[0]:04d}-W{iso[1]:02d}.parquet"
 
 
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def main():
+    start_rss = rss_bytes()
     brokers, topic, group, endpoint, access, secret, bucket, records = sys.argv[1:9]
     records = int(records)
     s3 = boto3.client(
@@ -106,6 +116,7 @@ def main():
                 "seconds": secs,
                 "bars_per_s": bars / secs,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "start_rss_bytes": start_rss,
             }
         )
     )
