@@ -58,9 +58,10 @@ if [ $demo_only -eq 1 ]; then
   exit 0
 fi
 
-# --- Python used by the ingest tests (a batching Kafka producer, independent
-# Parquet readers), in the torch venv
-TEST_PY_PKGS=(confluent-kafka==2.16.1 pyarrow==26.0.1 duckdb==2.0.0 pandas==3.1.1 boto3==1.44.5)
+# --- Python used by the tests (a batching Kafka producer, independent
+# Parquet readers, TA-Lib for the indicators, exchange-calendars for the NYSE
+# calendar), in the torch venv
+TEST_PY_PKGS=(confluent-kafka==2.16.1 pyarrow==26.0.1 duckdb==2.0.0 pandas==3.1.1 boto3==1.44.5 ta-lib==0.8.2 exchange-calendars==4.13.2)
 if "$TORCH_VENV/bin/python" - "${TEST_PY_PKGS[@]}" <<'PY' 2>/dev/null
 import sys
 from importlib.metadata import version

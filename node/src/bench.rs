@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use serde_json::json;
 use tch::Tensor;
-use tickmesh_core::config::{ModelKind, TrainConfig, FEATURE_COLUMNS};
+use tickmesh_core::config::{FeatureConfig, ModelKind, TrainConfig};
 use tickmesh_core::synthetic::SyntheticMarket;
 use tickmesh_core::types::AggRow;
 use tickmesh_model::dataset::Dataset;
@@ -18,17 +18,14 @@ use tickmesh_model::dataset::Dataset;
 pub fn dataset(cfg: &TrainConfig, days: i64) -> Result<Dataset> {
     let from: chrono::NaiveDate = "2024-01-02".parse().expect("valid date");
     let bars = SyntheticMarket.bars("BENCH", from, from + chrono::Duration::days(days * 7 / 5));
+    let indicators = FeatureConfig::default();
+    let all = indicators.columns();
     let cols: Vec<usize> = cfg
         .features
         .iter()
-        .map(|f| {
-            FEATURE_COLUMNS
-                .iter()
-                .position(|c| c == f)
-                .expect("checked")
-        })
+        .map(|f| tickmesh_features::column_index(&all, f).expect("checked"))
         .collect();
-    let rows: Vec<AggRow> = tickmesh_features::feature_rows(&bars)
+    let rows: Vec<AggRow> = tickmesh_features::feature_rows(&indicators, &bars)
         .into_iter()
         .map(|r| AggRow {
             ts: r.ts,

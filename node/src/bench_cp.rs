@@ -25,7 +25,7 @@ use chrono::{TimeZone, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs};
 use tickmesh_coordinator::grpc::{serve, ServeOptions};
-use tickmesh_core::config::FEATURE_COLUMNS;
+use tickmesh_core::config::FeatureConfig;
 use tickmesh_core::types::AggRow;
 use tickmesh_core::types::Interval;
 use tickmesh_io::db::Db;
@@ -207,12 +207,13 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
         ),
     };
     let tickers: Vec<String> = (0..o.jobs).map(|i| format!("CP{i:05}")).collect();
+    let columns = FeatureConfig::default().columns();
     let row = AggRow {
         ts: Utc.with_ymd_and_hms(2024, 1, 2, 21, 0, 0).unwrap(),
-        values: vec![Some(1.0); FEATURE_COLUMNS.len()],
+        values: vec![Some(1.0); columns.len()],
     };
     for t in &tickers {
-        db.load_aggregated(t, INTERVAL, std::slice::from_ref(&row))
+        db.load_aggregated(t, INTERVAL, &columns, std::slice::from_ref(&row))
             .await?;
     }
     let (hb, lease) = (

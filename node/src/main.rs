@@ -313,7 +313,13 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(d) = device {
                 train.device = d;
             }
-            train_cli::apply_overrides(&mut train, model.as_deref(), features.as_deref(), epochs)?;
+            train_cli::apply_overrides(
+                &mut train,
+                &cfg.features,
+                model.as_deref(),
+                features.as_deref(),
+                epochs,
+            )?;
             let out = out.unwrap_or_else(|| train_cli::default_out(&ticker, interval, train.model));
             let t = train_cli::train(train_cli::TrainOptions {
                 ticker,
@@ -321,6 +327,7 @@ async fn run(cli: Cli) -> Result<()> {
                 source,
                 out,
                 train,
+                indicators: cfg.features.clone(),
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             })
             .await?;
@@ -514,6 +521,7 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = load(&config)?;
             let a = Adapters::connect(&cfg).await?;
             let args = tickmesh_aggregate::aggregator::AggregatorArgs {
+                features: cfg.features.clone(),
                 store: a.store.clone(),
                 db: a.db.clone(),
                 publisher: a.publisher.clone(),

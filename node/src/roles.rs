@@ -239,6 +239,7 @@ pub async fn start(
 
     if roles.contains(&Role::Aggregate) {
         let args = AggregatorArgs {
+            features: cfg.features.clone(),
             store: adapters.store.clone(),
             db: adapters.db.clone(),
             publisher: adapters.publisher.clone(),
@@ -294,6 +295,7 @@ pub async fn start(
                 db: adapters.db.clone(),
                 store: adapters.store.clone(),
                 train: cfg.train.clone(),
+                features: cfg.features.clone(),
                 device,
                 // Replaced by each pool incarnation (see TrainerPool::pre_start).
                 slots: Arc::new(Semaphore::new(parallel)),

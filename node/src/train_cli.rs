@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
-use tickmesh_core::config::{ClusterConfig, ModelKind, TrainConfig, FEATURE_COLUMNS};
+use tickmesh_core::config::{ClusterConfig, FeatureConfig, ModelKind, TrainConfig};
 use tickmesh_core::types::AggRow;
 use tickmesh_core::types::{validate_ticker, Bar, Interval};
 use tickmesh_io::Adapters;
@@ -164,21 +164,28 @@ pub fn read_csv_bars(files: &[PathBuf]) -> Result<Vec<Bar>> {
     Ok(bars.into_values().collect())
 }
 
-/// The rows of `features` (in that order) of a ticker-interval.
+/// The rows of `features` (in that order) of a ticker-interval; from CSV
+/// files, the indicators are computed with the periods of `indicators`.
 pub async fn load_rows(
     source: &Source,
     ticker: &str,
     interval: Interval,
+    indicators: &FeatureConfig,
     features: &[String],
 ) -> Result<Vec<AggRow>> {
     match source {
         Source::Csv(dir) => {
             let bars = read_csv_bars(&csv_files(dir, ticker, interval)?)?;
+            let all = indicators.columns();
             let cols: Vec<usize> = features
                 .iter()
-                .map(|f| tickmesh_features::column_index(f).expect("checked features"))
-                .collect();
-            Ok(tickmesh_features::feature_rows(&bars)
+                .map(|f| {
+                    tickmesh_features::column_index(&all, f).ok_or_else(|| {
+                        usage(format!("`{f}` is not a feature ({})", all.join(", ")))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            Ok(tickmesh_features::feature_rows(indicators, &bars)
                 .into_iter()
                 .map(|r| AggRow {
                     ts: r.ts,
@@ -209,6 +216,8 @@ pub struct TrainOptions {
     pub source: Source,
     pub out: PathBuf,
     pub train: TrainConfig,
+    /// The indicator periods (`[features]`).
+    pub indicators: FeatureConfig,
     /// Show the progress bar (off in tests and when stderr is not a terminal).
     pub progress: bool,
 }
@@ -223,20 +232,22 @@ pub struct Trained {
 /// Parses `--model` and `--features`, applies them to `cfg` and checks it.
 pub fn apply_overrides(
     cfg: &mut TrainConfig,
+    indicators: &FeatureConfig,
     model: Option<&str>,
     features: Option<&[String]>,
     epochs: Option<usize>,
 ) -> Result<()> {
+    let columns = indicators.columns();
     if let Some(m) = model {
         cfg.model = m
             .parse::<ModelKind>()
             .map_err(|e| usage(format!("--model: {e}")))?;
     }
     if let Some(f) = features {
-        if let Some(bad) = f.iter().find(|f| !FEATURE_COLUMNS.contains(&f.as_str())) {
+        if let Some(bad) = f.iter().find(|f| !columns.contains(f)) {
             return Err(usage(format!(
                 "--features: `{bad}` is not a feature ({})",
-                FEATURE_COLUMNS.join(", ")
+                columns.join(", ")
             )));
         }
         cfg.features = f.to_vec();
@@ -244,7 +255,7 @@ pub fn apply_overrides(
     if let Some(e) = epochs {
         cfg.epochs = e;
     }
-    cfg.check()
+    cfg.check(&columns)
         .map_err(|(k, m)| usage(format!("{}: {m}", k.replace("train.", "--"))))
 }
 
@@ -252,7 +263,14 @@ pub fn apply_overrides(
 pub async fn train(opts: TrainOptions) -> Result<Trained> {
     validate_ticker(&opts.ticker).map_err(|e| usage(e.to_string()))?;
     let cfg = opts.train.clone();
-    let rows = load_rows(&opts.source, &opts.ticker, opts.interval, &cfg.features).await?;
+    let rows = load_rows(
+        &opts.source,
+        &opts.ticker,
+        opts.interval,
+        &opts.indicators,
+        &cfg.features,
+    )
+    .await?;
     let ds = Dataset::build(
         &rows,
         &cfg.features,
@@ -299,7 +317,15 @@ pub async fn train(opts: TrainOptions) -> Result<Trained> {
     .map_err(|e| anyhow!("training thread: {e}"))??;
     bar.finish_and_clear();
     let weights = checkpoint::weights_bytes(&fitted.vs)?;
-    let meta = Meta::of(&fitted, &cfg, &opts.ticker, opts.interval, 1, &weights);
+    let meta = Meta::of(
+        &fitted,
+        &cfg,
+        &opts.indicators,
+        &opts.ticker,
+        opts.interval,
+        1,
+        &weights,
+    );
     let files = Files::new(&meta, weights, &fitted.test_points)?;
     checkpoint::write_dir(&opts.out, &files)?;
     chart::loss_chart(&opts.out.join("loss.png"), &fitted)?;
@@ -347,7 +373,14 @@ pub async fn evaluate(
         .await
         .map_err(|e| anyhow!("{e}"))?
         .map_err(|e| usage(e.to_string()))?;
-    let rows = load_rows(&opts.source, &meta.ticker, meta.interval, &meta.features).await?;
+    let rows = load_rows(
+        &opts.source,
+        &meta.ticker,
+        meta.interval,
+        &meta.indicators,
+        &meta.features,
+    )
+    .await?;
     let encoder = meta.encoder()?;
     let ds = Dataset::with_encoder(&rows, &meta.features, meta.seq_len, encoder)
         .map_err(|e| usage(e.to_string()))?;

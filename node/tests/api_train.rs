@@ -187,8 +187,9 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
 
     // The predictor's history follows aggregated_data: a revised last row is
     // picked up (the history is rebuilt), and so is a new row (appended).
+    let cols = tickmesh_core::config::FeatureConfig::default().columns();
     let mut rows =
-        a.db.read_aggregated_after("APIT", Interval::M15, None)
+        a.db.read_aggregated("APIT", Interval::M15, &cols, None)
             .await
             .unwrap();
     let last = rows.last_mut().unwrap();
@@ -196,7 +197,7 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
     last.values[3] = Some(revised);
     last.values[1] = Some(last.values[1].unwrap().max(revised));
     let mut next = last.clone();
-    a.db.load_aggregated("APIT", Interval::M15, &rows)
+    a.db.load_aggregated("APIT", Interval::M15, &cols, &rows)
         .await
         .unwrap();
     let get = |url: String| {
@@ -216,7 +217,7 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
     next.ts = tickmesh_model::forecast::next_timestamp(next.ts, Interval::M15);
     next.values[3] = Some(revised * 1.02);
     next.values[1] = Some(revised * 1.02);
-    a.db.load_aggregated("APIT", Interval::M15, &[next.clone()])
+    a.db.load_aggregated("APIT", Interval::M15, &cols, &[next.clone()])
         .await
         .unwrap();
     let b = get(url.clone()).await;

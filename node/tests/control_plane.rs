@@ -910,7 +910,12 @@ async fn a_restarted_coordinator_loses_no_job_and_a_failing_job_does_not_block_t
 /// Keeps the first `n` rows of a ticker.
 async fn trim_rows(db: &Db, ticker: &str, n: usize) {
     let rows = db
-        .read_aggregated_after(ticker, INTERVAL, None)
+        .read_aggregated(
+            ticker,
+            INTERVAL,
+            &tickmesh_core::config::FeatureConfig::default().columns(),
+            None,
+        )
         .await
         .unwrap();
     let cut = rows[n].ts;

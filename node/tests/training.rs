@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tickmesh::train_cli::{self, Source, TrainOptions};
-use tickmesh_core::config::{ModelKind, TrainConfig, FEATURE_COLUMNS};
+use tickmesh_core::config::{FeatureConfig, ModelKind, TrainConfig};
 use tickmesh_core::types::AggRow;
 use tickmesh_core::types::Interval;
 use tickmesh_model::checkpoint;
@@ -39,13 +39,21 @@ async fn train_aapl(kind: ModelKind, out: &Path) -> train_cli::Trained {
         device: "cpu".into(),
         ..TrainConfig::default()
     };
-    train_cli::apply_overrides(&mut cfg, Some(kind.as_str()), None, None).unwrap();
+    train_cli::apply_overrides(
+        &mut cfg,
+        &FeatureConfig::default(),
+        Some(kind.as_str()),
+        None,
+        None,
+    )
+    .unwrap();
     train_cli::train(TrainOptions {
         ticker: "AAPL".into(),
         interval: Interval::D1,
         source: Source::Csv(sample_dir()),
         out: out.to_path_buf(),
         train: cfg,
+        indicators: FeatureConfig::default(),
         progress: false,
     })
     .await
@@ -55,7 +63,10 @@ async fn train_aapl(kind: ModelKind, out: &Path) -> train_cli::Trained {
 /// All stored columns of AAPL's daily rows, as the aggregator would load them.
 fn aapl_rows() -> Vec<AggRow> {
     let files = train_cli::csv_files(&sample_dir(), "AAPL", Interval::D1).unwrap();
-    tickmesh_features::feature_rows(&train_cli::read_csv_bars(&files).unwrap())
+    tickmesh_features::feature_rows(
+        &FeatureConfig::default(),
+        &train_cli::read_csv_bars(&files).unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +229,7 @@ async fn corrupted_weights_or_meta_are_refused_naming_the_file() {
 #[test]
 fn forecast_inputs_equal_training_inputs() {
     let rows = aapl_rows();
-    let features: Vec<String> = FEATURE_COLUMNS.iter().map(|c| c.to_string()).collect();
+    let features = FeatureConfig::default().columns();
     let cfg = TrainConfig {
         features: features.clone(),
         epochs: 1,
@@ -236,7 +247,15 @@ fn forecast_inputs_equal_training_inputs() {
     .unwrap();
     let fitted = tickmesh_model::fit::fit(ds.clone(), &cfg, tch::Device::Cpu, |_| {}).unwrap();
     let weights = checkpoint::weights_bytes(&fitted.vs).unwrap();
-    let meta = checkpoint::Meta::of(&fitted, &cfg, "AAPL", Interval::D1, 1, &weights);
+    let meta = checkpoint::Meta::of(
+        &fitted,
+        &cfg,
+        &FeatureConfig::default(),
+        "AAPL",
+        Interval::D1,
+        1,
+        &weights,
+    );
     let fc = Forecaster::load(meta, &weights, tch::Device::Cpu).unwrap();
     // Rows before the first complete one (indicator warm-up) are dropped by the dataset.
     let skipped = rows.len() - ds.rows.len();
@@ -268,7 +287,7 @@ fn forecast_inputs_equal_training_inputs() {
             v: last.v,
         };
         h2.push_bar(p.ts, bar);
-        let mut st = tickmesh_features::IndicatorState::new();
+        let mut st = tickmesh_features::IndicatorState::new(&FeatureConfig::default());
         let mut full = None;
         for r in &rows[..end] {
             st.step(tickmesh_features::Ohlcv::of_row(&r.values).unwrap());
@@ -382,9 +401,14 @@ async fn trains_from_the_database() {
     let cfg = tickmesh_core::config::ClusterConfig::load(&toml, &std::collections::HashMap::new())
         .unwrap();
     let a = tickmesh_io::Adapters::connect(&cfg).await.unwrap();
-    a.db.load_aggregated("AAPL", Interval::D1, &aapl_rows())
-        .await
-        .unwrap();
+    a.db.load_aggregated(
+        "AAPL",
+        Interval::D1,
+        &FeatureConfig::default().columns(),
+        &aapl_rows(),
+    )
+    .await
+    .unwrap();
     drop(a);
     let out = dir.path().join("ck");
     let o = tickmesh(&[

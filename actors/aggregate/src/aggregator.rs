@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tickmesh_core::types::{topics, validate_ticker, Bar, Interval, StartModel};
 use tickmesh_core::{Error, Result};
-use tickmesh_features::feature_rows;
+use tickmesh_features::{feature_rows, FeatureConfig};
 use tickmesh_io::bus::SharedPublisher;
 use tickmesh_io::db::Db;
 use tickmesh_io::parquet_io::{decode_bars, merge_bars};
@@ -47,6 +47,8 @@ impl ractor::Message for AggregatorMsg {}
 
 #[derive(Clone)]
 pub struct AggregatorArgs {
+    /// The indicator periods (`[features]`).
+    pub features: FeatureConfig,
     pub store: SharedStore,
     pub db: Db,
     pub publisher: SharedPublisher,
@@ -129,12 +131,19 @@ pub async fn run(
     for t in tickers {
         validate_ticker(t)?;
     }
+    let columns = state.features.columns();
     for ticker in tickers {
         let bars = read_ticker_bars(&state.store, ticker).await?;
-        let rows = tokio::task::spawn_blocking(move || feature_rows(&resample(&bars, interval)))
-            .await
-            .expect("feature task panicked");
-        state.db.load_aggregated(ticker, interval, &rows).await?;
+        let features = state.features.clone();
+        let rows = tokio::task::spawn_blocking(move || {
+            feature_rows(&features, &resample(&bars, interval))
+        })
+        .await
+        .expect("feature task panicked");
+        state
+            .db
+            .load_aggregated(ticker, interval, &columns, &rows)
+            .await?;
         if let Some(last) = rows.last() {
             report.watermark = report.watermark.max(Some(last.ts));
         }

@@ -18,7 +18,7 @@ use ractor::{call_t, Actor, ActorProcessingErr, ActorRef};
 use tickmesh_coordinator::coordinator::{
     CoordinatorActor, CoordinatorArgs, CoordinatorMsg, Registration,
 };
-use tickmesh_core::config::FEATURE_COLUMNS;
+use tickmesh_core::config::FeatureConfig;
 use tickmesh_core::types::AggRow;
 use tickmesh_core::types::{topics, Interval};
 use tickmesh_io::bus::BusConfig;
@@ -35,12 +35,17 @@ async fn db(dir: &std::path::Path, tickers: &[&str]) -> Db {
     let db = Db::open_sqlite(&dir.join("t.db")).await.unwrap();
     let row = AggRow {
         ts: Utc.with_ymd_and_hms(2024, 1, 2, 21, 0, 0).unwrap(),
-        values: vec![Some(1.0); FEATURE_COLUMNS.len()],
+        values: vec![Some(1.0); FeatureConfig::default().columns().len()],
     };
     for t in tickers {
-        db.load_aggregated(t, I, std::slice::from_ref(&row))
-            .await
-            .unwrap();
+        db.load_aggregated(
+            t,
+            I,
+            &FeatureConfig::default().columns(),
+            std::slice::from_ref(&row),
+        )
+        .await
+        .unwrap();
     }
     db
 }

@@ -417,23 +417,17 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Checks the hyperparameters; the error is `(key, message)` with the key
     /// under `train.`.
-    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+    /// `columns` are those of `aggregated_data` (the features may be any of them).
+    pub fn check(&self, columns: &[String]) -> std::result::Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((format!("train.{k}"), m));
         let t = self;
         if t.features.is_empty() {
             return bad("features", "must name at least one feature".into());
         }
-        if let Some(f) = t
-            .features
-            .iter()
-            .find(|f| !FEATURE_COLUMNS.contains(&f.as_str()))
-        {
+        if let Some(f) = t.features.iter().find(|f| !columns.contains(f)) {
             return bad(
                 "features",
-                format!(
-                    "`{f}` is not a feature column ({})",
-                    FEATURE_COLUMNS.join(", ")
-                ),
+                format!("`{f}` is not a feature column ({})", columns.join(", ")),
             );
         }
         if !t.features.iter().any(|f| f == "close") {
@@ -592,27 +586,132 @@ pub struct ClusterConfig {
     pub admin: AdminConfig,
     pub ingest: IngestConfig,
     pub serve: ServeConfig,
+    pub features: FeatureConfig,
     pub train: TrainConfig,
     pub supervision: SupervisionConfig,
     pub nodes: Vec<NodeConfig>,
 }
 
-/// The feature columns a model may use (the columns of `aggregated_data`).
-pub const FEATURE_COLUMNS: &[&str] = &[
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "log_return",
-    "sma_20",
-    "ema_12",
-    "ema_26",
-    "macd",
-    "macd_signal",
-    "rsi_14",
-    "obv",
-];
+/// `[features]`: the indicator periods of `aggregated_data`. Column names
+/// carry the periods (`sma_20`, `ema_12`, `rsi_14`, `atr_14`,
+/// `volatility_20`); the definitions are in `tickmesh-features`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeatureConfig {
+    /// SMA period.
+    pub sma: usize,
+    /// EMA periods, one column each.
+    pub ema: Vec<usize>,
+    /// RSI period (Wilder).
+    pub rsi: usize,
+    /// MACD `[fast, slow, signal]`.
+    pub macd: [usize; 3],
+    /// Stochastic `[%K, %D]` periods.
+    pub stoch: [usize; 2],
+    /// Bollinger band period (the middle band is its SMA).
+    pub bollinger: usize,
+    /// Bollinger band width in standard deviations.
+    pub bollinger_k: f64,
+    /// ATR period (Wilder).
+    pub atr: usize,
+    /// Rolling volatility period (standard deviation of log returns).
+    pub volatility: usize,
+}
+
+impl Default for FeatureConfig {
+    fn default() -> Self {
+        FeatureConfig {
+            sma: 20,
+            ema: vec![12, 26],
+            rsi: 14,
+            macd: [12, 26, 9],
+            stoch: [14, 3],
+            bollinger: 20,
+            bollinger_k: 2.0,
+            atr: 14,
+            volatility: 20,
+        }
+    }
+}
+
+/// The largest indicator period (TA-Lib's limit).
+pub const MAX_PERIOD: usize = 100_000;
+
+impl FeatureConfig {
+    /// The columns of `aggregated_data` these periods produce, in order:
+    /// OHLCV, then the indicators.
+    pub fn columns(&self) -> Vec<String> {
+        let mut c: Vec<String> = ["open", "high", "low", "close", "volume", "log_return"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        c.push(format!("sma_{}", self.sma));
+        c.extend(self.ema.iter().map(|n| format!("ema_{n}")));
+        c.push(format!("rsi_{}", self.rsi));
+        for s in [
+            "macd",
+            "macd_signal",
+            "macd_hist",
+            "obv",
+            "stoch_k",
+            "stoch_d",
+            "bb_upper",
+            "bb_middle",
+            "bb_lower",
+        ] {
+            c.push(s.to_string());
+        }
+        c.push(format!("atr_{}", self.atr));
+        c.push(format!("volatility_{}", self.volatility));
+        c
+    }
+
+    /// Checks the periods; the error is `(key, message)` with the key under `features.`.
+    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((format!("features.{k}"), m));
+        let range = |k: &str, n: usize, min: usize| {
+            if (min..=MAX_PERIOD).contains(&n) {
+                Ok(())
+            } else {
+                bad(k, format!("{n} is not a period in {min} ..= {MAX_PERIOD}"))
+            }
+        };
+        range("sma", self.sma, 2)?;
+        if self.ema.is_empty() {
+            return bad("ema", "must list at least one period".into());
+        }
+        let mut seen = BTreeSet::new();
+        for &n in &self.ema {
+            range("ema", n, 2)?;
+            if !seen.insert(n) {
+                return bad("ema", format!("{n} is listed twice"));
+            }
+        }
+        range("rsi", self.rsi, 2)?;
+        let [fast, slow, signal] = self.macd;
+        range("macd", fast, 2)?;
+        range("macd", slow, 2)?;
+        range("macd", signal, 1)?;
+        if fast >= slow {
+            return bad(
+                "macd",
+                format!("the fast period ({fast}) must be shorter than the slow one ({slow})"),
+            );
+        }
+        range("stoch", self.stoch[0], 1)?;
+        range("stoch", self.stoch[1], 1)?;
+        range("bollinger", self.bollinger, 2)?;
+        if !(self.bollinger_k.is_finite() && self.bollinger_k > 0.0) {
+            return bad(
+                "bollinger_k",
+                format!("{} is not a positive width", self.bollinger_k),
+            );
+        }
+        range("atr", self.atr, 1)?;
+        range("volatility", self.volatility, 2)?;
+        Ok(())
+    }
+}
 
 impl ClusterConfig {
     /// Reads, parses, overrides from `env` and validates a config file.
@@ -880,7 +979,8 @@ impl ClusterConfig {
                 return bad("postgres.port", "must not be 0".into());
             }
         }
-        self.train.check()?;
+        self.features.check()?;
+        self.train.check(&self.features.columns())?;
         if self.supervision.window_secs == 0 {
             return bad("supervision.window_secs", "must be at least 1".into());
         }
@@ -1005,6 +1105,31 @@ mod tests {
             e.contains("`train.features`") && e.contains("moon_phase"),
             "{e}"
         );
+        // Indicator periods name the columns a model may use.
+        let e = parse("[features]\nmacd = [26, 12, 9]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`features.macd`") && e.contains("shorter"),
+            "{e}"
+        );
+        let e = parse("[features]\nema = [12, 12]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`features.ema`") && e.contains("twice"), "{e}");
+        let e = parse("[features]\nrsi = 1\n").unwrap_err().to_string();
+        assert!(e.contains("`features.rsi`"), "{e}");
+        let e = parse("[features]\nbollinger_k = -1.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`features.bollinger_k`"), "{e}");
+        let e = parse("[train]\nfeatures = [\"close\", \"sma_50\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`sma_50`") && e.contains("sma_20"), "{e}");
+        let ok =
+            parse("[features]\nsma = 50\n[train]\nfeatures = [\"close\", \"sma_50\"]\n").unwrap();
+        assert!(ok.features.columns().contains(&"sma_50".to_string()));
         let e = parse("[[nodes]]\nname = \"a\"\nroles = [\"juggler\"]\n")
             .unwrap_err()
             .to_string();

@@ -713,7 +713,7 @@ pub fn model_prefix(ticker: &str, interval: Interval, version: i64) -> String {
 }
 
 /// One row of `aggregated_data`: a timestamp and one value per
-/// [`crate::config::FEATURE_COLUMNS`] entry, `None` while an indicator warms up.
+/// [`crate::config::FeatureConfig::columns`] entry, `None` while an indicator warms up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AggRow {
     pub ts: DateTime<Utc>,

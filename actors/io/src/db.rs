@@ -17,7 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, QueryBuilder, Row, SqlitePool};
 
-use tickmesh_core::config::{PostgresConfig, FEATURE_COLUMNS};
+use tickmesh_core::config::{FeatureConfig, PostgresConfig};
 use tickmesh_core::types::{AggRow, Interval};
 use tickmesh_core::{Error, Result};
 
@@ -183,9 +183,27 @@ pub enum Db {
     Sqlite(SqlitePool),
 }
 
-fn col_list() -> String {
-    FEATURE_COLUMNS.join(", ")
+/// Checks that `name` can be a column of `aggregated_data` (and so be
+/// written into SQL as it is): lowercase ASCII letters, digits and `_`,
+/// starting with a letter, at most 63 bytes (PostgreSQL's identifier limit).
+pub fn check_column_name(name: &str) -> Result<()> {
+    let ok = name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "feature column",
+            format!("`{name}` is not a column name (a-z, 0-9 and _, starting with a letter, at most 63 bytes)"),
+        ))
+    }
 }
+
+/// The key columns of `aggregated_data`; every other column is a feature.
+const AGG_KEYS: [&str; 3] = ["ticker", "interval", "ts"];
 
 impl Db {
     /// Connects to PostgreSQL and migrates. The error names the server and
@@ -244,7 +262,8 @@ impl Db {
             Db::Postgres(_) => ("TIMESTAMPTZ", "DOUBLE PRECISION", "TEXT"),
             Db::Sqlite(_) => ("TEXT", "REAL", "TEXT"),
         };
-        let features: String = FEATURE_COLUMNS
+        let features: String = FeatureConfig::default()
+            .columns()
             .iter()
             .map(|c| format!("{c} {real}, "))
             .collect();
@@ -323,27 +342,82 @@ impl Db {
         .map_err(Error::db("read companies_info"))
     }
 
-    /// Loads one ticker-interval's rows in one transaction (upsert).
+    /// The feature columns `aggregated_data` has (every column but the key).
+    pub async fn aggregated_columns(&self) -> Result<Vec<String>> {
+        let ctx = "list the columns of aggregated_data";
+        let names: Vec<String> = match self {
+            Db::Postgres(p) => sqlx::query_scalar(
+                "SELECT column_name::text FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'aggregated_data' ORDER BY ordinal_position",
+            )
+            .fetch_all(p)
+            .await
+            .map_err(Error::db(ctx))?,
+            Db::Sqlite(p) => sqlx::query_scalar("SELECT name FROM pragma_table_info('aggregated_data') ORDER BY cid")
+                .fetch_all(p)
+                .await
+                .map_err(Error::db(ctx))?,
+        };
+        Ok(names
+            .into_iter()
+            .filter(|n| !AGG_KEYS.contains(&n.as_str()))
+            .collect())
+    }
+
+    /// Adds the `columns` that `aggregated_data` lacks (nullable doubles):
+    /// other periods in `[features]` or joined series add columns; none are
+    /// ever dropped. Safe to run from several processes at once.
+    pub async fn ensure_aggregated_columns(&self, columns: &[String]) -> Result<()> {
+        for c in columns {
+            check_column_name(c)?;
+        }
+        let have = self.aggregated_columns().await?;
+        for c in columns.iter().filter(|c| !have.contains(c)) {
+            let ctx = format!("add column {c} to aggregated_data");
+            let done = match self {
+                Db::Postgres(p) => sqlx::query(&format!(
+                    "ALTER TABLE aggregated_data ADD COLUMN IF NOT EXISTS {c} DOUBLE PRECISION"
+                ))
+                .execute(p)
+                .await
+                .map(|_| ()),
+                Db::Sqlite(p) => {
+                    sqlx::query(&format!("ALTER TABLE aggregated_data ADD COLUMN {c} REAL"))
+                        .execute(p)
+                        .await
+                        .map(|_| ())
+                }
+            };
+            // Another process may have added it in between (SQLite has no IF NOT EXISTS here).
+            if let Err(e) = done {
+                if !self.aggregated_columns().await?.contains(c) {
+                    return Err(Error::db(ctx)(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads one ticker-interval's rows of `columns` in one transaction
+    /// (upsert), adding the columns the table lacks first.
     pub async fn load_aggregated(
         &self,
         ticker: &str,
         interval: Interval,
+        columns: &[String],
         rows: &[AggRow],
     ) -> Result<u64> {
         let ctx = format!("load aggregated_data {ticker} {interval}");
         for r in rows {
-            if r.values.len() != FEATURE_COLUMNS.len() {
+            if r.values.len() != columns.len() {
                 return Err(Error::invalid(
                     "aggregated row",
-                    format!(
-                        "{} values for {} columns",
-                        r.values.len(),
-                        FEATURE_COLUMNS.len()
-                    ),
+                    format!("{} values for {} columns", r.values.len(), columns.len()),
                 ));
             }
         }
-        let updates: String = FEATURE_COLUMNS
+        self.ensure_aggregated_columns(columns).await?;
+        let cols = columns.join(", ");
+        let updates: String = columns
             .iter()
             .map(|c| format!("{c} = EXCLUDED.{c}"))
             .collect::<Vec<_>>()
@@ -371,14 +445,15 @@ impl Db {
                     csv.push('\n');
                 }
                 let mut copy = tx
-                    .copy_in_raw("COPY tmp_agg FROM STDIN WITH (FORMAT csv)")
+                    .copy_in_raw(&format!(
+                        "COPY tmp_agg (ticker, \"interval\", ts, {cols}) FROM STDIN WITH (FORMAT csv)"
+                    ))
                     .await
                     .map_err(Error::db(ctx.clone()))?;
                 copy.send(csv.into_bytes())
                     .await
                     .map_err(Error::db(ctx.clone()))?;
                 copy.finish().await.map_err(Error::db(ctx.clone()))?;
-                let cols = col_list();
                 let n = sqlx::query(&format!(
                     "INSERT INTO aggregated_data (ticker, \"interval\", ts, {cols}) SELECT ticker, \"interval\", ts, {cols} FROM tmp_agg ON CONFLICT (ticker, \"interval\", ts) DO UPDATE SET {updates}"
                 ))
@@ -392,11 +467,10 @@ impl Db {
             Db::Sqlite(pool) => {
                 let mut tx = pool.begin().await.map_err(Error::db(ctx.clone()))?;
                 let mut n = 0;
-                let per_row = 3 + FEATURE_COLUMNS.len();
+                let per_row = 3 + columns.len();
                 for chunk in rows.chunks(30_000 / per_row) {
                     let mut qb: QueryBuilder<sqlx::Sqlite> = QueryBuilder::new(format!(
-                        "INSERT INTO aggregated_data (ticker, \"interval\", ts, {}) ",
-                        col_list()
+                        "INSERT INTO aggregated_data (ticker, \"interval\", ts, {cols}) "
                     ));
                     qb.push_values(chunk, |mut b, r| {
                         b.push_bind(ticker)
@@ -431,13 +505,17 @@ impl Db {
         columns: &[String],
         after: Option<DateTime<Utc>>,
     ) -> Result<Vec<AggRow>> {
-        if let Some(c) = columns
-            .iter()
-            .find(|c| !FEATURE_COLUMNS.contains(&c.as_str()))
-        {
+        for c in columns {
+            check_column_name(c)?;
+        }
+        let have = self.aggregated_columns().await?;
+        if let Some(c) = columns.iter().find(|c| !have.contains(c)) {
             return Err(Error::invalid(
                 "feature column",
-                format!("`{c}` is not a column of aggregated_data"),
+                format!(
+                    "`{c}` is not a column of aggregated_data (it has {}); aggregate with the [features] periods that name it",
+                    have.join(", ")
+                ),
             ));
         }
         let ctx = format!("read aggregated_data {ticker} {interval}");
@@ -529,18 +607,6 @@ impl Db {
         .map_err(Error::db(format!(
             "delete aggregated_data {ticker} {interval} from {from}"
         )))
-    }
-
-    /// Every column of a ticker-interval's rows after `after` (all of them
-    /// with `None`), in time order: what a forecaster's history is built from.
-    pub async fn read_aggregated_after(
-        &self,
-        ticker: &str,
-        interval: Interval,
-        after: Option<DateTime<Utc>>,
-    ) -> Result<Vec<AggRow>> {
-        let all: Vec<String> = FEATURE_COLUMNS.iter().map(|c| c.to_string()).collect();
-        self.read_aggregated(ticker, interval, &all, after).await
     }
 
     /// Records a model version; the previous champion of the same

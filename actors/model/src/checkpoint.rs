@@ -22,7 +22,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tch::nn;
-use tickmesh_core::config::{ModelKind, TrainConfig, FEATURE_COLUMNS};
+use tickmesh_core::config::{FeatureConfig, ModelKind, TrainConfig};
 use tickmesh_core::types::{model_prefix, Interval};
 use tickmesh_core::{Error, Result};
 use tickmesh_io::store::{buckets, sha256_hex, ObjectStore};
@@ -59,6 +59,11 @@ pub struct Meta {
     pub interval: Interval,
     pub version: i64,
     pub features: Vec<String>,
+    /// The indicator periods of the `aggregated_data` the model was trained
+    /// on: the forecaster advances the same indicators through predicted
+    /// bars. (Checkpoints from before the key have the default periods.)
+    #[serde(default)]
+    pub indicators: FeatureConfig,
     /// `log_return`: the model predicts the standardized next log return of close.
     pub target: String,
     pub target_scale: TargetScale,
@@ -96,6 +101,7 @@ impl Meta {
     pub fn of(
         fitted: &Fitted,
         cfg: &TrainConfig,
+        indicators: &FeatureConfig,
         ticker: &str,
         interval: Interval,
         version: i64,
@@ -109,6 +115,7 @@ impl Meta {
             interval,
             version,
             features: ds.features.clone(),
+            indicators: indicators.clone(),
             target: TARGET.into(),
             target_scale: ds.encoder.target_scale,
             seq_len: ds.seq_len,
@@ -158,11 +165,11 @@ impl Meta {
     /// describes a model this build can serve.
     pub fn encoder(&self) -> Result<Encoder> {
         let bad = |m: String| Err(Error::invalid("checkpoint", format!("meta.json: {m}")));
-        if let Some(f) = self
-            .features
-            .iter()
-            .find(|f| !FEATURE_COLUMNS.contains(&f.as_str()))
-        {
+        if let Err((key, m)) = self.indicators.check() {
+            return bad(format!("indicators: {key}: {m}"));
+        }
+        let columns = self.indicators.columns();
+        if let Some(f) = self.features.iter().find(|f| !columns.contains(f)) {
             return bad(format!("unknown feature `{f}`"));
         }
         if self.target != TARGET {

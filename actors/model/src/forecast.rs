@@ -18,7 +18,7 @@ use tickmesh_core::calendar;
 use tickmesh_core::types::AggRow;
 use tickmesh_core::types::Interval;
 use tickmesh_core::{Error, Result};
-use tickmesh_features::{column_index, FeatureRow, IndicatorState, Ohlcv, N_COLUMNS};
+use tickmesh_features::{column_index, FeatureConfig, IndicatorState, Ohlcv};
 
 use crate::arch::SeqModel;
 use crate::checkpoint::{load_model, Meta};
@@ -59,24 +59,29 @@ pub fn next_timestamp(t: DateTime<Utc>, interval: Interval) -> DateTime<Utc> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct History {
     state: IndicatorState,
-    rows: VecDeque<(DateTime<Utc>, FeatureRow)>,
+    rows: VecDeque<(DateTime<Utc>, Vec<Option<f64>>)>,
     keep: usize,
     last: Option<(DateTime<Utc>, Ohlcv)>,
 }
 
 impl History {
-    /// An empty history keeping the last `keep` rows.
-    pub fn new(keep: usize) -> Self {
+    /// An empty history of the indicators of `indicators`, keeping the last `keep` rows.
+    pub fn new(indicators: &FeatureConfig, keep: usize) -> Self {
         History {
-            state: IndicatorState::new(),
+            state: IndicatorState::new(indicators),
             rows: VecDeque::with_capacity(keep + 1),
             keep,
             last: None,
         }
     }
 
-    /// Appends a stored row (all [`tickmesh_core::config::FEATURE_COLUMNS`]
-    /// in order): the state advances by its OHLCV, the row is kept as stored.
+    /// The columns a stored row carries, in order.
+    pub fn columns(&self) -> Vec<String> {
+        self.state.config().columns()
+    }
+
+    /// Appends a stored row (all of [`History::columns`] in order): the
+    /// state advances by its OHLCV, the row is kept as stored.
     pub fn push_stored(&mut self, row: &AggRow) -> Result<()> {
         let bar = Ohlcv::of_row(&row.values).ok_or_else(|| {
             Error::invalid(
@@ -87,11 +92,12 @@ impl History {
                 ),
             )
         })?;
-        if row.values.len() != N_COLUMNS {
+        if row.values.len() != self.state.width() {
             return Err(Error::invalid(
                 "forecast history",
                 format!(
-                    "rows need all {N_COLUMNS} feature columns, got {}",
+                    "rows need all {} feature columns, got {}",
+                    self.state.width(),
                     row.values.len()
                 ),
             ));
@@ -103,9 +109,7 @@ impl History {
             ));
         }
         self.state.step(bar);
-        let mut values: FeatureRow = [None; N_COLUMNS];
-        values.copy_from_slice(&row.values);
-        self.keep_row(row.ts, values, bar);
+        self.keep_row(row.ts, row.values.clone(), bar);
         Ok(())
     }
 
@@ -115,12 +119,17 @@ impl History {
         self.keep_row(ts, values, bar);
     }
 
-    fn keep_row(&mut self, ts: DateTime<Utc>, values: FeatureRow, bar: Ohlcv) {
+    fn keep_row(&mut self, ts: DateTime<Utc>, values: Vec<Option<f64>>, bar: Ohlcv) {
         self.rows.push_back((ts, values));
         while self.rows.len() > self.keep {
             self.rows.pop_front();
         }
         self.last = Some((ts, bar));
+    }
+
+    /// True when `other` keeps as many rows of the same indicators.
+    pub fn same_shape(&self, other: &History) -> bool {
+        self.keep == other.keep && self.state.config() == other.state.config()
     }
 
     /// How many rows it keeps.
@@ -139,8 +148,8 @@ impl History {
     }
 
     /// The last row kept (every column).
-    pub fn last_row(&self) -> Option<&FeatureRow> {
-        self.rows.back().map(|(_, r)| r)
+    pub fn last_row(&self) -> Option<&[Option<f64>]> {
+        self.rows.back().map(|(_, r)| r.as_slice())
     }
 }
 
@@ -157,10 +166,11 @@ pub struct Forecaster {
 impl Forecaster {
     pub fn load(meta: Meta, weights: &[u8], device: Device) -> Result<Self> {
         let encoder = meta.encoder()?;
+        let all = meta.indicators.columns();
         let columns = meta
             .features
             .iter()
-            .map(|f| column_index(f).expect("checked by Meta::encoder"))
+            .map(|f| column_index(&all, f).expect("checked by Meta::encoder"))
             .collect();
         let (vs, model) = load_model(&meta, weights, device)?;
         Ok(Forecaster {
@@ -175,7 +185,7 @@ impl Forecaster {
 
     /// A history sized for this model.
     pub fn history(&self) -> History {
-        History::new(self.meta.seq_len)
+        History::new(&self.meta.indicators, self.meta.seq_len)
     }
 
     /// A history of the stored rows (all columns, oldest first).

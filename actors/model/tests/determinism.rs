@@ -2,7 +2,7 @@
 //! trainers running at once in one process (each draws from its own
 //! generators, never libtorch's process-global one).
 
-use tickmesh_core::config::{ModelKind, TrainConfig, FEATURE_COLUMNS};
+use tickmesh_core::config::{FeatureConfig, ModelKind, TrainConfig};
 use tickmesh_core::synthetic::SyntheticMarket;
 use tickmesh_core::types::AggRow;
 use tickmesh_model::checkpoint::weights_bytes;
@@ -15,11 +15,13 @@ fn rows(features: &[String]) -> Vec<AggRow> {
         "2024-03-04".parse().unwrap(),
         "2024-03-05".parse().unwrap(),
     );
+    let indicators = FeatureConfig::default();
+    let all = indicators.columns();
     let cols: Vec<usize> = features
         .iter()
-        .map(|f| FEATURE_COLUMNS.iter().position(|c| c == f).unwrap())
+        .map(|f| all.iter().position(|c| c == f).unwrap())
         .collect();
-    tickmesh_features::feature_rows(&bars)
+    tickmesh_features::feature_rows(&indicators, &bars)
         .into_iter()
         .map(|r| AggRow {
             ts: r.ts,

@@ -96,14 +96,16 @@ type HistoryCache = Arc<tokio::sync::Mutex<Option<History>>>;
 async fn refresh(
     a: &PredictorArgs,
     cache: &mut Option<History>,
-    seq_len: usize,
+    empty: History,
 ) -> tickmesh_core::Result<()> {
-    if let Some(h) = cache.as_mut().filter(|h| h.keep() == seq_len) {
-        if let (Some((t, _)), Some(kept)) = (h.last(), h.last_row().copied()) {
+    let columns = empty.columns();
+    if let Some(h) = cache.as_mut().filter(|h| h.same_shape(&empty)) {
+        if let (Some((t, _)), Some(kept)) = (h.last(), h.last_row().map(<[_]>::to_vec)) {
             let rows =
-                a.db.read_aggregated_after(
+                a.db.read_aggregated(
                     &a.ticker,
                     a.interval,
+                    &columns,
                     Some(t - chrono::Duration::microseconds(1)),
                 )
                 .await?;
@@ -120,9 +122,9 @@ async fn refresh(
         }
     }
     let rows =
-        a.db.read_aggregated_after(&a.ticker, a.interval, None)
+        a.db.read_aggregated(&a.ticker, a.interval, &columns, None)
             .await?;
-    let mut h = History::new(seq_len);
+    let mut h = empty;
     for r in &rows {
         h.push_stored(r)?;
     }
@@ -273,7 +275,8 @@ async fn forecast(
     let unavailable = |e: tickmesh_core::Error| ServeError::Unavailable(e.to_string());
     let history = {
         let mut c = cache.lock().await;
-        let fresh = refresh(a, &mut c, info.seq_len).await;
+        let empty = model.lock().unwrap_or_else(|e| e.into_inner()).history();
+        let fresh = refresh(a, &mut c, empty).await;
         if let Err(e) = fresh {
             *c = None;
             return Err(unavailable(e));

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tickmesh_core::config::{ModelKind, TrainConfig};
+use tickmesh_core::config::{FeatureConfig, ModelKind, TrainConfig};
 use tickmesh_core::types::Interval;
 use tickmesh_core::{Error, Result};
 use tickmesh_io::db::Db;
@@ -87,6 +87,9 @@ pub struct TrainerArgs {
     pub db: Db,
     pub store: SharedStore,
     pub train: TrainConfig,
+    /// The indicator periods `aggregated_data` was computed with (recorded
+    /// in the checkpoint, so the forecaster advances the same indicators).
+    pub features: FeatureConfig,
     pub device: tch::Device,
     /// Bounds how many trainers of this node fit at once.
     pub slots: Arc<Semaphore>,
@@ -271,6 +274,7 @@ pub async fn train_job(
     let (ticker, interval, version) = (job.ticker.clone(), job.interval, job.version);
     let started = std::time::Instant::now();
     let c = cfg.clone();
+    let indicators = args.features.clone();
     let mut hooks = JobHooks {
         job: job.clone(),
         leases: args.leases.clone(),
@@ -303,7 +307,7 @@ pub async fn train_job(
         }
         let fitted = fit_with(ds, &c, device, resume, &mut hooks)?;
         let weights = checkpoint::weights_bytes(&fitted.vs)?;
-        let meta = Meta::of(&fitted, &c, &ticker, interval, version, &weights);
+        let meta = Meta::of(&fitted, &c, &indicators, &ticker, interval, version, &weights);
         let files = Files::new(&meta, weights, &fitted.test_points)?;
         Ok((meta, files))
     })

@@ -91,6 +91,7 @@ pub async fn store_synthetic(
 
 pub fn aggregator_args(a: &Adapters) -> tickmesh_aggregate::aggregator::AggregatorArgs {
     tickmesh_aggregate::aggregator::AggregatorArgs {
+        features: Default::default(),
         store: a.store.clone(),
         db: a.db.clone(),
         publisher: a.publisher.clone(),
