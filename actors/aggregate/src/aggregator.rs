@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tickmesh_core::types::{topics, validate_ticker, Bar, Interval, StartModel};
 use tickmesh_core::{Error, Result};
@@ -93,7 +94,15 @@ impl Actor for AggregatorActor {
     }
 }
 
-/// Reads every bar of a ticker from the store, merged and sorted.
+/// How many of a ticker's objects are fetched at once.
+const READ_CONCURRENCY: usize = 16;
+
+/// Reads every bar of a ticker from the store, merged and sorted: objects
+/// are fetched `READ_CONCURRENCY` at a time and decoded off the reactor as
+/// they arrive (a blob is dropped once decoded), in key order, so weekly
+/// objects concatenate in time order and the one merge at the end only
+/// checks the order (a sort and "last delivery wins" only when objects
+/// overlap).
 pub async fn read_ticker_bars(store: &SharedStore, ticker: &str) -> Result<Vec<Bar>> {
     let keys = store
         .list(buckets::STOCK_DATA, &format!("{ticker}/"))
@@ -104,21 +113,26 @@ pub async fn read_ticker_bars(store: &SharedStore, ticker: &str) -> Result<Vec<B
             buckets::STOCK_DATA
         )));
     }
-    let mut blobs = Vec::with_capacity(keys.len());
-    for k in &keys {
-        if let Some(b) = store.get(buckets::STOCK_DATA, k).await? {
-            blobs.push((k.clone(), b));
-        }
+    let mut decoded = stream::iter(keys)
+        .map(|k| {
+            let store = store.clone();
+            async move {
+                let Some(blob) = store.get(buckets::STOCK_DATA, &k).await? else {
+                    return Ok(Vec::new());
+                };
+                tokio::task::spawn_blocking(move || decode_bars(blob, &k))
+                    .await
+                    .expect("decode task panicked")
+            }
+        })
+        .buffered(READ_CONCURRENCY);
+    let mut all = Vec::new();
+    while let Some(bars) = decoded.next().await {
+        all.extend(bars?);
     }
-    tokio::task::spawn_blocking(move || {
-        let mut all = Vec::new();
-        for (k, b) in blobs {
-            all = merge_bars(all, &decode_bars(b, &k)?);
-        }
-        Ok(all)
-    })
-    .await
-    .expect("decode task panicked")
+    Ok(tokio::task::spawn_blocking(move || merge_bars(all, &[]))
+        .await
+        .expect("merge task panicked"))
 }
 
 /// One aggregation run (what `Run` does).
@@ -135,11 +149,15 @@ pub async fn run(
     for ticker in tickers {
         let bars = read_ticker_bars(&state.store, ticker).await?;
         let features = state.features.clone();
-        let rows = tokio::task::spawn_blocking(move || {
-            feature_rows(&features, &resample(&bars, interval))
+        let (rows, extended) = tokio::task::spawn_blocking(move || {
+            let r = resample(&bars, interval);
+            (feature_rows(&features, &r.bars), r.extended)
         })
         .await
         .expect("feature task panicked");
+        if extended > 0 {
+            info!(ticker = %ticker, extended, "bars outside the regular session left out");
+        }
         state
             .db
             .load_aggregated(ticker, interval, &columns, &rows)

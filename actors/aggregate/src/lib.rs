@@ -1,6 +1,7 @@
 //! tickmesh-aggregate: the aggregate role.
 //!
-//! - [`resample`]: 1-minute bars → 5m / 15m / 1h / 1d bars on the New York clock.
+//! - [`resample`]: 1-minute bars → 1m / 5m / 15m / 30m / 1h / 1d bars of the NYSE regular
+//!   session, labelled by bucket start (extended hours left out).
 //!   Feature rows come from `tickmesh-features` (the incremental indicators).
 //! - [`aggregator`]: `AggregatorActor`, Parquet in the store → `aggregated_data` → `start_model`.
 

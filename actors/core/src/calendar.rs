@@ -5,7 +5,15 @@
 //! Day, Washington's Birthday, Good Friday, Memorial Day, Juneteenth (from
 //! 2022), Independence Day, Labor Day, Thanksgiving and Christmas, with the
 //! Saturday→Friday / Sunday→Monday observance (except that New Year's Day on a
-//! Saturday is not observed on the Friday before).
+//! Saturday is not observed on the Friday before). Early closes (13:00) are
+//! the day after Thanksgiving, Christmas Eve and July 3 when they trade.
+//!
+//! The exchange's one-off decisions are listed in [`SPECIAL_CLOSURES`] and
+//! [`SPECIAL_EARLY_CLOSES`] (2000 on). The test `tests/xnys.rs` compares every
+//! weekday from 2000 to 2026, and each early close, with the
+//! `exchange-calendars` package's XNYS calendar (a maintained, published
+//! record of NYSE holidays and closures); a year beyond the list follows the
+//! rules alone until the exchange announces its next one-off.
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveTime, TimeZone, Utc, Weekday};
 use chrono_tz::America::New_York;
@@ -55,8 +63,48 @@ fn observed(d: NaiveDate) -> NaiveDate {
     }
 }
 
-/// True when the NYSE is closed all day for a holiday on `d`.
+/// Days the NYSE closed outside its holiday rules, with the reason.
+pub const SPECIAL_CLOSURES: &[(&str, &str)] = &[
+    ("2001-09-11", "September 11 attacks"),
+    ("2001-09-12", "September 11 attacks"),
+    ("2001-09-13", "September 11 attacks"),
+    ("2001-09-14", "September 11 attacks"),
+    ("2004-06-11", "national day of mourning for Ronald Reagan"),
+    ("2007-01-02", "national day of mourning for Gerald Ford"),
+    ("2012-10-29", "Hurricane Sandy"),
+    ("2012-10-30", "Hurricane Sandy"),
+    (
+        "2018-12-05",
+        "national day of mourning for George H. W. Bush",
+    ),
+    ("2025-01-09", "national day of mourning for Jimmy Carter"),
+];
+
+/// Early closes (13:00) outside the rules: `(date, true)` adds one,
+/// `(date, false)` removes the rule's.
+pub const SPECIAL_EARLY_CLOSES: &[(&str, bool)] = &[
+    // In 2002 the exchange closed early on Friday July 5 instead of Wednesday July 3.
+    ("2002-07-03", false),
+    ("2002-07-05", true),
+    ("2003-12-26", true),
+];
+
+fn listed<T: Copy>(list: &[(&str, T)], d: NaiveDate) -> Option<T> {
+    list.iter()
+        .find(|(day, _)| day.parse::<NaiveDate>().ok() == Some(d))
+        .map(|(_, v)| *v)
+}
+
+/// Why the NYSE closed on `d` outside its rules, when it did.
+pub fn special_closure(d: NaiveDate) -> Option<&'static str> {
+    listed(SPECIAL_CLOSURES, d)
+}
+
+/// True when the NYSE is closed all day for a holiday (or a one-off closure) on `d`.
 pub fn is_holiday(d: NaiveDate) -> bool {
+    if special_closure(d).is_some() {
+        return true;
+    }
     let y = d.year();
     let ymd = |m, day| NaiveDate::from_ymd_opt(y, m, day).expect("valid date");
     let new_year = ymd(1, 1);
@@ -93,7 +141,8 @@ pub fn is_early_close(d: NaiveDate) -> bool {
     let day_after_thanksgiving = nth_weekday(y, 11, Weekday::Thu, 4) + Duration::days(1);
     let christmas_eve = NaiveDate::from_ymd_opt(y, 12, 24).expect("valid date");
     let july_3 = NaiveDate::from_ymd_opt(y, 7, 3).expect("valid date");
-    d == day_after_thanksgiving || d == christmas_eve || d == july_3
+    listed(SPECIAL_EARLY_CLOSES, d)
+        .unwrap_or(d == day_after_thanksgiving || d == christmas_eve || d == july_3)
 }
 
 /// The regular session of a trading day, `[open, close)` in UTC.
@@ -160,6 +209,30 @@ mod tests {
         assert!(is_trading_day(d("2021-12-31")));
         // Juneteenth 2021 did not exist yet for the exchange.
         assert!(is_trading_day(d("2021-06-18")));
+    }
+
+    #[test]
+    fn one_off_closures() {
+        for s in [
+            "2012-10-29",
+            "2012-10-30",
+            "2018-12-05",
+            "2025-01-09",
+            "2001-09-11",
+        ] {
+            assert!(!is_trading_day(d(s)), "{s}");
+            assert!(session(d(s)).is_none(), "{s}");
+        }
+        assert_eq!(special_closure(d("2012-10-29")), Some("Hurricane Sandy"));
+        assert!(is_trading_day(d("2012-10-31")));
+        assert!(is_early_close(d("2003-12-26")) && is_early_close(d("2002-07-05")));
+        assert!(!is_early_close(d("2002-07-03")) && is_trading_day(d("2002-07-03")));
+        for (day, _) in SPECIAL_CLOSURES {
+            assert!(day.parse::<NaiveDate>().is_ok(), "{day}");
+        }
+        for (day, _) in SPECIAL_EARLY_CLOSES {
+            assert!(day.parse::<NaiveDate>().is_ok(), "{day}");
+        }
     }
 
     #[test]

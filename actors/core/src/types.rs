@@ -51,15 +51,17 @@ pub enum Interval {
     M1,
     M5,
     M15,
+    M30,
     H1,
     D1,
 }
 
 impl Interval {
-    pub const ALL: [Interval; 5] = [
+    pub const ALL: [Interval; 6] = [
         Interval::M1,
         Interval::M5,
         Interval::M15,
+        Interval::M30,
         Interval::H1,
         Interval::D1,
     ];
@@ -69,17 +71,21 @@ impl Interval {
             Interval::M1 => "1m",
             Interval::M5 => "5m",
             Interval::M15 => "15m",
+            Interval::M30 => "30m",
             Interval::H1 => "1h",
             Interval::D1 => "1d",
         }
     }
 
     /// Bucket width in minutes for intraday intervals; `None` for daily.
+    /// Intraday buckets start at the regular session's open (09:30 New
+    /// York): a 1h bar covers 09:30–10:30, …, 15:30–16:00.
     pub fn minutes(self) -> Option<i64> {
         match self {
             Interval::M1 => Some(1),
             Interval::M5 => Some(5),
             Interval::M15 => Some(15),
+            Interval::M30 => Some(30),
             Interval::H1 => Some(60),
             Interval::D1 => None,
         }
@@ -101,7 +107,7 @@ impl FromStr for Interval {
             .ok_or_else(|| {
                 Error::invalid(
                     "interval",
-                    format!("`{s}` is not one of 1m, 5m, 15m, 1h, 1d"),
+                    format!("`{s}` is not one of 1m, 5m, 15m, 30m, 1h, 1d"),
                 )
             })
     }
