@@ -63,36 +63,38 @@ fn observed(d: NaiveDate) -> NaiveDate {
     }
 }
 
+/// A calendar date as (year, month, day).
+pub type Ymd = (i32, u32, u32);
+
 /// Days the NYSE closed outside its holiday rules, with the reason.
-pub const SPECIAL_CLOSURES: &[(&str, &str)] = &[
-    ("2001-09-11", "September 11 attacks"),
-    ("2001-09-12", "September 11 attacks"),
-    ("2001-09-13", "September 11 attacks"),
-    ("2001-09-14", "September 11 attacks"),
-    ("2004-06-11", "national day of mourning for Ronald Reagan"),
-    ("2007-01-02", "national day of mourning for Gerald Ford"),
-    ("2012-10-29", "Hurricane Sandy"),
-    ("2012-10-30", "Hurricane Sandy"),
+pub const SPECIAL_CLOSURES: &[(Ymd, &str)] = &[
+    ((2001, 9, 11), "September 11 attacks"),
+    ((2001, 9, 12), "September 11 attacks"),
+    ((2001, 9, 13), "September 11 attacks"),
+    ((2001, 9, 14), "September 11 attacks"),
+    ((2004, 6, 11), "national day of mourning for Ronald Reagan"),
+    ((2007, 1, 2), "national day of mourning for Gerald Ford"),
+    ((2012, 10, 29), "Hurricane Sandy"),
+    ((2012, 10, 30), "Hurricane Sandy"),
     (
-        "2018-12-05",
+        (2018, 12, 5),
         "national day of mourning for George H. W. Bush",
     ),
-    ("2025-01-09", "national day of mourning for Jimmy Carter"),
+    ((2025, 1, 9), "national day of mourning for Jimmy Carter"),
 ];
 
 /// Early closes (13:00) outside the rules: `(date, true)` adds one,
 /// `(date, false)` removes the rule's.
-pub const SPECIAL_EARLY_CLOSES: &[(&str, bool)] = &[
+pub const SPECIAL_EARLY_CLOSES: &[(Ymd, bool)] = &[
     // In 2002 the exchange closed early on Friday July 5 instead of Wednesday July 3.
-    ("2002-07-03", false),
-    ("2002-07-05", true),
-    ("2003-12-26", true),
+    ((2002, 7, 3), false),
+    ((2002, 7, 5), true),
+    ((2003, 12, 26), true),
 ];
 
-fn listed<T: Copy>(list: &[(&str, T)], d: NaiveDate) -> Option<T> {
-    list.iter()
-        .find(|(day, _)| day.parse::<NaiveDate>().ok() == Some(d))
-        .map(|(_, v)| *v)
+fn listed<T: Copy>(list: &[(Ymd, T)], d: NaiveDate) -> Option<T> {
+    let ymd = (d.year(), d.month(), d.day());
+    list.iter().find(|(day, _)| *day == ymd).map(|(_, v)| *v)
 }
 
 /// Why the NYSE closed on `d` outside its rules, when it did.
@@ -227,11 +229,12 @@ mod tests {
         assert!(is_trading_day(d("2012-10-31")));
         assert!(is_early_close(d("2003-12-26")) && is_early_close(d("2002-07-05")));
         assert!(!is_early_close(d("2002-07-03")) && is_trading_day(d("2002-07-03")));
-        for (day, _) in SPECIAL_CLOSURES {
-            assert!(day.parse::<NaiveDate>().is_ok(), "{day}");
-        }
-        for (day, _) in SPECIAL_EARLY_CLOSES {
-            assert!(day.parse::<NaiveDate>().is_ok(), "{day}");
+        let days = SPECIAL_CLOSURES.iter().map(|(d, _)| *d);
+        for (y, m, day) in days.chain(SPECIAL_EARLY_CLOSES.iter().map(|(d, _)| *d)) {
+            assert!(
+                NaiveDate::from_ymd_opt(y, m, day).is_some(),
+                "{y}-{m}-{day}"
+            );
         }
     }
 

@@ -508,16 +508,6 @@ impl Db {
         for c in columns {
             check_column_name(c)?;
         }
-        let have = self.aggregated_columns().await?;
-        if let Some(c) = columns.iter().find(|c| !have.contains(c)) {
-            return Err(Error::invalid(
-                "feature column",
-                format!(
-                    "`{c}` is not a column of aggregated_data (it has {}); aggregate with the [features] periods that name it",
-                    have.join(", ")
-                ),
-            ));
-        }
         let ctx = format!("read aggregated_data {ticker} {interval}");
         // Before any market data (and inside PostgreSQL's timestamp range).
         let after = after.unwrap_or_else(|| {
@@ -538,22 +528,41 @@ impl Db {
                 .bind(after)
                 .fetch_all(p)
                 .await
-                .map_err(Error::db(ctx))?
-                .iter()
-                .map(|r| decode(r.get(0), &|i| r.get::<Option<f64>, _>(i)))
-                .collect(),
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| decode(r.get(0), &|i| r.get::<Option<f64>, _>(i)))
+                        .collect()
+                }),
             Db::Sqlite(p) => sqlx::query(&sql)
                 .bind(ticker)
                 .bind(interval.as_str())
                 .bind(after)
                 .fetch_all(p)
                 .await
-                .map_err(Error::db(ctx))?
-                .iter()
-                .map(|r| decode(r.get(0), &|i| r.get::<Option<f64>, _>(i)))
-                .collect(),
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| decode(r.get(0), &|i| r.get::<Option<f64>, _>(i)))
+                        .collect()
+                }),
         };
-        Ok(rows)
+        match rows {
+            Ok(rows) => Ok(rows),
+            // The catalog is read only when the query fails (not on every
+            // forecast's read), to say which column is missing.
+            Err(e) => {
+                let have = self.aggregated_columns().await?;
+                match columns.iter().find(|c| !have.contains(c)) {
+                    Some(c) => Err(Error::invalid(
+                        "feature column",
+                        format!(
+                            "`{c}` is not a column of aggregated_data (it has {}); aggregate with the [features] periods that name it",
+                            have.join(", ")
+                        ),
+                    )),
+                    None => Err(Error::db(ctx)(e)),
+                }
+            }
+        }
     }
 
     /// How many `aggregated_data` rows a ticker-interval has.
@@ -1201,5 +1210,55 @@ impl Db {
             Db::Postgres(p) => fetch!(p),
             Db::Sqlite(p) => fetch!(p),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    /// Loading rows of other periods adds their columns; reading a column
+    /// the table lacks names the ones it has; a bad name is refused before SQL.
+    #[tokio::test]
+    async fn feature_columns_follow_the_loaded_periods() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(&dir.path().join("t.db")).await.unwrap();
+        let cfg = FeatureConfig {
+            sma: 50,
+            ..FeatureConfig::default()
+        };
+        let columns = cfg.columns();
+        assert!(!db
+            .aggregated_columns()
+            .await
+            .unwrap()
+            .contains(&"sma_50".to_string()));
+        let row = AggRow {
+            ts: Utc.with_ymd_and_hms(2024, 1, 2, 14, 30, 0).unwrap(),
+            values: (0..columns.len()).map(|i| Some(i as f64)).collect(),
+        };
+        db.load_aggregated("T", Interval::D1, &columns, std::slice::from_ref(&row))
+            .await
+            .unwrap();
+        let have = db.aggregated_columns().await.unwrap();
+        assert!(have.contains(&"sma_50".to_string()) && have.contains(&"sma_20".to_string()));
+        let read = db
+            .read_aggregated("T", Interval::D1, &columns, None)
+            .await
+            .unwrap();
+        assert_eq!(read, vec![row]);
+        let e = db
+            .read_aggregated("T", Interval::D1, &["rsi_99".to_string()], None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`rsi_99`") && e.contains("sma_50"), "{e}");
+        let e = db
+            .read_aggregated("T", Interval::D1, &["close; DROP".to_string()], None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a column name"), "{e}");
     }
 }
