@@ -87,6 +87,15 @@ where
     }
 }
 
+/// The macro series of `data/sample/macrodata.csv` the demo joins, with
+/// their release lags in days (as in cluster.toml's `[joins]`).
+pub const DEMO_MACRO_LAGS: [(&str, u32); 4] = [
+    ("CPI", 110),
+    ("REALGDP", 120),
+    ("TBILRATE", 92),
+    ("UNEMP", 100),
+];
+
 /// Runs produce → ingest → aggregate → train → serve on a started node that
 /// has every role, and returns the forecasts the HTTP API gives.
 pub async fn pipeline(node: &Node, adapters: &Adapters, inputs: &Inputs) -> Result<Vec<Outcome>> {
@@ -363,6 +372,12 @@ pub async fn run(opts: DemoOptions) -> Result<PathBuf> {
     cfg.coordinator.listen = "127.0.0.1:0".into();
     cfg.serve.http_listen = opts.http.clone();
     cfg.train.epochs = opts.epochs;
+    // statsmodels' quarterly macro series, dated by the quarter's first day:
+    // each lag is the quarter plus the agency's release delay (docs/aggregation.md).
+    cfg.joins.macro_lags = DEMO_MACRO_LAGS
+        .iter()
+        .map(|&(s, lag)| (s.to_string(), lag))
+        .collect();
     println!("tickmesh demo: every role in one process on the embedded defaults");
     println!(
         "  spool {}, objects {}, database {}",

@@ -15,6 +15,7 @@
 
 pub mod admin_cli;
 pub mod bench;
+pub mod bench_agg;
 pub mod bench_cp;
 pub mod bench_ingest;
 pub mod chart;

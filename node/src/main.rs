@@ -155,6 +155,26 @@ enum Cmd {
         #[arg(long)]
         postgres_config: Option<PathBuf>,
     },
+    /// The aggregation's compute on a local store (scripts/bench/aggregate.sh runs it beside Polars).
+    #[command(hide = true)]
+    BenchAggregate {
+        /// The store directory (embedded layout: stock-data/, macro-data/, company-fundamentals/).
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long, value_delimiter = ',', required = true)]
+        tickers: Vec<String>,
+        #[arg(long, default_value = "1m")]
+        interval: Interval,
+        /// Macro series joined, SERIES=LAG_DAYS.
+        #[arg(long = "macro", value_delimiter = ',')]
+        macro_lags: Vec<String>,
+        /// Tickers at once (default: the machine's cores).
+        #[arg(long)]
+        parallel: Option<usize>,
+        /// Write each ticker's rows to {out}/{ticker}.parquet.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Ingest throughput, Kafka → Parquet, of records already on the topics (scripts/bench/ingest.sh).
     #[command(hide = true)]
     BenchIngest {
@@ -429,6 +449,38 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{line}");
             }
         }
+        Cmd::BenchAggregate {
+            store,
+            tickers,
+            interval,
+            macro_lags,
+            parallel,
+            out,
+        } => {
+            let mut joins = tickmesh_core::config::JoinConfig::default();
+            for m in &macro_lags {
+                let (s, lag) = m
+                    .split_once('=')
+                    .and_then(|(s, l)| Some((s, l.parse::<u32>().ok()?)))
+                    .ok_or_else(|| UsageError(format!("--macro `{m}`: expected SERIES=DAYS")))?;
+                joins.macro_lags.insert(s.to_string(), lag);
+            }
+            joins
+                .check()
+                .map_err(|(k, m)| UsageError(format!("--macro: {k}: {m}")))?;
+            let parallel = parallel
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let out = tickmesh::bench_agg::run(tickmesh::bench_agg::Options {
+                store,
+                tickers,
+                interval,
+                joins,
+                parallel,
+                out,
+            })
+            .await?;
+            println!("{out}");
+        }
         Cmd::BenchIngest {
             config,
             records,
@@ -520,12 +572,13 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = load(&config)?;
             let a = Adapters::connect(&cfg).await?;
-            let args = tickmesh_aggregate::aggregator::AggregatorArgs {
-                features: cfg.features.clone(),
-                store: a.store.clone(),
-                db: a.db.clone(),
-                publisher: a.publisher.clone(),
-            };
+            let args = tickmesh_aggregate::aggregator::AggregatorArgs::of(
+                &cfg,
+                None,
+                a.store.clone(),
+                a.db.clone(),
+                a.publisher.clone(),
+            );
             let report = tickmesh_aggregate::aggregator::run(&args, &tickers, interval).await?;
             for (t, rows) in report.rows {
                 println!("{t} {interval}: {rows} rows loaded");

@@ -238,12 +238,13 @@ pub async fn start(
     }
 
     if roles.contains(&Role::Aggregate) {
-        let args = AggregatorArgs {
-            features: cfg.features.clone(),
-            store: adapters.store.clone(),
-            db: adapters.db.clone(),
-            publisher: adapters.publisher.clone(),
-        };
+        let args = AggregatorArgs::of(
+            cfg,
+            nc.and_then(|n| n.cpus),
+            adapters.store.clone(),
+            adapters.db.clone(),
+            adapters.publisher.clone(),
+        );
         children.push(ChildSpec::actor_in(
             "aggregate",
             AggregatorActor,

@@ -38,7 +38,7 @@ FIXTURES = {"AAPL": "aapl.json", "MSFT": "msft.json", "GOOG": "googl.json",
             "GOOGL": "googl.json", "NVDA": "nvda.json", "JPM": "jpm.json"}
 DEFAULT_SYMBOLS = ["AAPL", "MSFT", "GOOG"]
 
-HEADER = ["symbol", "calendarYear", "revenue", "netIncome", "eps", "totalAssets",
+HEADER = ["symbol", "calendarYear", "date", "fillingDate", "revenue", "netIncome", "eps", "totalAssets",
           "totalLiabilities", "totalEquity", "operatingCashFlow", "sharesOutstanding"]
 
 FLOW, INSTANT = "flow", "instant"
@@ -67,7 +67,7 @@ def _annual(raw):
 
 
 def fiscal_years(facts):
-    """{fiscal-year end date: accession of the original 10-K for that year}.
+    """{fiscal-year end date: (accession, filing date) of the original 10-K for that year}.
 
     Each 10-K's latest annual (350-380 day) us-gaap period end is the fiscal year it reports; where
     two 10-Ks claim the same end (an amendment filed as a 10-K), the earliest filed one is kept.
@@ -85,7 +85,7 @@ def fiscal_years(facts):
     for accn, (end, filed) in by_accn.items():
         if end not in years or (filed, accn) < years[end]:
             years[end] = (filed, accn)
-    return {end: accn for end, (_, accn) in years.items()}
+    return {end: (accn, filed) for end, (filed, accn) in years.items()}
 
 
 def value_in_filing(facts, column, end, accn):
@@ -138,10 +138,11 @@ def main(argv=None):
                 raise SystemExit(f"{symbol}: company_tickers.json CIK {tickers.get(symbol)} "
                                  f"!= fixture CIK {data['cik']}")
             facts = data["facts"]
-            for end, accn in sorted(fiscal_years(facts).items()):
+            for end, (accn, filed) in sorted(fiscal_years(facts).items()):
                 if not YEAR_MIN <= end.year <= YEAR_MAX:
                     continue
-                row = {"symbol": symbol, "calendarYear": end.year}
+                row = {"symbol": symbol, "calendarYear": end.year, "date": end.isoformat(),
+                       "fillingDate": filed}
                 used = {}
                 for column in CONCEPTS:
                     val, concept = value_in_filing(facts, column, end, accn)
@@ -160,7 +161,8 @@ def main(argv=None):
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(HEADER)
         for r in rows:
-            w.writerow([r["symbol"], r["calendarYear"]] + [plain(r[c]) for c in HEADER[2:]])
+            w.writerow([r["symbol"], r["calendarYear"], r["date"], r["fillingDate"]]
+                       + [plain(r[c]) for c in HEADER[4:]])
     for line in log:
         print(line, file=sys.stderr)
     print(f"wrote {len(rows)} rows to {args.output}", file=sys.stderr)

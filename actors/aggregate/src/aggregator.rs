@@ -1,24 +1,34 @@
 //! `AggregatorActor`: receives `Run { tickers, interval }`, reads each
 //! ticker's Parquet objects from `stock-data/{ticker}/`, resamples them to the
-//! interval, computes the feature columns, bulk-loads `aggregated_data` (one
-//! transaction per ticker, idempotent), marks the tickers active in
-//! `companies_info`, and publishes one `start_model` message for the tickers
-//! it loaded. Parquet decoding and indicator math run on blocking threads.
+//! interval, computes the feature columns, joins the macro series and the
+//! company's fundamentals as of each bar ([`crate::joins`]), loads the series
+//! into `aggregated_data` (one transaction per ticker, replacing it whole;
+//! idempotent), marks the tickers active in `companies_info`, and publishes
+//! one `start_model` message for the tickers it loaded. Tickers run
+//! `parallel` at a time; Parquet decoding, indicator math and the database
+//! encoding run on blocking threads.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tickmesh_core::types::{topics, validate_ticker, Bar, Interval, StartModel};
+use tickmesh_core::config::{ClusterConfig, JoinConfig};
+use tickmesh_core::types::{
+    topics, validate_ticker, AggRow, Bar, Fundamentals, Interval, StartModel,
+};
 use tickmesh_core::{Error, Result};
 use tickmesh_features::{feature_rows, FeatureConfig};
 use tickmesh_io::bus::SharedPublisher;
-use tickmesh_io::db::Db;
-use tickmesh_io::parquet_io::{decode_bars, merge_bars};
+use tickmesh_io::db::{Db, LoadMode};
+use tickmesh_io::parquet_io::{
+    decode_bars, decode_fundamentals, decode_macro, merge_bars, merge_fundamentals, merge_macro,
+};
 use tickmesh_io::store::{buckets, SharedStore};
 use tracing::info;
 
+use crate::joins::{fiscal_years, Joins, MacroSeries};
 use crate::resample::resample;
 
 #[derive(Clone, Copy)]
@@ -50,9 +60,37 @@ impl ractor::Message for AggregatorMsg {}
 pub struct AggregatorArgs {
     /// The indicator periods (`[features]`).
     pub features: FeatureConfig,
+    /// The macro series and fundamentals joined (`[joins]`).
+    pub joins: JoinConfig,
+    /// Tickers aggregated at once (the node's cores by default).
+    pub parallel: usize,
     pub store: SharedStore,
     pub db: Db,
     pub publisher: SharedPublisher,
+}
+
+impl AggregatorArgs {
+    /// A node's aggregator: `[features]`, `[joins]`, and as many tickers at
+    /// once as the node has cores (its `cpus`, else the machine's).
+    pub fn of(
+        cfg: &ClusterConfig,
+        cpus: Option<u32>,
+        store: SharedStore,
+        db: Db,
+        publisher: SharedPublisher,
+    ) -> Self {
+        let parallel = cpus
+            .map(|c| c as usize)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        AggregatorArgs {
+            features: cfg.features.clone(),
+            joins: cfg.joins.clone(),
+            parallel: parallel.max(1),
+            store,
+            db,
+            publisher,
+        }
+    }
 }
 
 impl Actor for AggregatorActor {
@@ -94,48 +132,167 @@ impl Actor for AggregatorActor {
     }
 }
 
-/// How many of a ticker's objects are fetched at once.
+/// How many objects are fetched at once.
 const READ_CONCURRENCY: usize = 16;
 
-/// Reads every bar of a ticker from the store, merged and sorted: objects
-/// are fetched `READ_CONCURRENCY` at a time and decoded off the reactor as
-/// they arrive (a blob is dropped once decoded), in key order, so weekly
-/// objects concatenate in time order and the one merge at the end only
-/// checks the order (a sort and "last delivery wins" only when objects
-/// overlap).
-pub async fn read_ticker_bars(store: &SharedStore, ticker: &str) -> Result<Vec<Bar>> {
-    let keys = store
-        .list(buckets::STOCK_DATA, &format!("{ticker}/"))
-        .await?;
-    if keys.is_empty() {
-        return Err(Error::NotFound(format!(
-            "unknown ticker {ticker}: no bars under {}/{ticker}/",
-            buckets::STOCK_DATA
-        )));
-    }
+/// Reads and decodes every object under `bucket/prefix`, `READ_CONCURRENCY`
+/// at a time, decoding off the reactor as they arrive (a blob is dropped
+/// once decoded), in key order.
+async fn read_objects<T: Send + 'static>(
+    store: &SharedStore,
+    bucket: &'static str,
+    prefix: &str,
+    decode: fn(bytes::Bytes, &str) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let keys = store.list(bucket, prefix).await?;
     let mut decoded = stream::iter(keys)
         .map(|k| {
             let store = store.clone();
             async move {
-                let Some(blob) = store.get(buckets::STOCK_DATA, &k).await? else {
+                let Some(blob) = store.get(bucket, &k).await? else {
                     return Ok(Vec::new());
                 };
-                tokio::task::spawn_blocking(move || decode_bars(blob, &k))
+                let what = format!("{bucket}/{k}");
+                tokio::task::spawn_blocking(move || decode(blob, &what))
                     .await
                     .expect("decode task panicked")
             }
         })
         .buffered(READ_CONCURRENCY);
     let mut all = Vec::new();
-    while let Some(bars) = decoded.next().await {
-        all.extend(bars?);
+    while let Some(rows) = decoded.next().await {
+        all.extend(rows?);
+    }
+    Ok(all)
+}
+
+/// Reads every bar of a ticker from the store, merged and sorted: weekly
+/// objects come in key order, so they concatenate in time order and the
+/// one merge at the end only checks the order (a sort and "last delivery
+/// wins" only when objects overlap).
+pub async fn read_ticker_bars(store: &SharedStore, ticker: &str) -> Result<Vec<Bar>> {
+    let all = read_objects(
+        store,
+        buckets::STOCK_DATA,
+        &format!("{ticker}/"),
+        decode_bars,
+    )
+    .await?;
+    if all.is_empty() {
+        return Err(Error::NotFound(format!(
+            "unknown ticker {ticker}: no bars under {}/{ticker}/",
+            buckets::STOCK_DATA
+        )));
     }
     Ok(tokio::task::spawn_blocking(move || merge_bars(all, &[]))
         .await
         .expect("merge task panicked"))
 }
 
-/// One aggregation run (what `Run` does).
+/// The macro series `joins` names, read from `macro-data/{series}/`. A
+/// configured series with no observations is an error naming it.
+pub async fn read_macros(store: &SharedStore, joins: &JoinConfig) -> Result<Vec<MacroSeries>> {
+    let mut out = Vec::with_capacity(joins.macro_lags.len());
+    for (series, &lag) in &joins.macro_lags {
+        let obs = read_objects(
+            store,
+            buckets::MACRO_DATA,
+            &format!("{series}/"),
+            decode_macro,
+        )
+        .await?;
+        if obs.is_empty() {
+            return Err(Error::NotFound(format!(
+                "macro series {series} (joined by [joins] macro) has no observations under {}/{series}/: ingest it (tickmesh produce macro or fred) or remove it from [joins]",
+                buckets::MACRO_DATA
+            )));
+        }
+        out.push(MacroSeries::new(series, lag, &merge_macro(obs, &[])));
+    }
+    Ok(out)
+}
+
+/// A company's fundamentals from `company-fundamentals/{ticker}/` (none is
+/// not an error: its columns are NULL).
+pub async fn read_fundamentals(store: &SharedStore, ticker: &str) -> Result<Vec<Fundamentals>> {
+    let rows = read_objects(
+        store,
+        buckets::COMPANY,
+        &format!("{ticker}/"),
+        decode_fundamentals,
+    )
+    .await?;
+    Ok(merge_fundamentals(rows, &[]))
+}
+
+/// One ticker's rows of `aggregated_data`: its bars resampled to the
+/// regular session's `interval` buckets, the indicators, then the joins.
+/// Returns the rows and how many bars were outside the session. Pure CPU
+/// work: call it off the reactor.
+pub fn compute_rows(
+    features: &FeatureConfig,
+    joins: &JoinConfig,
+    macros: &[MacroSeries],
+    bars: Vec<Bar>,
+    company: &[Fundamentals],
+    interval: Interval,
+) -> (Vec<AggRow>, usize) {
+    let r = resample(&bars, interval);
+    drop(bars);
+    let mut rows = feature_rows(features, &r.bars);
+    let years = fiscal_years(company, joins.fundamentals_lag_days);
+    Joins {
+        macros,
+        fundamentals: &years,
+        metrics: &joins.fundamentals_indices(),
+    }
+    .apply(&mut rows);
+    (rows, r.extended)
+}
+
+/// What one ticker's aggregation did.
+struct TickerDone {
+    rows: usize,
+    last: Option<DateTime<Utc>>,
+}
+
+/// Reads, resamples, computes, joins and loads one ticker.
+async fn aggregate_ticker(
+    state: &AggregatorArgs,
+    ticker: &str,
+    interval: Interval,
+    macros: &Arc<Vec<MacroSeries>>,
+    columns: &[String],
+) -> Result<TickerDone> {
+    let (bars, company) = futures::try_join!(
+        read_ticker_bars(&state.store, ticker),
+        read_fundamentals(&state.store, ticker)
+    )?;
+    let (features, joins, macros) = (state.features.clone(), state.joins.clone(), macros.clone());
+    let (rows, extended) = tokio::task::spawn_blocking(move || {
+        compute_rows(&features, &joins, &macros, bars, &company, interval)
+    })
+    .await
+    .expect("feature task panicked");
+    if extended > 0 {
+        info!(ticker = %ticker, extended, "bars outside the regular session left out");
+    }
+    let done = TickerDone {
+        rows: rows.len(),
+        last: rows.last().map(|r| r.ts),
+    };
+    info!(ticker = %ticker, %interval, rows = done.rows, "loading aggregated_data");
+    let load = state
+        .db
+        .load_series(ticker, interval, columns, rows, LoadMode::Replace)
+        .await?;
+    info!(ticker = %ticker, %interval, rows = done.rows, written = load.written, deleted = load.deleted, "aggregated_data loaded");
+    Ok(done)
+}
+
+/// One aggregation run (what `Run` does). Tickers run `parallel` at a time,
+/// each in its own transaction; when any fails, the error names every
+/// failed ticker (the others are loaded) and no `start_model` is published.
 pub async fn run(
     state: &AggregatorArgs,
     tickers: &[String],
@@ -145,28 +302,38 @@ pub async fn run(
     for t in tickers {
         validate_ticker(t)?;
     }
-    let columns = state.features.columns();
-    for ticker in tickers {
-        let bars = read_ticker_bars(&state.store, ticker).await?;
-        let features = state.features.clone();
-        let (rows, extended) = tokio::task::spawn_blocking(move || {
-            let r = resample(&bars, interval);
-            (feature_rows(&features, &r.bars), r.extended)
+    let mut columns = state.features.columns();
+    columns.extend(state.joins.columns());
+    state.db.ensure_aggregated_columns(&columns).await?;
+    let macros = Arc::new(read_macros(&state.store, &state.joins).await?);
+    let mut done = stream::iter(tickers.iter().cloned())
+        .map(|t| {
+            let (macros, columns) = (macros.clone(), columns.clone());
+            async move {
+                let r = aggregate_ticker(state, &t, interval, &macros, &columns).await;
+                (t, r)
+            }
         })
-        .await
-        .expect("feature task panicked");
-        if extended > 0 {
-            info!(ticker = %ticker, extended, "bars outside the regular session left out");
+        .buffer_unordered(state.parallel.max(1));
+    let mut failed = Vec::new();
+    while let Some((ticker, result)) = done.next().await {
+        match result {
+            Ok(d) => {
+                report.watermark = report.watermark.max(d.last);
+                report.rows.insert(ticker, d.rows);
+            }
+            Err(e) => failed.push(format!("{ticker}: {e}")),
         }
-        state
-            .db
-            .load_aggregated(ticker, interval, &columns, &rows)
-            .await?;
-        if let Some(last) = rows.last() {
-            report.watermark = report.watermark.max(Some(last.ts));
-        }
-        info!(ticker = %ticker, %interval, rows = rows.len(), "aggregated_data loaded");
-        report.rows.insert(ticker.clone(), rows.len());
+    }
+    if !failed.is_empty() {
+        failed.sort();
+        return Err(Error::Partial(format!(
+            "aggregation {interval}: {} of {} tickers failed ({} loaded): {}",
+            failed.len(),
+            tickers.len(),
+            report.rows.len(),
+            failed.join("; ")
+        )));
     }
     state.db.upsert_companies(tickers).await?;
     let msg = StartModel {

@@ -176,6 +176,16 @@ pub fn trading_days(from: NaiveDate, to: NaiveDate) -> impl Iterator<Item = Naiv
         .filter(|d| is_trading_day(*d))
 }
 
+/// The instant a New York calendar day starts (DST changes at 02:00, so
+/// midnight always exists and is never ambiguous there).
+pub fn ny_midnight(d: NaiveDate) -> DateTime<Utc> {
+    New_York
+        .from_local_datetime(&d.and_time(NaiveTime::MIN))
+        .earliest()
+        .expect("midnight exists in New York")
+        .with_timezone(&Utc)
+}
+
 /// The New York calendar date of an instant.
 pub fn ny_date(t: DateTime<Utc>) -> NaiveDate {
     t.with_timezone(&New_York).date_naive()

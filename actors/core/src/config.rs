@@ -7,7 +7,7 @@
 //! error names the file and the key. The environment is passed in as a map so
 //! tests never touch the process environment.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -587,6 +587,7 @@ pub struct ClusterConfig {
     pub ingest: IngestConfig,
     pub serve: ServeConfig,
     pub features: FeatureConfig,
+    pub joins: JoinConfig,
     pub train: TrainConfig,
     pub supervision: SupervisionConfig,
     pub nodes: Vec<NodeConfig>,
@@ -709,6 +710,120 @@ impl FeatureConfig {
         }
         range("atr", self.atr, 1)?;
         range("volatility", self.volatility, 2)?;
+        Ok(())
+    }
+}
+
+/// `[joins]`: what the aggregator joins onto every bar, as of the bar's
+/// New York date and without look-ahead (docs/aggregation.md, "Joins").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JoinConfig {
+    /// Macro series (as stored in `macro-data/{SERIES}/`) → release lag in
+    /// days: an observation dated D (FRED's date, the first day of the
+    /// period it measures) counts as published on D + lag, and a bar sees
+    /// the latest observation published on or before its date. Each series
+    /// gives its own lag (the length of its period plus the agency's
+    /// publication delay); there is no default, because a lag of zero would
+    /// leak the future. Column `macro_{series in lower case}`.
+    #[serde(rename = "macro")]
+    pub macro_lags: BTreeMap<String, u32>,
+    /// The fundamentals metrics joined (of [`FUNDAMENTAL_COLUMNS`]), from
+    /// the latest fiscal year that ended before the bar's date and whose
+    /// 10-K was filed on or before it. Column `fund_{metric}`.
+    pub fundamentals: Vec<String>,
+    /// For a fundamentals row without a filing date: the days after its
+    /// fiscal-year end (or 31 December of `calendarYear` when that is
+    /// unknown too) at which it counts as published.
+    pub fundamentals_lag_days: u32,
+}
+
+/// The fundamentals metrics a join can name, in `FUNDAMENTAL_METRICS` order.
+pub const FUNDAMENTAL_COLUMNS: [&str; 8] = [
+    "revenue",
+    "net_income",
+    "eps",
+    "total_assets",
+    "total_liabilities",
+    "total_equity",
+    "operating_cash_flow",
+    "shares_outstanding",
+];
+
+impl Default for JoinConfig {
+    fn default() -> Self {
+        JoinConfig {
+            macro_lags: BTreeMap::new(),
+            fundamentals: FUNDAMENTAL_COLUMNS.iter().map(|s| s.to_string()).collect(),
+            fundamentals_lag_days: 90,
+        }
+    }
+}
+
+impl JoinConfig {
+    /// The column of a macro series.
+    pub fn macro_column(series: &str) -> String {
+        format!("macro_{}", series.to_ascii_lowercase())
+    }
+
+    /// The columns the joins add to `aggregated_data`, in order: the macro
+    /// series (sorted), then the fundamentals metrics as listed.
+    pub fn columns(&self) -> Vec<String> {
+        self.macro_lags
+            .keys()
+            .map(|s| Self::macro_column(s))
+            .chain(self.fundamentals.iter().map(|m| format!("fund_{m}")))
+            .collect()
+    }
+
+    /// The index in [`FUNDAMENTAL_COLUMNS`] of each joined metric.
+    pub fn fundamentals_indices(&self) -> Vec<usize> {
+        self.fundamentals
+            .iter()
+            .map(|m| {
+                FUNDAMENTAL_COLUMNS
+                    .iter()
+                    .position(|c| c == m)
+                    .expect("checked by JoinConfig::check")
+            })
+            .collect()
+    }
+
+    /// Checks the series names, lags and metrics; the error is `(key, message)`.
+    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((format!("joins.{k}"), m));
+        for (series, &lag) in &self.macro_lags {
+            if let Err(e) = crate::types::validate_series(series) {
+                return bad("macro", e.to_string());
+            }
+            if lag > 3660 {
+                return bad(
+                    &format!("macro.{series}"),
+                    format!("a release lag of {lag} days is over ten years"),
+                );
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for m in &self.fundamentals {
+            if !FUNDAMENTAL_COLUMNS.contains(&m.as_str()) {
+                return bad(
+                    "fundamentals",
+                    format!(
+                        "`{m}` is not a fundamentals metric (one of {})",
+                        FUNDAMENTAL_COLUMNS.join(", ")
+                    ),
+                );
+            }
+            if !seen.insert(m) {
+                return bad("fundamentals", format!("`{m}` is listed twice"));
+            }
+        }
+        if self.fundamentals_lag_days > 3660 {
+            return bad(
+                "fundamentals_lag_days",
+                format!("{} days is over ten years", self.fundamentals_lag_days),
+            );
+        }
         Ok(())
     }
 }
@@ -980,6 +1095,7 @@ impl ClusterConfig {
             }
         }
         self.features.check()?;
+        self.joins.check()?;
         self.train.check(&self.features.columns())?;
         if self.supervision.window_secs == 0 {
             return bad("supervision.window_secs", "must be at least 1".into());
@@ -1119,6 +1235,26 @@ mod tests {
         assert!(e.contains("`features.ema`") && e.contains("twice"), "{e}");
         let e = parse("[features]\nrsi = 1\n").unwrap_err().to_string();
         assert!(e.contains("`features.rsi`"), "{e}");
+        // Joins: series names as stored, a lag per series, known metrics.
+        let e = parse("[joins]\nmacro = { cpi = 30 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`joins.macro`") && e.contains("`cpi`"), "{e}");
+        let e = parse("[joins]\nmacro = { CPI = \"30\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("joins.macro"), "{e}");
+        let e = parse("[joins]\nfundamentals = [\"eps\", \"ebitda\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`joins.fundamentals`") && e.contains("`ebitda`"),
+            "{e}"
+        );
+        let c = parse("[joins]\nmacro = { UNEMP = 100, CPI = 110 }\nfundamentals = [\"eps\"]\n")
+            .unwrap();
+        assert_eq!(c.joins.columns(), ["macro_cpi", "macro_unemp", "fund_eps"]);
+        assert_eq!(c.joins.macro_lags["CPI"], 110);
         let e = parse("[features]\nbollinger_k = -1.0\n")
             .unwrap_err()
             .to_string();

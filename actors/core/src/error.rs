@@ -55,6 +55,10 @@ pub enum Error {
     /// The state changed under the caller (a fenced-off write, say).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// Some items of a batch failed (the others were done); the message
+    /// names each failure.
+    #[error("{0}")]
+    Partial(String),
 }
 
 impl Error {

@@ -573,6 +573,8 @@ mod tests {
             .unwrap();
         assert_eq!(aapl_2021.revenue, Some(365_817_000_000.0));
         assert_eq!(aapl_2021.operating_cash_flow, None);
+        assert_eq!(aapl_2021.period_end, Some("2021-09-25".parse().unwrap()));
+        assert_eq!(aapl_2021.filling_date, Some("2021-10-29".parse().unwrap()));
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("f.csv");
         std::fs::write(&bad, "symbol,calendarYear,revenue\nAAPL,2021,-1\n").unwrap();

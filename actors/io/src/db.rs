@@ -15,8 +15,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{PgPool, QueryBuilder, Row, SqlitePool};
+use sqlx::{PgPool, Row, SqlitePool};
 
+pub use crate::db_load::{LoadMode, LoadReport};
 use tickmesh_core::config::{FeatureConfig, PostgresConfig};
 use tickmesh_core::types::{AggRow, Interval};
 use tickmesh_core::{Error, Result};
@@ -395,105 +396,6 @@ impl Db {
             }
         }
         Ok(())
-    }
-
-    /// Loads one ticker-interval's rows of `columns` in one transaction
-    /// (upsert), adding the columns the table lacks first.
-    pub async fn load_aggregated(
-        &self,
-        ticker: &str,
-        interval: Interval,
-        columns: &[String],
-        rows: &[AggRow],
-    ) -> Result<u64> {
-        let ctx = format!("load aggregated_data {ticker} {interval}");
-        for r in rows {
-            if r.values.len() != columns.len() {
-                return Err(Error::invalid(
-                    "aggregated row",
-                    format!("{} values for {} columns", r.values.len(), columns.len()),
-                ));
-            }
-        }
-        self.ensure_aggregated_columns(columns).await?;
-        let cols = columns.join(", ");
-        let updates: String = columns
-            .iter()
-            .map(|c| format!("{c} = EXCLUDED.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        match self {
-            Db::Postgres(pool) => {
-                let mut tx = pool.begin().await.map_err(Error::db(ctx.clone()))?;
-                sqlx::query("CREATE TEMP TABLE tmp_agg (LIKE aggregated_data) ON COMMIT DROP")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(Error::db(ctx.clone()))?;
-                let mut csv = String::with_capacity(rows.len() * 160);
-                for r in rows {
-                    csv.push_str(ticker);
-                    csv.push(',');
-                    csv.push_str(interval.as_str());
-                    csv.push(',');
-                    csv.push_str(&r.ts.to_rfc3339());
-                    for v in &r.values {
-                        csv.push(',');
-                        if let Some(v) = v.filter(|v| v.is_finite()) {
-                            csv.push_str(&v.to_string());
-                        }
-                    }
-                    csv.push('\n');
-                }
-                let mut copy = tx
-                    .copy_in_raw(&format!(
-                        "COPY tmp_agg (ticker, \"interval\", ts, {cols}) FROM STDIN WITH (FORMAT csv)"
-                    ))
-                    .await
-                    .map_err(Error::db(ctx.clone()))?;
-                copy.send(csv.into_bytes())
-                    .await
-                    .map_err(Error::db(ctx.clone()))?;
-                copy.finish().await.map_err(Error::db(ctx.clone()))?;
-                let n = sqlx::query(&format!(
-                    "INSERT INTO aggregated_data (ticker, \"interval\", ts, {cols}) SELECT ticker, \"interval\", ts, {cols} FROM tmp_agg ON CONFLICT (ticker, \"interval\", ts) DO UPDATE SET {updates}"
-                ))
-                .execute(&mut *tx)
-                .await
-                .map_err(Error::db(ctx.clone()))?
-                .rows_affected();
-                tx.commit().await.map_err(Error::db(ctx))?;
-                Ok(n)
-            }
-            Db::Sqlite(pool) => {
-                let mut tx = pool.begin().await.map_err(Error::db(ctx.clone()))?;
-                let mut n = 0;
-                let per_row = 3 + columns.len();
-                for chunk in rows.chunks(30_000 / per_row) {
-                    let mut qb: QueryBuilder<sqlx::Sqlite> = QueryBuilder::new(format!(
-                        "INSERT INTO aggregated_data (ticker, \"interval\", ts, {cols}) "
-                    ));
-                    qb.push_values(chunk, |mut b, r| {
-                        b.push_bind(ticker)
-                            .push_bind(interval.as_str())
-                            .push_bind(r.ts);
-                        for v in &r.values {
-                            b.push_bind(v.filter(|v| v.is_finite()));
-                        }
-                    });
-                    qb.push(format!(
-                        " ON CONFLICT (ticker, \"interval\", ts) DO UPDATE SET {updates}"
-                    ));
-                    n += qb
-                        .build()
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(Error::db(ctx.clone()))?
-                        .rows_affected();
-                }
-                tx.commit().await.map_err(Error::db(ctx))?;
-                Ok(n)
-            }
-        }
     }
 
     /// Reads `columns` of one ticker-interval in time order; with `after`,

@@ -13,6 +13,7 @@
 pub mod bus;
 pub mod db;
 mod db_leases;
+mod db_load;
 pub mod parquet_io;
 pub mod store;
 pub mod supervision;

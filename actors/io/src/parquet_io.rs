@@ -83,6 +83,38 @@ pub fn encode_bars(ticker: &str, bars: &[Bar]) -> Result<Bytes> {
     )
 }
 
+/// Encodes rows of `aggregated_data` (an export, and what the aggregation
+/// benchmark compares): `ts: timestamp[us, tz=UTC]`, then one nullable
+/// `float64` per column.
+pub fn encode_agg_rows(columns: &[String], rows: &[tickmesh_core::types::AggRow]) -> Result<Bytes> {
+    let mut fields = vec![Field::new(
+        "ts",
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        false,
+    )];
+    fields.extend(
+        columns
+            .iter()
+            .map(|c| Field::new(c, DataType::Float64, true)),
+    );
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(
+        TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.ts.timestamp_micros()))
+            .with_timezone("UTC"),
+    )];
+    for i in 0..columns.len() {
+        arrays.push(Arc::new(Float64Array::from_iter(
+            rows.iter().map(|r| r.values.get(i).copied().flatten()),
+        )));
+    }
+    write_file(
+        Arc::new(Schema::new(fields)),
+        arrays,
+        rows.len() * 8 * (columns.len() + 1),
+        &[],
+        "encode aggregated rows",
+    )
+}
+
 /// Column encodings of a bars file, beside the ticker's dictionary. Times
 /// a minute apart and volumes delta-pack to a few bits; prices split into
 /// byte streams that snappy then shortens. Against plain snappy columns a

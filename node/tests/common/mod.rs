@@ -90,12 +90,13 @@ pub async fn store_synthetic(
 }
 
 pub fn aggregator_args(a: &Adapters) -> tickmesh_aggregate::aggregator::AggregatorArgs {
-    tickmesh_aggregate::aggregator::AggregatorArgs {
-        features: Default::default(),
-        store: a.store.clone(),
-        db: a.db.clone(),
-        publisher: a.publisher.clone(),
-    }
+    tickmesh_aggregate::aggregator::AggregatorArgs::of(
+        &ClusterConfig::default(),
+        Some(2),
+        a.store.clone(),
+        a.db.clone(),
+        a.publisher.clone(),
+    )
 }
 
 /// A CA and a certificate for 127.0.0.1 signed by it, made with openssl.
