@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use tickmesh_core::config::ClusterConfig;
 use tickmesh_core::types::{topics, Interval};
@@ -92,6 +92,21 @@ pub enum AdminCmd {
         #[arg(long)]
         uncordon: bool,
     },
+    /// Aggregate tickers now on an aggregate node (Admin.Aggregate); no tickers: every active one.
+    Aggregate {
+        #[arg(long, value_delimiter = ',')]
+        tickers: Vec<String>,
+        #[arg(long, default_value = "1d")]
+        interval: Interval,
+        /// Wait until it is done (exit 1 when it failed), at most this many seconds.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// The newest aggregations, requested or automatic (Admin.ListAggregations).
+    Aggregations {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
     /// Create every Kafka topic of the pipeline (with the configured prefix).
     CreateTopics {
         #[arg(long, default_value_t = 1)]
@@ -122,6 +137,18 @@ pub async fn client(cfg: &ClusterConfig) -> Result<AdminConn> {
 /// `Admin.Method: CODE: message`.
 fn refused(method: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
     move |s| anyhow!("Admin.{method}: {:?}: {}", s.code(), s.message())
+}
+
+fn print_aggregation(a: &AggregationStatus) {
+    let tickers = if a.tickers.is_empty() {
+        "(every active ticker)".to_string()
+    } else {
+        a.tickers.join(",")
+    };
+    println!(
+        "{} {:<8} {:<4} {:<8} {} {tickers} {}",
+        a.id, a.trigger, a.interval, a.state, a.created_at, a.outcome
+    );
 }
 
 fn print_model(m: &ModelInfo) {
@@ -243,6 +270,51 @@ pub async fn run(cfg: &ClusterConfig, cmd: AdminCmd) -> Result<()> {
                 .map_err(refused("Train"))?
                 .into_inner();
             print_started(&r);
+        }
+        AdminCmd::Aggregate {
+            tickers,
+            interval,
+            wait,
+        } => {
+            let mut c = client(cfg).await?;
+            let mut a = c
+                .aggregate(StartAggregationRequest {
+                    tickers,
+                    interval: interval.to_string(),
+                })
+                .await
+                .map_err(refused("Aggregate"))?
+                .into_inner();
+            print_aggregation(&a);
+            if let Some(secs) = wait {
+                let until = std::time::Instant::now() + Duration::from_secs(secs);
+                while a.state == "queued" || a.state == "running" {
+                    if std::time::Instant::now() > until {
+                        bail!("aggregation {} still {} after {secs} s", a.id, a.state);
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    a = c
+                        .get_aggregation(GetAggregationRequest { id: a.id.clone() })
+                        .await
+                        .map_err(refused("GetAggregation"))?
+                        .into_inner();
+                }
+                print_aggregation(&a);
+                if a.state != "done" {
+                    bail!("aggregation {} failed: {}", a.id, a.outcome);
+                }
+            }
+        }
+        AdminCmd::Aggregations { limit } => {
+            let r = client(cfg)
+                .await?
+                .list_aggregations(ListAggregationsRequest { limit })
+                .await
+                .map_err(refused("ListAggregations"))?
+                .into_inner();
+            for a in &r.aggregations {
+                print_aggregation(a);
+            }
         }
         AdminCmd::Retrain {
             ticker,

@@ -15,7 +15,7 @@ use tickmesh_core::config::{ClusterConfig, Role};
 use tickmesh_io::Adapters;
 
 /// A `/proc/self/status` size (`VmHWM`, `VmRSS`, …), in bytes.
-fn status_bytes(field: &str) -> Option<u64> {
+pub fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| {
         l.strip_prefix(field)

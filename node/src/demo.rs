@@ -372,6 +372,8 @@ pub async fn run(opts: DemoOptions) -> Result<PathBuf> {
     cfg.coordinator.listen = "127.0.0.1:0".into();
     cfg.serve.http_listen = opts.http.clone();
     cfg.train.epochs = opts.epochs;
+    // The demo runs each aggregation itself (and shows what it loaded).
+    cfg.aggregate.on_ingest = false;
     // statsmodels' quarterly macro series, dated by the quarter's first day:
     // each lag is the quarter plus the agency's release delay (docs/aggregation.md).
     cfg.joins.macro_lags = DEMO_MACRO_LAGS

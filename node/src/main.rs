@@ -158,9 +158,15 @@ enum Cmd {
     /// The aggregation's compute on a local store (scripts/bench/aggregate.sh runs it beside Polars).
     #[command(hide = true)]
     BenchAggregate {
-        /// The store directory (embedded layout: stock-data/, macro-data/, company-fundamentals/).
+        /// A store directory (embedded layout: stock-data/, macro-data/, company-fundamentals/).
+        #[arg(long, conflicts_with = "config")]
+        store: Option<PathBuf>,
+        /// Or the S3 store of a cluster.toml.
         #[arg(long)]
-        store: PathBuf,
+        config: Option<PathBuf>,
+        /// Only write the input, synthetic bars FROM..TO (and the sample's macro series and fundamentals).
+        #[arg(long)]
+        generate: Option<String>,
         #[arg(long, value_delimiter = ',', required = true)]
         tickers: Vec<String>,
         #[arg(long, default_value = "1m")]
@@ -451,6 +457,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::BenchAggregate {
             store,
+            config,
+            generate,
             tickers,
             interval,
             macro_lags,
@@ -470,6 +478,27 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|(k, m)| UsageError(format!("--macro: {k}: {m}")))?;
             let parallel = parallel
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let store: tickmesh_io::store::SharedStore = match (store, config) {
+                (Some(dir), None) => {
+                    std::sync::Arc::new(tickmesh_io::store::LocalStore::open(dir)?)
+                }
+                (None, Some(config)) => Adapters::connect(&load(&config)?).await?.store,
+                _ => return Err(UsageError("give --store DIR or --config FILE".into()).into()),
+            };
+            if let Some(range) = generate {
+                let (from, to) = range
+                    .split_once("..")
+                    .and_then(|(f, t)| Some((f.parse().ok()?, t.parse().ok()?)))
+                    .ok_or_else(|| {
+                        UsageError(format!(
+                            "--generate `{range}`: expected YYYY-MM-DD..YYYY-MM-DD"
+                        ))
+                    })?;
+                let sample = std::path::Path::new("data/sample");
+                let n = tickmesh::bench_agg::generate(&store, &tickers, from, to, sample).await?;
+                println!("{{\"generated_bars\":{n}}}");
+                return Ok(());
+            }
             let out = tickmesh::bench_agg::run(tickmesh::bench_agg::Options {
                 store,
                 tickers,

@@ -23,6 +23,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use ractor::{Actor, ActorCell};
 use tickmesh_aggregate::aggregator::{AggregatorActor, AggregatorArgs, AggregatorMsg};
+use tickmesh_aggregate::live::{LiveAggregator, LiveArgs};
 use tickmesh_coordinator::coordinator::{CoordinatorActor, CoordinatorArgs, CoordinatorMsg};
 use tickmesh_core::config::{Backend, ClusterConfig, Role};
 use tickmesh_ingest::consumer::ConsumerArgs;
@@ -228,6 +229,7 @@ pub async fn start(
                     ttl: Duration::from_secs(cfg.ingest.lease_secs),
                 }),
                 store: adapters.store.clone(),
+                db: adapters.db.clone(),
                 publisher: adapters.publisher.clone(),
                 metrics: node.ingest_metrics.clone(),
                 config: cfg.ingest.clone(),
@@ -244,7 +246,20 @@ pub async fn start(
             adapters.store.clone(),
             adapters.db.clone(),
             adapters.publisher.clone(),
-        );
+        )
+        .automatic(cfg, name);
+        if cfg.aggregate.live {
+            let live = LiveArgs {
+                bus: adapters.bus.clone(),
+                aggregator: args.clone(),
+                intervals: cfg.aggregate.intervals.clone(),
+            };
+            children.push(ChildSpec::actor(
+                "aggregate-live",
+                LiveAggregator,
+                move || live.clone(),
+            ));
+        }
         children.push(ChildSpec::actor_in(
             "aggregate",
             AggregatorActor,

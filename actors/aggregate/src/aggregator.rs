@@ -19,7 +19,7 @@ use tickmesh_core::types::{
     topics, validate_ticker, AggRow, Bar, Fundamentals, Interval, StartModel,
 };
 use tickmesh_core::{Error, Result};
-use tickmesh_features::{feature_rows, FeatureConfig};
+use tickmesh_features::{feature_rows_with_room, FeatureConfig};
 use tickmesh_io::bus::SharedPublisher;
 use tickmesh_io::db::{Db, LoadMode};
 use tickmesh_io::parquet_io::{
@@ -28,6 +28,7 @@ use tickmesh_io::parquet_io::{
 use tickmesh_io::store::{buckets, SharedStore};
 use tracing::info;
 
+use crate::auto::{Auto, Watch};
 use crate::joins::{fiscal_years, Joins, MacroSeries};
 use crate::resample::resample;
 
@@ -52,6 +53,9 @@ pub enum AggregatorMsg {
         interval: Interval,
         reply: Option<RpcReplyPort<Result<AggregateReport, String>>>,
     },
+    /// Look at the Admin API's requests, the ingest watermarks and the
+    /// schedule (the actor sends this to itself when it runs on its own).
+    Tick,
 }
 
 impl ractor::Message for AggregatorMsg {}
@@ -67,9 +71,30 @@ pub struct AggregatorArgs {
     pub store: SharedStore,
     pub db: Db,
     pub publisher: SharedPublisher,
+    /// Run on its own (`[aggregate]`); `None`: only when asked (`Run`).
+    pub auto: Option<Auto>,
 }
 
+/// The state of [`AggregatorActor`].
+pub struct AggregatorState {
+    args: AggregatorArgs,
+    watch: Option<Watch>,
+}
+
+/// Failed ticks in a row (each already logged) after which the actor stops
+/// and its supervisor restarts it (and gives up past its budget).
+const MAX_FAILED_TICKS: u32 = 30;
+
 impl AggregatorArgs {
+    /// This aggregator running on its own as node `node`, as `[aggregate]` says.
+    pub fn automatic(mut self, cfg: &ClusterConfig, node: &str) -> Self {
+        self.auto = Some(Auto {
+            config: cfg.aggregate.clone(),
+            node: node.to_string(),
+        });
+        self
+    }
+
     /// A node's aggregator: `[features]`, `[joins]`, and as many tickers at
     /// once as the node has cores (its `cpus`, else the machine's).
     pub fn of(
@@ -89,36 +114,64 @@ impl AggregatorArgs {
             store,
             db,
             publisher,
+            auto: None,
         }
     }
 }
 
 impl Actor for AggregatorActor {
     type Msg = AggregatorMsg;
-    type State = AggregatorArgs;
+    type State = AggregatorState;
     type Arguments = AggregatorArgs;
 
     async fn pre_start(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: AggregatorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(args)
+        let watch = args.auto.as_ref().map(|a| {
+            let _ = myself.send_message(AggregatorMsg::Tick);
+            Watch::new(&a.config)
+        });
+        Ok(AggregatorState { args, watch })
     }
 
     async fn handle(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            AggregatorMsg::Tick => {
+                let (Some(auto), Some(watch)) = (&state.args.auto, &mut state.watch) else {
+                    return Ok(());
+                };
+                match crate::auto::tick(&state.args, auto, watch).await {
+                    Ok(()) => watch.failures = 0,
+                    Err(e) => {
+                        watch.failures += 1;
+                        tracing::error!(error = %e, failures = watch.failures, "aggregate tick failed");
+                        if watch.failures >= MAX_FAILED_TICKS {
+                            return Err(format!(
+                                "{} aggregate ticks failed in a row, the last: {e}",
+                                watch.failures
+                            )
+                            .into());
+                        }
+                    }
+                }
+                myself.send_after(
+                    std::time::Duration::from_millis(auto.config.poll_ms),
+                    || AggregatorMsg::Tick,
+                );
+            }
             AggregatorMsg::Run {
                 tickers,
                 interval,
                 reply,
             } => {
-                let result = run(state, &tickers, interval)
+                let result = run(&state.args, &tickers, interval)
                     .await
                     .map_err(|e| e.to_string());
                 if let Some(reply) = reply {
@@ -239,7 +292,8 @@ pub fn compute_rows(
 ) -> (Vec<AggRow>, usize) {
     let r = resample(&bars, interval);
     drop(bars);
-    let mut rows = feature_rows(features, &r.bars);
+    let extra = macros.len() + joins.fundamentals.len();
+    let mut rows = feature_rows_with_room(features, &r.bars, extra);
     let years = fiscal_years(company, joins.fundamentals_lag_days);
     Joins {
         macros,

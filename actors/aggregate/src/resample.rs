@@ -70,6 +70,20 @@ fn bucket_start(t: DateTime<Utc>, open: DateTime<Utc>, interval: Interval) -> Da
     }
 }
 
+/// The end of the bucket that starts at `start` (a bucket label): one
+/// interval later, cut at the session's close (a daily bucket ends at the
+/// close).
+pub fn bucket_end(start: DateTime<Utc>, interval: Interval) -> DateTime<Utc> {
+    let close = calendar::session(calendar::ny_date(start)).map(|(_, close)| close);
+    let end = interval.minutes().map(|m| start + Duration::minutes(m));
+    match (end, close) {
+        (Some(e), Some(c)) => e.min(c),
+        (Some(e), None) => e,
+        (None, Some(c)) => c,
+        (None, None) => start + Duration::days(1),
+    }
+}
+
 /// Resamples time-sorted 1-minute bars to `interval` on the regular session.
 pub fn resample(bars: &[Bar], interval: Interval) -> Resampled {
     let mut out: Vec<Bar> = Vec::new();

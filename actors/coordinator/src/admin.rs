@@ -89,6 +89,15 @@ fn node_name(n: &str) -> Result<String, Status> {
 }
 
 impl AdminService {
+    async fn aggregation(&self, id: &str) -> Result<AggregationStatus, Status> {
+        self.db
+            .aggregate_request(id)
+            .await
+            .map_err(core_status)?
+            .map(|r| aggregation_status(&r))
+            .ok_or_else(|| Status::not_found(format!("no aggregation {id}")))
+    }
+
     async fn set_state(&self, node: &str, state: AdminState) -> Result<NodeInfo, Status> {
         let node = node_name(node)?;
         call_t!(
@@ -270,5 +279,69 @@ impl Admin for AdminService {
             AdminState::Cordoned
         };
         self.set_state(&r.node, state).await.map(Response::new)
+    }
+
+    async fn aggregate(
+        &self,
+        req: Request<StartAggregationRequest>,
+    ) -> Result<Response<AggregationStatus>, Status> {
+        let r = req.into_inner();
+        for t in &r.tickers {
+            validate_ticker(t).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let interval: Interval = r
+            .interval
+            .parse()
+            .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?;
+        let id = self
+            .db
+            .request_aggregation(&r.tickers, interval)
+            .await
+            .map_err(core_status)?;
+        self.aggregation(&id).await.map(Response::new)
+    }
+
+    async fn get_aggregation(
+        &self,
+        req: Request<GetAggregationRequest>,
+    ) -> Result<Response<AggregationStatus>, Status> {
+        self.aggregation(&req.into_inner().id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_aggregations(
+        &self,
+        req: Request<ListAggregationsRequest>,
+    ) -> Result<Response<ListAggregationsReply>, Status> {
+        let limit = match req.into_inner().limit {
+            0 => 20,
+            n if n > MAX_LIST => {
+                return Err(Status::invalid_argument(format!(
+                    "limit {n}: at most {MAX_LIST}"
+                )))
+            }
+            n => n,
+        };
+        let rows = self
+            .db
+            .aggregations(limit as i64)
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(ListAggregationsReply {
+            aggregations: rows.iter().map(aggregation_status).collect(),
+        }))
+    }
+}
+
+fn aggregation_status(r: &tickmesh_io::db::AggregateRequest) -> AggregationStatus {
+    AggregationStatus {
+        id: r.id.clone(),
+        trigger: r.trigger.clone(),
+        tickers: r.tickers.clone(),
+        interval: r.interval.to_string(),
+        state: r.state.clone(),
+        outcome: r.outcome.clone(),
+        created_at: r.created_at.to_rfc3339(),
     }
 }

@@ -267,6 +267,68 @@ impl Default for ServeConfig {
     }
 }
 
+/// `[aggregate]`: when the aggregate role runs on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregateConfig {
+    /// The intervals an automatic run aggregates, each run publishing its
+    /// own `start_model`.
+    pub intervals: Vec<crate::types::Interval>,
+    /// Aggregate the active tickers whose ingest watermark moved past what
+    /// their series last consumed.
+    pub on_ingest: bool,
+    /// How long the watermarks must stand still before such a run, so the
+    /// batches of one delivery make one run.
+    pub settle_secs: u64,
+    /// Every this many seconds, aggregate every active ticker (0: never).
+    pub schedule_secs: u64,
+    /// How often the role looks at the watermarks and the Admin API's requests.
+    pub poll_ms: u64,
+    /// How long an aggregate node holds a claimed Admin API request before
+    /// another may take it over (a node that died mid-run).
+    pub request_lease_secs: u64,
+    /// After a failed automatic run, the wait before the next try (doubling
+    /// up to 64 times this).
+    pub retry_secs: u64,
+    /// Live mode: each bar on `live_bars` advances the indicators of its
+    /// series in `intervals` and appends the rows of the buckets it completes.
+    pub live: bool,
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        AggregateConfig {
+            intervals: vec![crate::types::Interval::D1],
+            on_ingest: true,
+            settle_secs: 5,
+            schedule_secs: 0,
+            poll_ms: 1000,
+            request_lease_secs: 600,
+            retry_secs: 10,
+            live: false,
+        }
+    }
+}
+
+impl AggregateConfig {
+    fn check(&self) -> std::result::Result<(), (String, String)> {
+        let bad = |k: &str, m: &str| Err((format!("aggregate.{k}"), m.to_string()));
+        if self.intervals.is_empty() {
+            return bad("intervals", "must list at least one interval");
+        }
+        if self.poll_ms < 10 || self.poll_ms > 3_600_000 {
+            return bad("poll_ms", "must be 10 ..= 3600000");
+        }
+        if self.request_lease_secs == 0 {
+            return bad("request_lease_secs", "must be at least 1");
+        }
+        if self.retry_secs == 0 {
+            return bad("retry_secs", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// The ingest role's consumers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -588,6 +650,7 @@ pub struct ClusterConfig {
     pub serve: ServeConfig,
     pub features: FeatureConfig,
     pub joins: JoinConfig,
+    pub aggregate: AggregateConfig,
     pub train: TrainConfig,
     pub supervision: SupervisionConfig,
     pub nodes: Vec<NodeConfig>,
@@ -1096,6 +1159,7 @@ impl ClusterConfig {
         }
         self.features.check()?;
         self.joins.check()?;
+        self.aggregate.check()?;
         self.train.check(&self.features.columns())?;
         if self.supervision.window_secs == 0 {
             return bad("supervision.window_secs", "must be at least 1".into());

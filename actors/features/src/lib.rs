@@ -524,11 +524,20 @@ impl Writer<'_> {
 
 /// The feature rows of time-sorted bars: a fold of [`IndicatorState::step`].
 pub fn feature_rows(config: &FeatureConfig, bars: &[Bar]) -> Vec<AggRow> {
+    feature_rows_with_room(config, bars, 0)
+}
+
+/// [`feature_rows`] with room in each row for `extra` more values (the
+/// joined columns), so appending them does not reallocate.
+pub fn feature_rows_with_room(config: &FeatureConfig, bars: &[Bar], extra: usize) -> Vec<AggRow> {
     let mut st = IndicatorState::new(config);
+    let width = st.width();
     bars.iter()
-        .map(|b| AggRow {
-            ts: b.t,
-            values: st.step(Ohlcv::from(b)),
+        .map(|b| {
+            let mut values = Vec::with_capacity(width + extra);
+            values.resize(width, None);
+            st.step_into(Ohlcv::from(b), &mut values);
+            AggRow { ts: b.t, values }
         })
         .collect()
 }

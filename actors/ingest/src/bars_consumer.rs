@@ -71,6 +71,10 @@ impl Source for Bars {
         Ok(weeks(BarsMessage::parse(payload)?))
     }
 
+    fn row_time(row: &Bar) -> Option<chrono::DateTime<chrono::Utc>> {
+        Some(row.t)
+    }
+
     /// The ticker column comes from the key (`{ticker}/{yyyy}/{mm}/…`).
     fn merge(key: &str, old: Option<Bytes>, new: &[Self::Row]) -> Result<Bytes> {
         let ticker = key_folder(key, "bars merge")?;

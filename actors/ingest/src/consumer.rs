@@ -54,6 +54,11 @@ pub trait Source: Send + Sync + 'static {
     /// Merges `new` into the object's current content (`None`: a new
     /// object), one row per timestamp with `new` winning, and encodes it.
     fn merge(key: &str, old: Option<Bytes>, new: &[Self::Row]) -> Result<Bytes>;
+    /// The time a row carries, for the ingest watermark of its object's
+    /// first folder (a ticker's bars); `None`: the source keeps none.
+    fn row_time(_row: &Self::Row) -> Option<chrono::DateTime<chrono::Utc>> {
+        None
+    }
 }
 
 /// Rows grouped by the object key they go to.
@@ -95,6 +100,8 @@ pub struct ConsumerArgs {
     /// ingest nodes (a cluster), `None` reads them all (one process).
     pub leases: Option<LeaseArgs>,
     pub store: Arc<dyn ObjectStore>,
+    /// Where the ingest watermarks go (`Db::advance_watermarks`).
+    pub db: tickmesh_io::db::Db,
     pub publisher: SharedPublisher,
     pub metrics: IngestMetrics,
     pub config: IngestConfig,
@@ -358,6 +365,15 @@ async fn apply_batch<S: Source>(
     }
     let rows: usize = objects.values().map(Vec::len).sum();
     let n = objects.len();
+    // Per first folder (a ticker), the newest time of this batch.
+    let mut marks: BTreeMap<String, chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+    for (key, rows) in &objects {
+        if let Some(t) = rows.iter().filter_map(S::row_time).max() {
+            let folder = key.split('/').next().unwrap_or(key).to_string();
+            let m = marks.entry(folder).or_insert(t);
+            *m = (*m).max(t);
+        }
+    }
     let store = args.store.as_ref();
     let metrics = &args.metrics;
     futures::stream::iter(objects)
@@ -370,6 +386,10 @@ async fn apply_batch<S: Source>(
         .buffer_unordered(args.config.write_concurrency)
         .try_collect::<Vec<()>>()
         .await?;
+    // Written, not yet committed: a crash from here redelivers the batch,
+    // whose objects are already what the watermark says.
+    let marks: Vec<(String, chrono::DateTime<chrono::Utc>)> = marks.into_iter().collect();
+    args.db.advance_watermarks(S::NAME, &marks).await?;
     args.metrics
         .add_batch(S::NAME, batch.len(), good, bytes, rows);
     debug!(

@@ -184,10 +184,19 @@ impl Db {
                 if !stored {
                     report.written = copied;
                 } else {
-                    sqlx::query("ANALYZE tmp_agg")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(Error::db(ctx.clone()))?;
+                    // Whatever the planner believes of the series' size
+                    // (statistics lag a bulk load), the delete's anti-join
+                    // probes an index, never scans the staging table per row.
+                    for q in [
+                        "SET LOCAL work_mem = '256MB'",
+                        "CREATE INDEX ON tmp_agg (ts)",
+                        "ANALYZE tmp_agg",
+                    ] {
+                        sqlx::query(q)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(Error::db(ctx.clone()))?;
+                    }
                     if mode == LoadMode::Replace {
                         report.deleted = sqlx::query(
                             "DELETE FROM aggregated_data a WHERE a.ticker = $1 AND a.\"interval\" = $2 AND NOT EXISTS (SELECT 1 FROM tmp_agg s WHERE s.ts = a.ts)",

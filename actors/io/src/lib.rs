@@ -12,6 +12,7 @@
 
 pub mod bus;
 pub mod db;
+mod db_aggregate;
 mod db_leases;
 mod db_load;
 pub mod parquet_io;

@@ -18,6 +18,9 @@ pub fn fast_training(cfg: &mut ClusterConfig) {
     cfg.train.device = "cpu".into();
     cfg.coordinator.listen = "127.0.0.1:0".into();
     cfg.serve.http_listen = "127.0.0.1:0".into();
+    // The tests run their aggregations themselves (tests/aggregate_auto.rs
+    // covers the role on its own).
+    cfg.aggregate.on_ingest = false;
 }
 
 pub async fn distributed(label: &str) -> (ClusterConfig, Adapters) {
