@@ -112,13 +112,14 @@ async fn joined_rows_never_see_values_published_after_them() {
             .find(|r| calendar::ny_date(r.ts) == d(date))
             .unwrap_or_else(|| panic!("no daily row on {date}"))
     };
-    // Apple's FY2020 10-K was filed on 2020-10-30: FY2019's EPS until then.
-    assert_eq!(on("2020-10-29").values[col("fund_eps")], Some(11.89));
-    assert_eq!(on("2020-10-30").values[col("fund_eps")], Some(3.28));
-    assert_eq!(on("2021-10-28").values[col("fund_eps")], Some(3.28));
-    assert_eq!(on("2021-10-29").values[col("fund_eps")], Some(5.61));
+    // Apple's FY2020 10-K was filed on Friday 2020-10-30: FY2019's EPS
+    // through that day (it may come after the close), FY2020's from Monday.
+    assert_eq!(on("2020-10-30").values[col("fund_eps")], Some(11.89));
+    assert_eq!(on("2020-11-02").values[col("fund_eps")], Some(3.28));
+    assert_eq!(on("2021-10-29").values[col("fund_eps")], Some(3.28));
+    assert_eq!(on("2021-11-01").values[col("fund_eps")], Some(5.61));
     assert_eq!(
-        on("2021-10-29").values[col("fund_operating_cash_flow")],
+        on("2021-11-01").values[col("fund_operating_cash_flow")],
         None
     );
     // TESTM (value 100 + months since 2019-01): 2021-02-01 + 40 days = 2021-03-13 (a Saturday).
@@ -140,7 +141,8 @@ async fn joined_rows_never_see_values_published_after_them() {
     put_macro(&a, "TESTM", &monthly).await;
     put_macro(&a, "TESTQ", &quarterly).await;
     for r in company.iter_mut() {
-        if r.filling_date.unwrap() > cutoff {
+        // Public the day after the filing.
+        if r.filling_date.unwrap() >= cutoff {
             r.eps = r.eps.map(|e| e * 10.0);
             r.revenue = None;
         }
@@ -172,8 +174,8 @@ async fn joined_rows_never_see_values_published_after_them() {
             .unwrap()
             .values[col("fund_eps")]
     };
-    assert_eq!(eps("2021-10-28"), Some(3.28));
-    assert_eq!(eps("2021-10-29"), Some(56.1));
+    assert_eq!(eps("2021-10-29"), Some(3.28));
+    assert_eq!(eps("2021-11-01"), Some(56.1));
 
     // A configured series with nothing stored is an error naming it.
     args.joins.macro_lags.insert("NOSUCH".into(), 30);
@@ -203,8 +205,8 @@ async fn xmins(a: &Adapters, ticker: &str) -> Vec<(String, i64)> {
 
 /// PostgreSQL: a run loads each ticker's series in one transaction (binary
 /// COPY, upsert), several tickers at once; a replay rewrites no row (the
-/// rows keep the transaction id that wrote them); a run on less data
-/// replaces the series, deleting the rows it no longer has.
+/// rows keep the transaction id that wrote them) and announces nothing; a
+/// run on less data replaces the series, deleting the rows it no longer has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loads_replace_the_series_and_a_replay_writes_nothing() {
     let (cfg, a) = distributed("aggload").await;
@@ -225,34 +227,41 @@ async fn loads_replace_the_series_and_a_replay_writes_nothing() {
     let written = xmins(&a, "TSLA1").await;
     assert_eq!(written.len(), 260);
 
-    aggregator::run(&args, &tickers, Interval::M15)
+    let replay = aggregator::run(&args, &tickers, Interval::M15)
         .await
         .unwrap();
+    assert!(replay.changed.is_empty(), "{replay:?}");
     assert_eq!(xmins(&a, "TSLA1").await, written, "a replay rewrote rows");
     assert_eq!(rows(&a, "TSLA1", Interval::M15, &columns).await, first);
 
-    // The second week shrinks to its Monday: the series loses 4 days.
-    let monday: Vec<_> = bars[0]
+    // The second week loses its Wednesday: those rows go, and the rows
+    // before it stay as they were.
+    let wednesday = d("2024-03-13");
+    let kept: Vec<_> = bars[0]
         .iter()
-        .filter(|b| calendar::ny_date(b.t) == d("2024-03-11"))
+        .filter(|b| IsoWeek::of(b.t) == IsoWeek::of(bars[0].last().unwrap().t))
+        .filter(|b| calendar::ny_date(b.t) != wednesday)
         .copied()
         .collect();
-    let week = IsoWeek::of(monday[0].t);
+    let week = IsoWeek::of(kept[0].t);
     a.store
         .put(
             buckets::STOCK_DATA,
             &bars_object_key("TSLA1", week),
-            encode_bars("TSLA1", &monday).unwrap(),
+            encode_bars("TSLA1", &kept).unwrap(),
         )
         .await
         .unwrap();
     let report = aggregator::run(&args, &tickers, Interval::M15)
         .await
         .unwrap();
-    assert_eq!(report.rows["TSLA1"], 6 * 26);
+    assert_eq!(report.rows["TSLA1"], 9 * 26);
+    // Only TSLA1 changed, and only it is announced.
+    assert_eq!(report.changed, vec!["TSLA1".to_string()]);
     let now = rows(&a, "TSLA1", Interval::M15, &columns).await;
-    assert_eq!(now.len(), 6 * 26);
-    assert_eq!(now[..], first[..6 * 26]);
+    assert_eq!(now.len(), 9 * 26);
+    assert!(now.iter().all(|r| calendar::ny_date(r.ts) != wednesday));
+    assert_eq!(now[..7 * 26], first[..7 * 26]);
     assert_eq!(
         rows(&a, "TSLA2", Interval::M15, &columns).await.len(),
         10 * 26

@@ -65,15 +65,18 @@ async fn ingest_watermarks_trigger_runs_of_the_tickers_that_moved() {
     // The watermark is the last bar written; both tickers became active.
     let wm = a.db.active_watermarks().await.unwrap();
     assert_eq!(
-        wm,
+        wm.iter()
+            .map(|w| (w.ticker.as_str(), w.through))
+            .collect::<Vec<_>>(),
         vec![
-            ("AUTA".to_string(), t("2024-06-14T19:59:00Z")),
-            ("AUTB".to_string(), t("2024-06-14T19:59:00Z"))
+            ("AUTA", t("2024-06-14T19:59:00Z")),
+            ("AUTB", t("2024-06-14T19:59:00Z"))
         ]
     );
     assert_eq!(a.db.active_companies().await.unwrap(), tickers);
+    // Each series is marked with the version it was loaded from.
     let marks = a.db.aggregate_marks(Interval::M15).await.unwrap();
-    assert_eq!(marks["AUTA"], t("2024-06-14T19:59:00Z"));
+    assert_eq!(marks["AUTA"], wm[0].version);
 
     // One more week of AUTA: a run of AUTA alone.
     producer::publish_synthetic(
@@ -153,7 +156,9 @@ async fn ingest_watermarks_trigger_runs_of_the_tickers_that_moved() {
 }
 
 /// Embedded defaults: with the ingest trigger off, the schedule aggregates
-/// every active ticker with data; a failing run is recorded and retried.
+/// every active ticker with data. A ticker that fails (no bars in the store)
+/// does not hold the others back: they load, and the run is recorded as
+/// failed with the error naming that ticker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_schedule_runs_every_active_ticker() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,22 +168,88 @@ async fn the_schedule_runs_every_active_ticker() {
     cfg.aggregate.poll_ms = 100;
     cfg.aggregate.intervals = vec![Interval::H1];
     store_synthetic(&a, "SCHA", "2024-06-03", "2024-06-07").await;
-    // What the ingest role records after writing the objects.
-    a.db.advance_watermarks("bars", &[("SCHA".into(), t("2024-06-07T19:59:00Z"))])
-        .await
-        .unwrap();
+    // What the ingest role records after writing the objects (SCHB's
+    // objects were lost since).
+    a.db.advance_watermarks(
+        "bars",
+        &[
+            ("SCHA".into(), t("2024-06-07T19:59:00Z")),
+            ("SCHB".into(), t("2024-06-07T19:59:00Z")),
+        ],
+    )
+    .await
+    .unwrap();
     let node = start(&cfg, &a, &[Role::Aggregate]).await;
     let db = a.db.clone();
     eventually("a scheduled run", Duration::from_secs(60), || {
         let db = db.clone();
-        async move { db.count_aggregated("SCHA", Interval::H1).await.unwrap() == 5 * 7 }
+        async move {
+            db.aggregations(10)
+                .await
+                .unwrap()
+                .iter()
+                .any(|r| r.trigger == "schedule")
+        }
     })
     .await;
+    assert_eq!(
+        a.db.count_aggregated("SCHA", Interval::H1).await.unwrap(),
+        5 * 7
+    );
     let runs = a.db.aggregations(10).await.unwrap();
+    let run = runs.iter().find(|r| r.trigger == "schedule").unwrap();
+    assert_eq!(run.state, "failed", "{run:?}");
     assert!(
-        runs.iter()
-            .any(|r| r.trigger == "schedule" && r.state == "done"),
-        "{runs:?}"
+        run.outcome.contains("1 of 2 tickers failed")
+            && run.outcome.contains("unknown ticker SCHB")
+            && run.outcome.contains("start_model for SCHA"),
+        "{run:?}"
+    );
+    // SCHA is marked as loaded from its version; SCHB is not.
+    let marks = a.db.aggregate_marks(Interval::H1).await.unwrap();
+    assert!(
+        marks.contains_key("SCHA") && !marks.contains_key("SCHB"),
+        "{marks:?}"
     );
     node.stop().await;
+}
+
+/// Any write counts, not only newer bars: a backfill of an older week and
+/// a new 10-K move a ticker's version, and a macro release moves every
+/// ticker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_grow_with_every_write_that_can_change_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_cfg, a) = embedded(dir.path()).await;
+    let late = t("2024-06-07T19:59:00Z");
+    let version = |db: tickmesh_io::db::Db| async move {
+        db.active_watermarks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| (w.ticker, w.version, w.through))
+            .collect::<Vec<_>>()
+    };
+    a.db.advance_watermarks("bars", &[("VERA".into(), late), ("VERB".into(), late)])
+        .await
+        .unwrap();
+    assert_eq!(
+        version(a.db.clone()).await,
+        vec![("VERA".into(), 1, late), ("VERB".into(), 1, late)]
+    );
+    // A backfill of an older week: the version moves, `through` does not.
+    a.db.advance_watermarks("bars", &[("VERA".into(), t("2024-01-05T19:59:00Z"))])
+        .await
+        .unwrap();
+    // A new 10-K for VERB, then a macro release.
+    a.db.advance_watermarks("company", &[("VERB".into(), t("2024-03-31T00:00:00Z"))])
+        .await
+        .unwrap();
+    a.db.advance_watermarks("macro", &[("CPI".into(), t("2024-04-01T00:00:00Z"))])
+        .await
+        .unwrap();
+    assert_eq!(
+        version(a.db.clone()).await,
+        vec![("VERA".into(), 3, late), ("VERB".into(), 3, late)]
+    );
 }

@@ -21,7 +21,7 @@ use tickmesh_core::types::{
 use tickmesh_core::{Error, Result};
 use tickmesh_features::{feature_rows_with_room, FeatureConfig};
 use tickmesh_io::bus::SharedPublisher;
-use tickmesh_io::db::{Db, LoadMode};
+use tickmesh_io::db::{Db, LoadMode, Watermark};
 use tickmesh_io::parquet_io::{
     decode_bars, decode_fundamentals, decode_macro, merge_bars, merge_fundamentals, merge_macro,
 };
@@ -30,7 +30,7 @@ use tracing::info;
 
 use crate::auto::{Auto, Watch};
 use crate::joins::{fiscal_years, Joins, MacroSeries};
-use crate::resample::resample;
+use crate::resample::{bucket_end, resample};
 
 #[derive(Clone, Copy)]
 pub struct AggregatorActor;
@@ -42,6 +42,8 @@ pub struct AggregateReport {
     pub rows: BTreeMap<String, usize>,
     /// The newest bar timestamp loaded.
     pub watermark: Option<DateTime<Utc>>,
+    /// The tickers whose rows changed (the `start_model` lists them).
+    pub changed: Vec<String>,
 }
 
 /// Messages of [`AggregatorActor`].
@@ -104,9 +106,14 @@ impl AggregatorArgs {
         db: Db,
         publisher: SharedPublisher,
     ) -> Self {
-        let parallel = cpus
+        let mut parallel = cpus
             .map(|c| c as usize)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if cfg.cluster.backend == tickmesh_core::config::Backend::Distributed {
+            // Each load holds a connection for its whole COPY: leave two
+            // of the pool to everything else.
+            parallel = parallel.min((cfg.postgres.max_connections as usize).saturating_sub(2));
+        }
         AggregatorArgs {
             features: cfg.features.clone(),
             joins: cfg.joins.clone(),
@@ -290,8 +297,17 @@ pub fn compute_rows(
     company: &[Fundamentals],
     interval: Interval,
 ) -> (Vec<AggRow>, usize) {
-    let r = resample(&bars, interval);
+    let last_bar = bars.last().map(|b| b.t);
+    let mut r = resample(&bars, interval);
     drop(bars);
+    // A last bucket still filling (its last minute not in yet, its end to
+    // come) is left to the next run or to live mode.
+    if let (Some(b), Some(last_bar)) = (r.bars.last(), last_bar) {
+        let end = bucket_end(b.t, interval);
+        if last_bar + chrono::Duration::minutes(1) < end && end > Utc::now() {
+            r.bars.pop();
+        }
+    }
     let extra = macros.len() + joins.fundamentals.len();
     let mut rows = feature_rows_with_room(features, &r.bars, extra);
     let years = fiscal_years(company, joins.fundamentals_lag_days);
@@ -308,6 +324,8 @@ pub fn compute_rows(
 struct TickerDone {
     rows: usize,
     last: Option<DateTime<Utc>>,
+    /// Whether the load wrote or deleted anything.
+    changed: bool,
 }
 
 /// Reads, resamples, computes, joins and loads one ticker.
@@ -331,22 +349,26 @@ async fn aggregate_ticker(
     if extended > 0 {
         info!(ticker = %ticker, extended, "bars outside the regular session left out");
     }
-    let done = TickerDone {
-        rows: rows.len(),
-        last: rows.last().map(|r| r.ts),
-    };
-    info!(ticker = %ticker, %interval, rows = done.rows, "loading aggregated_data");
+    let (n, last) = (rows.len(), rows.last().map(|r| r.ts));
+    info!(ticker = %ticker, %interval, rows = n, "loading aggregated_data");
     let load = state
         .db
         .load_series(ticker, interval, columns, rows, LoadMode::Replace)
         .await?;
+    let done = TickerDone {
+        rows: n,
+        last,
+        changed: load.written + load.deleted > 0,
+    };
     info!(ticker = %ticker, %interval, rows = done.rows, written = load.written, deleted = load.deleted, "aggregated_data loaded");
     Ok(done)
 }
 
 /// One aggregation run (what `Run` does). Tickers run `parallel` at a time,
-/// each in its own transaction; when any fails, the error names every
-/// failed ticker (the others are loaded) and no `start_model` is published.
+/// each in its own transaction. The tickers that loaded are marked with the
+/// ingest version they consumed and, those whose rows changed, announced in
+/// one `start_model` (none when nothing changed); when any ticker failed,
+/// the error then names each failure.
 pub async fn run(
     state: &AggregatorArgs,
     tickers: &[String],
@@ -359,6 +381,14 @@ pub async fn run(
     let mut columns = state.features.columns();
     columns.extend(state.joins.columns());
     state.db.ensure_aggregated_columns(&columns).await?;
+    // The versions this run consumes, read before any object is.
+    let versions: std::collections::HashMap<String, Watermark> = state
+        .db
+        .active_watermarks()
+        .await?
+        .into_iter()
+        .map(|w| (w.ticker.clone(), w))
+        .collect();
     let macros = Arc::new(read_macros(&state.store, &state.joins).await?);
     let mut done = stream::iter(tickers.iter().cloned())
         .map(|t| {
@@ -370,37 +400,56 @@ pub async fn run(
         })
         .buffer_unordered(state.parallel.max(1));
     let mut failed = Vec::new();
+    let mut marks = Vec::new();
     while let Some((ticker, result)) = done.next().await {
         match result {
             Ok(d) => {
                 report.watermark = report.watermark.max(d.last);
+                if d.changed {
+                    report.changed.push(ticker.clone());
+                }
+                marks.extend(versions.get(&ticker).cloned());
                 report.rows.insert(ticker, d.rows);
             }
             Err(e) => failed.push(format!("{ticker}: {e}")),
         }
     }
+    drop(done);
+    // What loaded stays loaded, marked and announced, whatever else failed.
+    state.db.set_aggregate_marks(interval, &marks).await?;
+    let loaded: Vec<String> = report.rows.keys().cloned().collect();
+    state.db.upsert_companies(&loaded).await?;
+    report.changed.sort();
+    if report.changed.is_empty() {
+        info!(%interval, tickers = loaded.len(), "nothing changed: no start_model");
+    } else {
+        let msg = StartModel {
+            interval,
+            tickers: report.changed.clone(),
+            watermark: report.watermark.unwrap_or_else(Utc::now),
+        };
+        let payload =
+            serde_json::to_vec(&msg).map_err(|e| Error::invalid("start_model", e.to_string()))?;
+        state
+            .publisher
+            .publish(topics::START_MODEL, interval.as_str(), &payload, &[])
+            .await?;
+        info!(%interval, tickers = msg.tickers.len(), "start_model published");
+    }
     if !failed.is_empty() {
         failed.sort();
         return Err(Error::Partial(format!(
-            "aggregation {interval}: {} of {} tickers failed ({} loaded): {}",
+            "aggregation {interval}: {} of {} tickers failed ({} loaded{}): {}",
             failed.len(),
             tickers.len(),
             report.rows.len(),
+            if report.changed.is_empty() {
+                String::new()
+            } else {
+                format!(", start_model for {}", report.changed.join(","))
+            },
             failed.join("; ")
         )));
     }
-    state.db.upsert_companies(tickers).await?;
-    let msg = StartModel {
-        interval,
-        tickers: tickers.to_vec(),
-        watermark: report.watermark.unwrap_or_else(Utc::now),
-    };
-    let payload =
-        serde_json::to_vec(&msg).map_err(|e| Error::invalid("start_model", e.to_string()))?;
-    state
-        .publisher
-        .publish(topics::START_MODEL, interval.as_str(), &payload, &[])
-        .await?;
-    info!(%interval, tickers = tickers.len(), "start_model published");
     Ok(report)
 }

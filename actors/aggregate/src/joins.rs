@@ -10,10 +10,12 @@
 //!   (period length plus the agency's delay). A bar gets the latest
 //!   observation published on or before its date, or NULL before the first.
 //! - **Fundamentals**: a bar gets the row of the latest fiscal year that
-//!   ended before its date and whose 10-K was filed on or before it. A row
-//!   without a filing date counts as filed `fundamentals_lag_days` after its
-//!   fiscal-year end (31 December of `calendarYear` when the end is unknown
-//!   too). A metric the chosen row lacks is NULL, never an older year's.
+//!   ended before its date and whose 10-K was filed before it (the day
+//!   after the filing date: filings come at any time of day, often after
+//!   the close). A row without a filing date counts as public
+//!   `fundamentals_lag_days` after its fiscal-year end (31 December of
+//!   `calendarYear` when the end is unknown too). A metric the chosen row
+//!   lacks is NULL, never an older year's.
 //!
 //! Values are the ones stored (the latest delivery of each observation or
 //! fiscal year); earlier vintages of revised series are not kept.
@@ -77,11 +79,13 @@ pub fn fiscal_years(rows: &[Fundamentals], lag_days: u32) -> Vec<FiscalYear> {
             let period_end = r.period_end.unwrap_or_else(|| {
                 NaiveDate::from_ymd_opt(r.calendar_year, 12, 31).unwrap_or(NaiveDate::MAX)
             });
-            // Never public before the day after the year ended, whatever a
-            // filing date says.
+            // A filing's time of day is unknown (10-Ks are often filed
+            // after the close): public from the day after it. Never before
+            // the day after the year ended, whatever a filing date says.
             let earliest = published_after(period_end, 1);
             let public = r
                 .filling_date
+                .map(|f| published_after(f, 1))
                 .unwrap_or_else(|| published_after(period_end, lag_days))
                 .max(earliest);
             FiscalYear {
@@ -262,11 +266,12 @@ mod tests {
         let years = fiscal_years(&rows, 90);
         let metrics = [2usize, 0];
         assert_eq!(FUNDAMENTAL_COLUMNS[2], "eps");
+        // Filed 2020-10-30 and 2021-10-29: public the next day.
         let dates = [
-            "2020-10-29",
             "2020-10-30",
-            "2021-10-28",
+            "2020-10-31",
             "2021-10-29",
+            "2021-10-30",
             "2023-03-30",
             "2023-03-31",
             "2023-09-30",
@@ -411,7 +416,7 @@ mod tests {
                 );
                 (rows, years)
             };
-            let (before, years) = join(&series, &company);
+            let (before, _) = join(&series, &company);
             // Brute force: the rules read literally.
             for (t, row) in times.iter().zip(&before) {
                 let date = calendar::ny_date(*t);
@@ -423,11 +428,30 @@ mod tests {
                         .map(|o| o.value);
                     assert_eq!(row[k], want, "case {case} series {k} at {date}");
                 }
-                let chosen = years
+                // The rule read literally, from the rows themselves.
+                let end_of = |f: &Fundamentals| {
+                    f.period_end.unwrap_or_else(|| {
+                        NaiveDate::from_ymd_opt(f.calendar_year, 12, 31).unwrap()
+                    })
+                };
+                let public_of = |f: &Fundamentals| {
+                    let public = match f.filling_date {
+                        Some(filed) => filed + Days::new(1),
+                        None => end_of(f) + Days::new(fund_lag as u64),
+                    };
+                    public.max(end_of(f) + Days::new(1))
+                };
+                let mut visible: Vec<&Fundamentals> = company
                     .iter()
-                    .filter(|f| f.public <= date && f.period_end < date)
-                    .max_by_key(|f| f.period_end);
-                assert_eq!(row[3], chosen.and_then(|f| f.metrics[0]), "case {case}");
+                    .filter(|f| public_of(f) <= date && end_of(f) < date)
+                    .collect();
+                // Latest year; among equal ends the one public last.
+                visible.sort_by_key(|f| (end_of(f), public_of(f)));
+                assert_eq!(
+                    row[3],
+                    visible.last().and_then(|f| f.revenue),
+                    "case {case} at {date}"
+                );
             }
             // Change the future of the cutoff.
             let cutoff = day(&mut rng, 3000);

@@ -3,33 +3,34 @@
 //! their ticker-week objects and dead-letters bad records). Each new
 //! 1-minute bar advances the series' indicator state, and every bucket it
 //! completes becomes a row, with the joins, appended to `aggregated_data`
-//! in one transaction per record and series, before the record's offset is
-//! committed.
+//! in one transaction per record and series.
 //!
 //! A series' state is built on first use by folding the indicators over its
 //! stored rows (the batch run's output), so a live row equals the row a
 //! batch run over the same bars would write: the same `IndicatorState`
-//! steps over the same buckets. The bars of a bucket not finished before a
-//! restart are read back from the ticker's objects. A series with no stored
-//! rows waits for a batch run (`on_ingest` starts one). Bars at or before the end of the last
+//! steps over the same buckets. A record is committed only once none of its
+//! bars waits in an unfinished bucket, so after a restart the bars of such a
+//! bucket are delivered again. A series with no stored rows waits for a
+//! batch run (`on_ingest` starts one). The joined macro series and
+//! fundamentals are read again every 5 minutes. Bars at or before the end of the last
 //! stored bucket are already in it and are skipped; a bucket is complete
 //! once the bar of its last minute has arrived (a 1-minute bucket at once,
 //! a daily one with the bar before the close).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tickmesh_core::types::{topics, AggRow, Bar, BarsMessage, Interval};
 use tickmesh_core::Result;
 use tickmesh_features::{IndicatorState, Ohlcv};
-use tickmesh_io::bus::{BusConfig, Subscription};
+use tickmesh_io::bus::{BusConfig, Record, Subscription};
 use tickmesh_io::db::LoadMode;
 use tracing::{info, warn};
 
-use crate::aggregator::{read_fundamentals, read_macros, read_ticker_bars, AggregatorArgs};
+use crate::aggregator::{read_fundamentals, read_macros, AggregatorArgs};
 use crate::joins::{fiscal_years, FiscalYear, Joins, MacroSeries};
 use crate::resample::{bucket_end, resample};
 
@@ -60,15 +61,24 @@ struct Series {
     written_until: Option<DateTime<Utc>>,
     /// Bars of buckets not complete yet.
     pending: Vec<Bar>,
-    years: Vec<FiscalYear>,
 }
+
+/// How often the joined macro series and fundamentals are read again.
+const JOINS_REFRESH: Duration = Duration::from_secs(300);
 
 pub struct LiveState {
     sub: Box<dyn Subscription>,
     args: LiveArgs,
     columns: Vec<String>,
     macros: Arc<Vec<MacroSeries>>,
+    /// Each ticker's fiscal years, read on first use after a refresh.
+    years: HashMap<String, Vec<FiscalYear>>,
+    refreshed: Instant,
     series: HashMap<(String, Interval), Series>,
+    /// Records processed but not committed, in order, with their ticker and
+    /// newest bar: a record is committed once none of its bars waits in an
+    /// unfinished bucket, so a restart delivers those bars again.
+    held: VecDeque<(Record, String, Option<DateTime<Utc>>)>,
 }
 
 impl Actor for LiveAggregator {
@@ -96,7 +106,10 @@ impl Actor for LiveAggregator {
             args,
             columns,
             macros,
+            years: HashMap::new(),
+            refreshed: Instant::now(),
             series: HashMap::new(),
+            held: VecDeque::new(),
         })
     }
 
@@ -106,8 +119,14 @@ impl Actor for LiveAggregator {
         _: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        if st.refreshed.elapsed() >= JOINS_REFRESH {
+            let a = &st.args.aggregator;
+            st.macros = Arc::new(read_macros(&a.store, &a.joins).await?);
+            st.years.clear();
+            st.refreshed = Instant::now();
+        }
         if let Some(rec) = st.sub.poll(Duration::from_millis(500)).await? {
-            match BarsMessage::parse(&rec.payload) {
+            let (ticker, newest) = match BarsMessage::parse(&rec.payload) {
                 Ok(msg) => {
                     for interval in st.args.intervals.clone() {
                         let n = append(st, &msg.ticker, interval, &msg.bars).await?;
@@ -115,22 +134,38 @@ impl Actor for LiveAggregator {
                             info!(ticker = %msg.ticker, %interval, rows = n, "live rows appended");
                         }
                     }
+                    (msg.ticker, msg.bars.iter().map(|b| b.t).max())
                 }
                 // The ingest role dead-letters it (it reads the same topic).
                 Err(e) => {
-                    warn!(offset = rec.offset, error = %e, "malformed live_bars record skipped")
+                    warn!(offset = rec.offset, error = %e, "malformed live_bars record skipped");
+                    (String::new(), None)
                 }
+            };
+            st.held.push_back((rec, ticker, newest));
+            while let Some((_, ticker, newest)) = st.held.front() {
+                let waiting = newest.is_some_and(|t| {
+                    st.args.intervals.iter().any(|i| {
+                        st.series
+                            .get(&(ticker.clone(), *i))
+                            .and_then(|s| s.pending.first())
+                            .is_some_and(|p| p.t <= t)
+                    })
+                });
+                if waiting {
+                    break;
+                }
+                let (rec, _, _) = st.held.pop_front().expect("front exists");
+                st.sub.commit(&rec).await?;
             }
-            st.sub.commit(&rec).await?;
         }
         myself.cast(LiveMsg::Poll)?;
         Ok(())
     }
 }
 
-/// Builds a series' state from its stored rows, and the bars of its
-/// buckets not written yet from the store; `None` while the series has no
-/// rows (a batch run starts it).
+/// Builds a series' state from its stored rows; `None` while the series
+/// has no rows (a batch run starts it).
 async fn series_of(
     args: &AggregatorArgs,
     ticker: &str,
@@ -153,18 +188,10 @@ async fn series_of(
         })?;
         indicators.step(bar);
     }
-    let Some(until) = stored.last().map(|r| bucket_end(r.ts, interval)) else {
-        return Ok(None);
-    };
-    // The bars of an unfinished bucket that came before a restart.
-    let mut pending = read_ticker_bars(&args.store, ticker).await?;
-    pending.retain(|b| b.t >= until);
-    let company = read_fundamentals(&args.store, ticker).await?;
-    Ok(Some(Series {
+    Ok(stored.last().map(|r| Series {
         indicators,
-        written_until: Some(until),
-        pending,
-        years: fiscal_years(&company, args.joins.fundamentals_lag_days),
+        written_until: Some(bucket_end(r.ts, interval)),
+        pending: Vec::new(),
     }))
 }
 
@@ -214,9 +241,17 @@ async fn append(
     let Some(until) = until else {
         return Ok(0);
     };
+    if !st.years.contains_key(ticker) {
+        let a = &st.args.aggregator;
+        let company = read_fundamentals(&a.store, ticker).await?;
+        st.years.insert(
+            ticker.to_string(),
+            fiscal_years(&company, a.joins.fundamentals_lag_days),
+        );
+    }
     Joins {
         macros: &st.macros,
-        fundamentals: &s.years,
+        fundamentals: &st.years[ticker],
         metrics: &st.args.aggregator.joins.fundamentals_indices(),
     }
     .apply(&mut rows);

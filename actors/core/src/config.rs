@@ -1160,6 +1160,12 @@ impl ClusterConfig {
         self.features.check()?;
         self.joins.check()?;
         self.aggregate.check()?;
+        if self.aggregate.live && self.cluster.backend == Backend::Embedded {
+            return bad(
+                "aggregate.live",
+                "needs the distributed backend: live mode reads live_bars in a consumer group of its own beside the ingest role's, and the embedded spool hands each record to one reader".into(),
+            );
+        }
         self.train.check(&self.features.columns())?;
         if self.supervision.window_secs == 0 {
             return bad("supervision.window_secs", "must be at least 1".into());
@@ -1319,6 +1325,13 @@ mod tests {
             .unwrap();
         assert_eq!(c.joins.columns(), ["macro_cpi", "macro_unemp", "fund_eps"]);
         assert_eq!(c.joins.macro_lags["CPI"], 110);
+        let e = parse("[cluster]\nbackend = \"embedded\"\n[aggregate]\nlive = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`aggregate.live`") && e.contains("distributed"),
+            "{e}"
+        );
         let e = parse("[features]\nbollinger_k = -1.0\n")
             .unwrap_err()
             .to_string();

@@ -30,6 +30,13 @@ impl Source for Company {
         )])
     }
 
+    /// The end of the fiscal year (31 December of `calendarYear` when unknown).
+    fn row_time(row: &Fundamentals) -> Option<chrono::DateTime<chrono::Utc>> {
+        row.period_end
+            .or_else(|| chrono::NaiveDate::from_ymd_opt(row.calendar_year, 12, 31))
+            .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+    }
+
     fn merge(key: &str, old: Option<Bytes>, new: &[Self::Row]) -> Result<Bytes> {
         let what = format!("{}/{key}", buckets::COMPANY);
         let old = match old {

@@ -33,6 +33,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tickmesh_core::config::IngestConfig;
+use tickmesh_core::types::topics;
 use tickmesh_core::{Error, Result};
 use tickmesh_io::bus::{dead_letter, BusConfig, Record, Share, SharedPublisher, Subscription};
 use tickmesh_io::store::ObjectStore;
@@ -388,8 +389,12 @@ async fn apply_batch<S: Source>(
         .await?;
     // Written, not yet committed: a crash from here redelivers the batch,
     // whose objects are already what the watermark says.
-    let marks: Vec<(String, chrono::DateTime<chrono::Utc>)> = marks.into_iter().collect();
-    args.db.advance_watermarks(S::NAME, &marks).await?;
+    // Not for live_bars: live mode appends those rows, and a batch run
+    // per live bar would only replay them.
+    if args.topic != topics::LIVE_BARS {
+        let marks: Vec<(String, chrono::DateTime<chrono::Utc>)> = marks.into_iter().collect();
+        args.db.advance_watermarks(S::NAME, &marks).await?;
+    }
     args.metrics
         .add_batch(S::NAME, batch.len(), good, bytes, rows);
     debug!(

@@ -37,6 +37,10 @@ impl Source for Macro {
             .collect())
     }
 
+    fn row_time(row: &Observation) -> Option<chrono::DateTime<chrono::Utc>> {
+        Some(row.date.and_time(chrono::NaiveTime::MIN).and_utc())
+    }
+
     /// The series column comes from the key (`{series}/{yyyy}/…`).
     fn merge(key: &str, old: Option<Bytes>, new: &[Self::Row]) -> Result<Bytes> {
         let series = key_folder(key, "macro merge")?;

@@ -17,7 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, Row, SqlitePool};
 
-pub use crate::db_aggregate::AggregateRequest;
+pub use crate::db_aggregate::{AggregateRequest, Watermark};
 pub use crate::db_load::{LoadMode, LoadReport};
 use tickmesh_core::config::{FeatureConfig, PostgresConfig};
 use tickmesh_core::types::{AggRow, Interval};
@@ -288,13 +288,13 @@ impl Db {
                 "CREATE TABLE IF NOT EXISTS node_states (node TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at {ts} NOT NULL)"
             ),
             format!(
-                "CREATE TABLE IF NOT EXISTS ingest_watermarks (source TEXT NOT NULL, key TEXT NOT NULL, through {ts} NOT NULL, updated_at {ts} NOT NULL, PRIMARY KEY (source, key))"
+                "CREATE TABLE IF NOT EXISTS ingest_watermarks (source TEXT NOT NULL, key TEXT NOT NULL, through {ts} NOT NULL, writes BIGINT NOT NULL, updated_at {ts} NOT NULL, PRIMARY KEY (source, key))"
             ),
             format!(
-                "CREATE TABLE IF NOT EXISTS aggregate_marks (ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, through {ts} NOT NULL, PRIMARY KEY (ticker, \"interval\"))"
+                "CREATE TABLE IF NOT EXISTS aggregate_marks (ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, version BIGINT NOT NULL, through {ts} NOT NULL, PRIMARY KEY (ticker, \"interval\"))"
             ),
             format!(
-                "CREATE TABLE IF NOT EXISTS aggregate_requests (id TEXT PRIMARY KEY, trigger TEXT NOT NULL, tickers TEXT NOT NULL, \"interval\" TEXT NOT NULL, state TEXT NOT NULL, outcome TEXT NOT NULL, node TEXT NOT NULL, lease_until {ts} NOT NULL, created_at {ts} NOT NULL, updated_at {ts} NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS aggregate_requests (id TEXT PRIMARY KEY, trigger TEXT NOT NULL, tickers TEXT NOT NULL, \"interval\" TEXT NOT NULL, state TEXT NOT NULL, outcome TEXT NOT NULL, node TEXT NOT NULL, attempts BIGINT NOT NULL, lease_until {ts} NOT NULL, created_at {ts} NOT NULL, updated_at {ts} NOT NULL)"
             ),
             "CREATE TABLE IF NOT EXISTS ingest_members (grp TEXT NOT NULL, topic TEXT NOT NULL, member TEXT NOT NULL, expires_ms BIGINT NOT NULL, PRIMARY KEY (grp, topic, member))".to_string(),
             "CREATE TABLE IF NOT EXISTS ingest_leases (grp TEXT NOT NULL, topic TEXT NOT NULL, part BIGINT NOT NULL, owner TEXT NOT NULL, epoch BIGINT NOT NULL, expires_ms BIGINT NOT NULL, PRIMARY KEY (grp, topic, part))".to_string(),

@@ -4,7 +4,7 @@
 //! thread and streamed in 1 MiB chunks into a staging table (or straight
 //! into `aggregated_data` when the series has no rows yet), then upserted
 //! and, for a [`LoadMode::Replace`], the stored rows the new series lacks
-//! are deleted, all under one transaction-scoped advisory lock on the
+//! up to its last time are deleted, all under one transaction-scoped advisory lock on the
 //! series. SQLite: the same staging table, upsert and delete in one
 //! transaction. Either way a crash leaves the old rows or the new ones,
 //! never a mix; rows whose values did not change are not rewritten, so a
@@ -20,7 +20,9 @@ use tickmesh_core::{Error, Result};
 /// How a load treats the rows stored for its (ticker, interval).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadMode {
-    /// The rows are the whole series: stored rows at other times go.
+    /// The rows are the whole series up to their last time: stored rows at
+    /// other times up to then go; later ones (live appends a batch run did
+    /// not see) stay.
     Replace,
     /// The rows are inserted or updated; other stored rows stay (live appends).
     Upsert,
@@ -34,6 +36,9 @@ pub struct LoadReport {
     /// Stored rows deleted (a replace whose series no longer has them).
     pub deleted: u64,
 }
+
+/// Upserts of at most this many rows (live appends) skip the staging table.
+const SMALL_UPSERT: usize = 500;
 
 /// Bytes per COPY chunk sent to the server.
 const CHUNK: usize = 1 << 20;
@@ -142,6 +147,38 @@ impl Db {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(Error::db(ctx.clone()))?;
+                // A few rows (a live append): one INSERT, no staging table.
+                if mode == LoadMode::Upsert && rows.len() <= SMALL_UPSERT {
+                    let mut report = LoadReport::default();
+                    if !rows.is_empty() {
+                        let mut qb: QueryBuilder<sqlx::Postgres> = QueryBuilder::new(format!(
+                            "INSERT INTO aggregated_data AS a (ticker, \"interval\", ts, {cols}) "
+                        ));
+                        qb.push_values(rows.iter(), |mut b, r| {
+                            b.push_bind(ticker)
+                                .push_bind(interval.as_str())
+                                .push_bind(r.ts);
+                            for v in &r.values {
+                                b.push_bind(v.filter(|v| v.is_finite()));
+                            }
+                        });
+                        qb.push(format!(
+                            " ON CONFLICT (ticker, \"interval\", ts) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+                            set_excluded(columns),
+                            prefixed("a.", columns),
+                            prefixed("EXCLUDED.", columns),
+                        ));
+                        report.written = qb
+                            .build()
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(Error::db(ctx.clone()))?
+                            .rows_affected();
+                    }
+                    failpoint_before_commit(ticker, interval).await;
+                    tx.commit().await.map_err(Error::db(ctx))?;
+                    return Ok(report);
+                }
                 // A series with no rows yet is copied straight in.
                 let target = if stored { "tmp_agg" } else { "aggregated_data" };
                 if stored {
@@ -199,7 +236,7 @@ impl Db {
                     }
                     if mode == LoadMode::Replace {
                         report.deleted = sqlx::query(
-                            "DELETE FROM aggregated_data a WHERE a.ticker = $1 AND a.\"interval\" = $2 AND NOT EXISTS (SELECT 1 FROM tmp_agg s WHERE s.ts = a.ts)",
+                            "DELETE FROM aggregated_data a WHERE a.ticker = $1 AND a.\"interval\" = $2 AND a.ts <= (SELECT max(ts) FROM tmp_agg) AND NOT EXISTS (SELECT 1 FROM tmp_agg s WHERE s.ts = a.ts)",
                         )
                         .bind(ticker)
                         .bind(interval.as_str())
@@ -259,7 +296,7 @@ impl Db {
                 let mut report = LoadReport::default();
                 if mode == LoadMode::Replace {
                     report.deleted = sqlx::query(
-                        "DELETE FROM aggregated_data WHERE ticker = ?1 AND \"interval\" = ?2 AND ts NOT IN (SELECT ts FROM temp.tmp_agg)",
+                        "DELETE FROM aggregated_data WHERE ticker = ?1 AND \"interval\" = ?2 AND ts <= (SELECT max(ts) FROM temp.tmp_agg) AND ts NOT IN (SELECT ts FROM temp.tmp_agg)",
                     )
                     .bind(ticker)
                     .bind(interval.as_str())
