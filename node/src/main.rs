@@ -94,6 +94,9 @@ enum Cmd {
         interval: Interval,
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
+        /// Tickers at once (default: twice the machine's cores, at most the PostgreSQL pool less 2).
+        #[arg(long)]
+        parallel: Option<u32>,
     },
     /// Train one model from `{data-dir}/{TICKER}_{interval}_*.csv` (or, with
     /// --from-db, from aggregated_data) and write its checkpoint, loss.png and test.png.
@@ -598,16 +601,23 @@ async fn run(cli: Cli) -> Result<()> {
             tickers,
             interval,
             config,
+            parallel,
         } => {
             let cfg = load(&config)?;
             let a = Adapters::connect(&cfg).await?;
-            let args = tickmesh_aggregate::aggregator::AggregatorArgs::of(
+            if parallel == Some(0) {
+                return Err(UsageError("--parallel must be at least 1".into()).into());
+            }
+            let mut args = tickmesh_aggregate::aggregator::AggregatorArgs::of(
                 &cfg,
                 None,
                 a.store.clone(),
                 a.db.clone(),
                 a.publisher.clone(),
             );
+            if let Some(p) = parallel {
+                args.parallel = p as usize;
+            }
             let report = tickmesh_aggregate::aggregator::run(&args, &tickers, interval).await?;
             for (t, rows) in report.rows {
                 println!("{t} {interval}: {rows} rows loaded");

@@ -127,6 +127,7 @@ timed() { # label, command...: wall seconds and peak RSS
 all_tickers="'$(echo "$tickers" | sed "s/,/','/g")'"
 for interval in $intervals; do
   psql_ -c "DELETE FROM aggregated_data WHERE ticker IN ($all_tickers) AND \"interval\" = '$interval'"
+  psql_ -c "VACUUM aggregated_data"   # a first load into a table without dead rows
   timed "tickmesh aggregate $interval, first load" env RUST_LOG=warn,sqlx=error "$TICKMESH_BIN" aggregate --config "$work/cluster.toml" --tickers "$tickers" --interval "$interval"
   echo "  rows committed: $(psql_ -c "SELECT count(*) FROM aggregated_data WHERE ticker IN ($all_tickers) AND \"interval\" = '$interval'")"
   timed "tickmesh aggregate $interval, replay (nothing changes)" env RUST_LOG=warn,sqlx=error "$TICKMESH_BIN" aggregate --config "$work/cluster.toml" --tickers "$tickers" --interval "$interval"

@@ -68,7 +68,7 @@ pub struct AggregatorArgs {
     pub features: FeatureConfig,
     /// The macro series and fundamentals joined (`[joins]`).
     pub joins: JoinConfig,
-    /// Tickers aggregated at once (the node's cores by default).
+    /// Tickers aggregated at once (twice the node's cores by default).
     pub parallel: usize,
     pub store: SharedStore,
     pub db: Db,
@@ -97,8 +97,9 @@ impl AggregatorArgs {
         self
     }
 
-    /// A node's aggregator: `[features]`, `[joins]`, and as many tickers at
-    /// once as the node has cores (its `cpus`, else the machine's).
+    /// A node's aggregator: `[features]`, `[joins]`, and twice as many
+    /// tickers at once as the node has cores (its `cpus`, else the
+    /// machine's), at most the PostgreSQL pool less 2.
     pub fn of(
         cfg: &ClusterConfig,
         cpus: Option<u32>,
@@ -106,7 +107,10 @@ impl AggregatorArgs {
         db: Db,
         publisher: SharedPublisher,
     ) -> Self {
-        let mut parallel = cpus
+        // Twice the cores: a ticker spends much of its time waiting on the
+        // object store and the database, so more in flight overlap better
+        // (measured in BENCHMARKS.md).
+        let mut parallel = 2 * cpus
             .map(|c| c as usize)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         if cfg.cluster.backend == tickmesh_core::config::Backend::Distributed {
