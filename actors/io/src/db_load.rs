@@ -162,12 +162,7 @@ impl Db {
                                 b.push_bind(v.filter(|v| v.is_finite()));
                             }
                         });
-                        qb.push(format!(
-                            " ON CONFLICT (ticker, \"interval\", ts) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
-                            set_excluded(columns),
-                            prefixed("a.", columns),
-                            prefixed("EXCLUDED.", columns),
-                        ));
+                        qb.push(pg_upsert_changed(columns));
                         report.written = qb
                             .build()
                             .execute(&mut *tx)
@@ -246,10 +241,8 @@ impl Db {
                         .rows_affected();
                     }
                     report.written = sqlx::query(&format!(
-                        "INSERT INTO aggregated_data AS a (ticker, \"interval\", ts, {cols}) SELECT ticker, \"interval\", ts, {cols} FROM tmp_agg ON CONFLICT (ticker, \"interval\", ts) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
-                        set_excluded(columns),
-                        prefixed("a.", columns),
-                        prefixed("EXCLUDED.", columns),
+                        "INSERT INTO aggregated_data AS a (ticker, \"interval\", ts, {cols}) SELECT ticker, \"interval\", ts, {cols} FROM tmp_agg{}",
+                        pg_upsert_changed(columns)
                     ))
                     .execute(&mut *tx)
                     .await
@@ -387,6 +380,17 @@ async fn failpoint_before_commit(ticker: &str, interval: Interval) {
         tracing::info!(%ticker, %interval, ms, "failpoint: load written, pausing before its commit");
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
+}
+
+/// PostgreSQL's `ON CONFLICT` clause of an insert into `aggregated_data AS
+/// a`: only rows whose values differ are rewritten.
+fn pg_upsert_changed(columns: &[String]) -> String {
+    format!(
+        " ON CONFLICT (ticker, \"interval\", ts) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+        set_excluded(columns),
+        prefixed("a.", columns),
+        prefixed("EXCLUDED.", columns),
+    )
 }
 
 fn set_excluded(columns: &[String]) -> String {
