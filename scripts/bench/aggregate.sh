@@ -11,8 +11,11 @@
 #    compares them (1e-9 relative, same NULLs).
 # 2. end to end: Parquet in the S3 server → rows committed in PostgreSQL,
 #    `tickmesh aggregate` on the whole 13.16M-bar workload (wall time and
-#    peak RSS from /usr/bin/time), and on a slice beside the original stack's
-#    approach (boto3 + pandas + `DataFrame.to_sql`, `aggregate_peer.py e2e`).
+#    peak RSS from /usr/bin/time), beside PostgreSQL alone loading the same
+#    committed rows (psql's binary COPY, two streams, into an empty table of
+#    the same shape: the database's own floor here), and on a slice beside
+#    the original stack's approach (boto3 + pandas + `DataFrame.to_sql`,
+#    `aggregate_peer.py e2e`).
 #
 #   scripts/bench/aggregate.sh                  everything (about 15 minutes here)
 #   SIZES=2021-06-30 scripts/bench/aggregate.sh one size, a quick look
@@ -130,6 +133,28 @@ for interval in $intervals; do
   psql_ -c "VACUUM aggregated_data"   # a first load into a table without dead rows
   timed "tickmesh aggregate $interval, first load" env RUST_LOG=warn,sqlx=error "$TICKMESH_BIN" aggregate --config "$work/cluster.toml" --tickers "$tickers" --interval "$interval"
   echo "  rows committed: $(psql_ -c "SELECT count(*) FROM aggregated_data WHERE ticker IN ($all_tickers) AND \"interval\" = '$interval'")"
+  # The database's own floor: the same committed rows, already computed,
+  # loaded by psql's binary COPY in two streams (one a core) into an empty
+  # table of the same shape and primary key. No S3, no compute: what
+  # PostgreSQL alone needs on this machine for these rows.
+  half=$(( (n + 1) / 2 ))
+  part1="'$(echo "$tickers" | cut -d, -f"1-$half" | sed "s/,/','/g")'"
+  part2="'$(echo "$tickers" | cut -d, -f"$((half + 1))-" | sed "s/,/','/g")'"
+  for p in 1 2; do
+    eval "part=\$part$p"
+    psql_ -c "\\copy (SELECT * FROM aggregated_data WHERE ticker IN ($part) AND \"interval\" = '$interval' ORDER BY ticker, ts) TO '$work/floor$p.bin' WITH (FORMAT binary)"
+  done
+  psql_ -c "SET client_min_messages = warning" -c "DROP TABLE IF EXISTS ${id}_floor" -c "CREATE TABLE ${id}_floor (LIKE aggregated_data INCLUDING ALL)"
+  start=$(date +%s.%N)
+  for p in 1 2; do
+    psql_ -c "\\copy ${id}_floor FROM '$work/floor$p.bin' WITH (FORMAT binary)" > /dev/null &
+  done
+  wait
+  floor_s=$("$py" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.2f}')" "$start")
+  psql_ -c "DROP TABLE ${id}_floor"
+  rm -f "$work"/floor*.bin
+  read -r ours_s _ < "$work/time"
+  echo "  PostgreSQL alone, the same rows by psql COPY (2 streams): ${floor_s} s; tickmesh end to end is $("$py" -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$ours_s" "$floor_s")× that"
   timed "tickmesh aggregate $interval, replay (nothing changes)" env RUST_LOG=warn,sqlx=error "$TICKMESH_BIN" aggregate --config "$work/cluster.toml" --tickers "$tickers" --interval "$interval"
 done
 
