@@ -253,3 +253,139 @@ async fn versions_grow_with_every_write_that_can_change_rows() {
         vec![("VERA".into(), 3, late), ("VERB".into(), 3, late)]
     );
 }
+
+/// Admin requests are leased: only the claiming node renews or finishes
+/// one; a request whose lease ran out is taken over by the next node that
+/// claims, and its first node can then no longer finish it; a request
+/// claimed 3 times without finishing (its nodes died) is failed with the
+/// reason. On PostgreSQL and on SQLite, against the database itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_requests_are_leased_finished_by_their_node_and_capped_at_3_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pg) = distributed("agglease").await;
+    let (_, lite) = embedded(dir.path()).await;
+    for (backend, db) in [("postgresql", pg.db), ("sqlite", lite.db)] {
+        let later = || Utc::now() + chrono::Duration::seconds(60);
+        let gone = || Utc::now() - chrono::Duration::seconds(1);
+        let id = db
+            .request_aggregation(&["LSA".into()], Interval::M15)
+            .await
+            .unwrap();
+
+        // Claimed by node a: b cannot claim, renew or finish it.
+        let r = db.claim_aggregate_request("a", later()).await.unwrap();
+        assert_eq!(r.map(|r| r.id), Some(id.clone()), "{backend}");
+        assert!(
+            db.claim_aggregate_request("b", later())
+                .await
+                .unwrap()
+                .is_none(),
+            "{backend}"
+        );
+        assert!(
+            !db.renew_aggregate_request(&id, "b", later()).await.unwrap(),
+            "{backend}"
+        );
+        assert!(
+            db.renew_aggregate_request(&id, "a", gone()).await.unwrap(),
+            "{backend}"
+        );
+        assert!(
+            !db.finish_aggregate_request(&id, "b", Ok("b ran it".into()))
+                .await
+                .unwrap(),
+            "{backend}"
+        );
+        assert_eq!(
+            db.aggregate_request(&id).await.unwrap().unwrap().state,
+            "running"
+        );
+
+        // a's lease ran out (renewed into the past above): b takes it over,
+        // and a's late finish changes nothing.
+        let r = db.claim_aggregate_request("b", gone()).await.unwrap();
+        assert_eq!(r.map(|r| r.id), Some(id.clone()), "{backend}");
+        assert!(
+            !db.finish_aggregate_request(&id, "a", Ok("a ran it".into()))
+                .await
+                .unwrap(),
+            "{backend}"
+        );
+        // The third claim, by c, lets its lease run out too.
+        let r = db.claim_aggregate_request("c", gone()).await.unwrap();
+        assert_eq!(r.map(|r| r.id), Some(id.clone()), "{backend}");
+        // Claimed 3 times without finishing: the next claim fails it.
+        assert!(
+            db.claim_aggregate_request("d", later())
+                .await
+                .unwrap()
+                .is_none(),
+            "{backend}"
+        );
+        let r = db.aggregate_request(&id).await.unwrap().unwrap();
+        assert_eq!(r.state, "failed", "{backend}");
+        assert!(
+            r.outcome.contains("claimed 3 times"),
+            "{backend}: {}",
+            r.outcome
+        );
+        assert!(
+            !db.finish_aggregate_request(&id, "c", Ok("c ran it".into()))
+                .await
+                .unwrap(),
+            "{backend}"
+        );
+
+        // A request finished by its node is done with its summary.
+        let id2 = db
+            .request_aggregation(&["LSB".into()], Interval::M15)
+            .await
+            .unwrap();
+        let r = db.claim_aggregate_request("e", later()).await.unwrap();
+        assert_eq!(r.map(|r| r.id), Some(id2.clone()), "{backend}");
+        assert!(
+            db.finish_aggregate_request(&id2, "e", Ok("1 ticker".into()))
+                .await
+                .unwrap(),
+            "{backend}"
+        );
+        let r = db.aggregate_request(&id2).await.unwrap().unwrap();
+        assert_eq!((r.state.as_str(), r.outcome.as_str()), ("done", "1 ticker"));
+        assert!(
+            db.claim_aggregate_request("f", later())
+                .await
+                .unwrap()
+                .is_none(),
+            "{backend}"
+        );
+    }
+}
+
+/// Tickers at once: twice the node's cores, at most the PostgreSQL pool
+/// less 2 (each load holds a connection for its whole COPY); SQLite has no
+/// such pool.
+#[test]
+fn tickers_at_once_are_twice_the_cores_capped_by_the_pool() {
+    use tickmesh_aggregate::aggregator::AggregatorArgs;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut cfg, a) = rt.block_on(embedded(dir.path()));
+    let parallel = |cfg: &tickmesh_core::config::ClusterConfig, cpus| {
+        AggregatorArgs::of(
+            cfg,
+            Some(cpus),
+            a.store.clone(),
+            a.db.clone(),
+            a.publisher.clone(),
+        )
+        .parallel
+    };
+    cfg.postgres.max_connections = 6;
+    assert_eq!(parallel(&cfg, 1), 2);
+    assert_eq!(parallel(&cfg, 8), 16, "embedded: no pool cap");
+    cfg.cluster.backend = tickmesh_core::config::Backend::Distributed;
+    assert_eq!(parallel(&cfg, 1), 2);
+    assert_eq!(parallel(&cfg, 8), 4, "the pool (6) less 2");
+    cfg.postgres.max_connections = 2;
+    assert_eq!(parallel(&cfg, 8), 1, "at least one");
+}
