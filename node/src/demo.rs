@@ -239,9 +239,11 @@ pub async fn pipeline(node: &Node, adapters: &Adapters, inputs: &Inputs) -> Resu
                 let v: Value = client.get(&url).send().await?.json().await?;
                 let served = v["models"].as_array().cloned().unwrap_or_default();
                 Ok(wanted.iter().all(|(t, i)| {
-                    served
-                        .iter()
-                        .any(|m| m["ticker"] == t.as_str() && m["interval"] == i.as_str())
+                    served.iter().any(|m| {
+                        m["ticker"] == t.as_str()
+                            && m["interval"] == i.as_str()
+                            && m["state"] == "serving"
+                    })
                 }))
             }
         },

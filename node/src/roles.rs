@@ -35,7 +35,8 @@ use tickmesh_io::supervision::{
 };
 use tickmesh_io::Adapters;
 use tickmesh_proto::auth::Link;
-use tickmesh_serve::http::HttpState;
+use tickmesh_serve::handle::{Limits, Table};
+use tickmesh_serve::http::{HttpState, Readiness};
 use tickmesh_serve::registry::{PredictorSupervisor, RegistryArgs, RegistryMsg};
 use tickmesh_train::lease::Leases;
 use tickmesh_train::pool::{TrainerPool, TrainerPoolArgs};
@@ -67,6 +68,10 @@ pub struct Node {
     pub aggregator: Slot<AggregatorMsg>,
     pub coordinator: Slot<CoordinatorMsg>,
     pub registry: Slot<RegistryMsg>,
+    /// The model handles forecasts read (a serve node's).
+    pub models: Table,
+    /// Set once the root supervisor runs every role (`/readyz`).
+    pub ready: Readiness,
     /// The ractor_cluster node server, when the node has a `cluster_port`.
     pub mesh: Option<ractor::ActorRef<ractor_cluster::NodeServerMessage>>,
     root: Option<(ActorCell, JoinHandle<()>)>,
@@ -116,6 +121,8 @@ pub async fn start(
         aggregator: Slot::default(),
         coordinator: Slot::default(),
         registry: Slot::default(),
+        models: Table::default(),
+        ready: Readiness::default(),
         mesh: None,
         root: None,
     };
@@ -272,7 +279,7 @@ pub async fn start(
         .and_then(|n| n.device.clone())
         .unwrap_or_else(|| cfg.train.device.clone());
     if device_setting.starts_with("cuda")
-        && (roles.contains(&Role::Train) || roles.contains(&Role::Serve))
+        && roles.contains(&Role::Train)
         && !tch::Cuda::is_available()
     {
         return Err(anyhow!(
@@ -327,7 +334,9 @@ pub async fn start(
             scope: scope.clone(),
             store: adapters.store.clone(),
             db: adapters.db.clone(),
-            device,
+            table: node.models.clone(),
+            serve: cfg.serve.clone(),
+            supervision: cfg.supervision.clone(),
         };
         children.push(ChildSpec::actor_in(
             "serve",
@@ -342,8 +351,14 @@ pub async fn start(
         node.bound.http = Some(addr);
         // POST /ml/train goes to Admin.Train with the caller's token.
         let link = coordinator_link(cfg, &coordinator_addr, None)?;
-        let state = HttpState::new(node.registry.clone(), cfg.serve.max_steps, scope.clone())
-            .with_coordinator(&link);
+        let state = HttpState::new(
+            node.models.clone(),
+            Limits::new(cfg.serve.clone()),
+            adapters.db.clone(),
+            scope.clone(),
+            node.ready.clone(),
+        )
+        .with_coordinator(&link);
         children.push(server_child("forecast HTTP", listener, move |l, sd| {
             let state = state.clone();
             async move {
@@ -361,15 +376,15 @@ pub async fn start(
             .with_context(|| format!("bind nodes.{name}.metrics_listen {listen}"))?;
         let addr = listener.local_addr()?;
         node.bound.metrics = Some(addr);
-        children.push(server_child(
-            "metrics HTTP",
-            listener,
-            move |l, sd| async move {
-                tickmesh_serve::http::serve_node(l, sd)
+        let ready = node.ready.clone();
+        children.push(server_child("metrics HTTP", listener, move |l, sd| {
+            let ready = ready.clone();
+            async move {
+                tickmesh_serve::http::serve_node(l, ready, sd)
                     .await
                     .map_err(|e| e.to_string())
-            },
-        )?);
+            }
+        })?);
         info!(%addr, "metrics serving at /metrics");
     }
 
@@ -399,6 +414,7 @@ pub async fn start(
         .map_err(|e| anyhow!("node {name}: {e}"))?;
         node.root = Some((root.get_cell(), h));
     }
+    node.ready.set();
     Ok(node)
 }
 

@@ -38,7 +38,11 @@ async fn job_until(client: &reqwest::Client, url: &str, done: impl Fn(&Value) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_train_then_status_then_forecast_serves_the_new_version() {
     let dir = tempfile::tempdir().unwrap();
-    let (cfg, a) = embedded(dir.path()).await;
+    let (mut cfg, a) = embedded(dir.path()).await;
+    // Every request re-reads the stored rows: the test checks that the next
+    // forecast after a revision starts from it (by default a forecast sees
+    // the rows at most `history_refresh_ms` late).
+    cfg.serve.history_refresh_ms = 0;
     store_synthetic(&a, "APIT", "2024-04-01", "2024-04-12").await;
     // One day of 15-minute bars: 26 rows, too few windows to train.
     store_synthetic(&a, "TINY", "2024-04-01", "2024-04-01").await;
@@ -97,7 +101,7 @@ async fn post_train_then_status_then_forecast_serves_the_new_version() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|m| m["ticker"] == "APIT")
+            .any(|m| m["ticker"] == "APIT" && m["state"] == "serving")
         {
             break;
         }

@@ -144,10 +144,10 @@ async fn trains_on_a_real_daily_series_and_reloads_bit_for_bit() {
     // A reloaded checkpoint forecasts bit for bit like the trained model.
     let rows = aapl_rows();
     let weights = checkpoint::weights_bytes(&f.vs).unwrap();
-    let live = Forecaster::load(t.meta.clone(), &weights, tch::Device::Cpu).unwrap();
+    let live = Forecaster::load(t.meta.clone(), &weights).unwrap();
     let (meta2, weights2) = checkpoint::read_dir(&out).unwrap();
     assert_eq!(meta2, t.meta);
-    let reloaded = Forecaster::load(meta2, &weights2, tch::Device::Cpu).unwrap();
+    let reloaded = Forecaster::load(meta2, &weights2).unwrap();
     let h = live.history_of(&rows).unwrap();
     let a = live.forecast(&h, 50).unwrap();
     let b = reloaded.forecast(&h, 50).unwrap();
@@ -256,7 +256,7 @@ fn forecast_inputs_equal_training_inputs() {
         1,
         &weights,
     );
-    let fc = Forecaster::load(meta, &weights, tch::Device::Cpu).unwrap();
+    let fc = Forecaster::load(meta, &weights).unwrap();
     // Rows before the first complete one (indicator warm-up) are dropped by the dataset.
     let skipped = rows.len() - ds.rows.len();
     for i in [0, 500, ds.splits.test.start, ds.n_samples() - 1] {

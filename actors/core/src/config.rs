@@ -256,6 +256,27 @@ pub struct ServeConfig {
     pub http_listen: String,
     /// Largest `n_steps` a forecast request may ask for.
     pub max_steps: usize,
+    /// Forecast computations running at once on the node (0: its cores).
+    pub compute_slots: usize,
+    /// Forecast requests in flight on the node (computing or waiting);
+    /// beyond it a request gets `503` with `Retry-After`.
+    pub max_queue: usize,
+    /// Forecast requests in flight for one (ticker, interval); beyond it
+    /// a request gets `429` with `Retry-After`.
+    pub max_per_model: usize,
+    /// A forecast request not answered within this gets `503` (and its
+    /// computation stops if nobody else waits for it).
+    pub request_timeout_ms: u64,
+    /// The stored rows a forecast starts from are re-read at most this often.
+    pub history_refresh_ms: u64,
+    /// Concurrent requests for the same model and data share one
+    /// computation, and its result answers later ones until either changes.
+    pub coalesce: bool,
+    /// A model version whose load failed for a passing reason (the store or
+    /// the database unreachable) is tried again after this, doubling...
+    pub load_retry_ms: u64,
+    /// ...up to this.
+    pub load_retry_max_ms: u64,
 }
 
 impl Default for ServeConfig {
@@ -263,6 +284,25 @@ impl Default for ServeConfig {
         ServeConfig {
             http_listen: "127.0.0.1:8080".into(),
             max_steps: 500,
+            compute_slots: 0,
+            max_queue: 1024,
+            max_per_model: 256,
+            request_timeout_ms: 10_000,
+            history_refresh_ms: 1_000,
+            coalesce: true,
+            load_retry_ms: 1_000,
+            load_retry_max_ms: 60_000,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// The forecast computations that may run at once.
+    pub fn compute_slots(&self) -> usize {
+        if self.compute_slots > 0 {
+            self.compute_slots
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
         }
     }
 }
@@ -999,8 +1039,22 @@ impl ClusterConfig {
         if self.coordinator.max_open_jobs == 0 {
             return bad("coordinator.max_open_jobs", "must be at least 1".into());
         }
-        if self.serve.max_steps == 0 {
-            return bad("serve.max_steps", "must be at least 1".into());
+        for (key, v) in [
+            ("serve.max_steps", self.serve.max_steps as u64),
+            ("serve.max_queue", self.serve.max_queue as u64),
+            ("serve.max_per_model", self.serve.max_per_model as u64),
+            ("serve.request_timeout_ms", self.serve.request_timeout_ms),
+            ("serve.load_retry_ms", self.serve.load_retry_ms),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.serve.load_retry_max_ms < self.serve.load_retry_ms {
+            return bad(
+                "serve.load_retry_max_ms",
+                "must be at least serve.load_retry_ms".into(),
+            );
         }
         let limit = crate::types::MAX_MESSAGE_BYTES;
         if self.ingest.max_message_bytes == 0 || self.ingest.max_message_bytes > limit {

@@ -119,6 +119,48 @@ fn describe() {
     );
     describe_counter!(
         "tickmesh_forecast_requests_total",
-        "Forecast requests by outcome."
+        "Forecast requests by outcome (ok, client_error, too_many, overloaded, unavailable, internal)."
+    );
+    describe_histogram!(
+        "tickmesh_forecast_request_seconds",
+        Unit::Seconds,
+        "Forecast request latency, by outcome."
+    );
+    describe_histogram!(
+        "tickmesh_forecast_compute_seconds",
+        Unit::Seconds,
+        "Time of one chunk of forecast steps on a compute slot."
+    );
+    describe_counter!(
+        "tickmesh_forecast_steps_total",
+        "Forecast steps computed (one forward pass each), per model."
+    );
+    describe_counter!(
+        "tickmesh_forecast_shared_total",
+        "Requests answered by another request's computation (running) or its finished result (finished)."
+    );
+    describe_counter!(
+        "tickmesh_forecast_cancelled_total",
+        "Forecast computations stopped because every request waiting for them went away."
+    );
+    describe_counter!(
+        "tickmesh_forecast_panics_total",
+        "Forecast computations that panicked (the request got 500; the model keeps serving)."
+    );
+    describe_gauge!(
+        "tickmesh_forecast_inflight",
+        "Forecast requests being answered on this node."
+    );
+    describe_counter!(
+        "tickmesh_model_loads_total",
+        "Model version loads by outcome (served, retry, refused)."
+    );
+    describe_counter!(
+        "tickmesh_model_refusals_total",
+        "Model versions refused (bad digest, malformed files, non-finite output), per model."
+    );
+    describe_gauge!(
+        "tickmesh_predictor_version",
+        "The model version each predictor serves."
     );
 }

@@ -8,21 +8,25 @@
 //! (open = previous close, high/low = the two closes, volume = the previous
 //! volume) and advances the same state by it, never recomputing indicators
 //! over a truncated history. Timestamps follow the trading calendar.
+//!
+//! The forward pass is [`crate::native`]'s, in plain Rust on the CPU: one
+//! window at a time, libtorch's per-operator dispatch would cost more than
+//! the arithmetic (BENCHMARKS.md, serving).
 
 use std::collections::VecDeque;
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
-use tch::{nn, Device, Tensor};
+use tch::Device;
 use tickmesh_core::calendar;
 use tickmesh_core::types::AggRow;
 use tickmesh_core::types::Interval;
 use tickmesh_core::{Error, Result};
 use tickmesh_features::{column_index, FeatureConfig, IndicatorState, Ohlcv};
 
-use crate::arch::SeqModel;
 use crate::checkpoint::{load_model, Meta};
 use crate::dataset::Encoder;
+use crate::native::{NativeModel, Scratch};
 
 /// One forecast point.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -153,18 +157,20 @@ impl History {
     }
 }
 
-/// A loaded model, ready to forecast.
+/// A loaded model, ready to forecast. Immutable once loaded: any number of
+/// threads may forecast with it at once.
 pub struct Forecaster {
     pub meta: Meta,
-    model: Box<dyn SeqModel>,
-    _vs: nn::VarStore,
+    model: NativeModel,
     columns: Vec<usize>,
     encoder: Encoder,
-    device: Device,
 }
 
 impl Forecaster {
-    pub fn load(meta: Meta, weights: &[u8], device: Device) -> Result<Self> {
+    /// Checks `meta`, loads `weights` into the model it describes (strictly:
+    /// every parameter present, of its shape) and keeps them for the native
+    /// forward pass.
+    pub fn load(meta: Meta, weights: &[u8]) -> Result<Self> {
         let encoder = meta.encoder()?;
         let all = meta.indicators.columns();
         let columns = meta
@@ -172,14 +178,13 @@ impl Forecaster {
             .iter()
             .map(|f| column_index(&all, f).expect("checked by Meta::encoder"))
             .collect();
-        let (vs, model) = load_model(&meta, weights, device)?;
+        let (vs, _) = load_model(&meta, weights, Device::Cpu)?;
+        let model = NativeModel::from_vars(&meta.arch(), &vs.variables())?;
         Ok(Forecaster {
             meta,
             model,
-            _vs: vs,
             columns,
             encoder,
-            device,
         })
     }
 
@@ -231,32 +236,47 @@ impl Forecaster {
         Ok(x)
     }
 
+    /// The model's output for the input window at the end of `h`.
+    pub fn predict(&self, h: &History) -> Result<f32> {
+        Ok(self
+            .model
+            .forward(&self.window(h)?, &mut Scratch::default()))
+    }
+
     /// Forecasts `n_steps` closes after the end of `h` (which is left as it is).
     pub fn forecast(&self, h: &History, n_steps: usize) -> Result<Vec<ForecastPoint>> {
         let mut h = h.clone();
-        let mut out = Vec::with_capacity(n_steps);
-        for _ in 0..n_steps {
-            let x = self.window(&h)?;
-            let xt = Tensor::from_slice(&x)
-                .reshape([1, self.meta.seq_len as i64, self.columns.len() as i64])
-                .to_device(self.device);
-            let z = tch::no_grad(|| self.model.forward(&xt)).double_value(&[0]);
-            let (t, last) = h.last().expect("a window implies a last bar");
-            let close = self.encoder.target_scale.close_after(last.c, z);
-            let ts = next_timestamp(t, self.meta.interval);
-            h.push_bar(
-                ts,
-                Ohlcv {
-                    o: last.c,
-                    h: last.c.max(close),
-                    l: last.c.min(close),
-                    c: close,
-                    v: last.v,
-                },
-            );
-            out.push(ForecastPoint { ts, close });
+        let mut scratch = Scratch::default();
+        (0..n_steps)
+            .map(|_| self.step(&mut h, &mut scratch))
+            .collect()
+    }
+
+    /// One step of the recursion: predicts the bar after the end of `h`
+    /// and appends it to `h`.
+    pub fn step(&self, h: &mut History, scratch: &mut Scratch) -> Result<ForecastPoint> {
+        let x = self.window(h)?;
+        let z = self.model.forward(&x, scratch) as f64;
+        let (t, last) = h.last().expect("a window implies a last bar");
+        let close = self.encoder.target_scale.close_after(last.c, z);
+        if !close.is_finite() {
+            return Err(Error::invalid(
+                "forecast",
+                format!("the model predicted a non-finite close after {t}"),
+            ));
         }
-        Ok(out)
+        let ts = next_timestamp(t, self.meta.interval);
+        h.push_bar(
+            ts,
+            Ohlcv {
+                o: last.c,
+                h: last.c.max(close),
+                l: last.c.min(close),
+                c: close,
+                v: last.v,
+            },
+        );
+        Ok(ForecastPoint { ts, close })
     }
 }
 

@@ -14,6 +14,9 @@
 //!   the weights and meta.json.
 //! - [`forecast`]: recursive multi-step forecasts from the stored feature
 //!   rows and the indicator state at the last stored bar.
+//! - [`native`]: the forward pass of every kind in plain Rust, which
+//!   forecasts run (one window at a time, libtorch's dispatch would cost
+//!   more than the arithmetic).
 
 pub mod arch;
 pub mod checkpoint;
@@ -21,6 +24,7 @@ pub mod dataset;
 pub mod fit;
 pub mod forecast;
 pub mod metrics;
+pub mod native;
 
 pub use tickmesh_core::config::ModelKind;
 

@@ -1,7 +1,10 @@
-//! The HTTP API (axum):
-//! - `GET /ml/forecast?ticker=AAPL&interval=1d&n_steps=10` → forecasts, JSON;
-//!   404 with a JSON error for an unknown ticker, 400 for bad parameters,
-//!   503 while a model loads.
+//! The HTTP API (axum); `GET /openapi.json` describes it
+//! (`actors/serve/openapi.json`):
+//! - `GET /ml/forecast?ticker=AAPL&interval=1d&n_steps=10` → forecasts with
+//!   the model's version, kind, trained_at and data watermark; 404 with a
+//!   JSON error for an unknown ticker, 400 for bad parameters, 429 / 503
+//!   with `Retry-After` past the limits or while no version is loaded
+//!   ([`crate::handle`]).
 //! - `POST /ml/train?ticker=AAPL&interval=1d&epochs=30[&model=gru]` → `202
 //!   {"job": ID}`: a job queued at the coordinator like any other; 400 for
 //!   bad parameters, 404 for a ticker without aggregated data, 503 when the
@@ -10,52 +13,82 @@
 //!   last finished epoch and its losses), `done` (with the version and the
 //!   test metrics) or `failed` (with the reason); 404 for an unknown id.
 //!   Asked of the coordinator's port on the mesh.
-//! - `GET /ml/models` → what is served, with metrics beside the naive baseline.
-//! - `GET /health` → `ok`; `GET /metrics` → the process's metrics
-//!   (`tickmesh_io::telemetry`).
+//! - `GET /ml/models` → every predictor of the node: what it serves (with
+//!   metrics beside the naive baseline), what it loads, retries or refused.
+//! - `GET /ml/models/{ticker}` → per interval, the predictor's state and
+//!   every registered version (status, metrics, lineage: data range and
+//!   training job).
+//! - `POST /ml/models/{ticker}/{interval}/rollback` → `Admin.Rollback` with
+//!   the caller's token: the previous champion is put back.
+//! - `GET /healthz` → `ok`; `GET /readyz` → 200 once the node's roles run and
+//!   no model is in its first load, else 503 saying what it waits for;
+//!   `GET /metrics` → Prometheus text (`tickmesh_io::telemetry`).
+//!   (`GET /health` stays as the original's alias of `/healthz`.)
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ractor::{call_t, ActorRef};
 use serde_json::json;
 use tickmesh_core::config::ModelKind;
 use tickmesh_core::types::{validate_ticker, Interval};
-use tickmesh_io::supervision::Slot;
+use tickmesh_io::db::Db;
 use tickmesh_proto::auth::Link;
 use tickmesh_proto::mesh::{CoordinatorPortMsg, Scope};
-use tickmesh_proto::v1::StartTrainingRequest;
+use tickmesh_proto::v1::{RollbackRequest, StartTrainingRequest};
 use tokio::net::TcpListener;
 
-use crate::registry::RegistryMsg;
+use crate::handle::{Limits, ModelHandle, Table};
 use crate::ServeError;
+
+/// Whether the node's roles have started (set by the node once its root
+/// supervisor runs them; `/readyz` answers 503 before).
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 #[derive(Clone)]
 pub struct HttpState {
-    registry: Slot<RegistryMsg>,
-    pub max_steps: usize,
-    /// The coordinator's gRPC port, for `Admin.Train` with the caller's token.
+    table: Table,
+    limits: Arc<Limits>,
+    db: Db,
+    /// The coordinator's gRPC port, for `Admin.Train` / `Admin.Rollback`
+    /// with the caller's token.
     link: Option<Link>,
     /// The cluster's scope on the mesh, for job status from the coordinator's port.
     scope: Scope,
+    ready: Readiness,
 }
 
 impl HttpState {
-    pub fn new(registry: Slot<RegistryMsg>, max_steps: usize, scope: Scope) -> Self {
+    pub fn new(table: Table, limits: Arc<Limits>, db: Db, scope: Scope, ready: Readiness) -> Self {
         HttpState {
-            registry,
-            max_steps,
+            table,
+            limits,
+            db,
             link: None,
             scope,
+            ready,
         }
     }
 
-    /// Sends `/ml/train` requests to the coordinator `link` reaches.
+    /// Sends `/ml/train` and rollback requests to the coordinator `link` reaches.
     pub fn with_coordinator(mut self, link: &Link) -> Self {
         self.link = Some(link.clone());
         self
@@ -66,43 +99,101 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+fn retry_after(mut r: Response, secs: u64) -> Response {
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from(secs.max(1)));
+    r
+}
+
 impl IntoResponse for ServeError {
     fn into_response(self) -> Response {
         match self {
             ServeError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
             ServeError::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
-            ServeError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
             ServeError::Unauthorized(m) => error(StatusCode::UNAUTHORIZED, m),
+            ServeError::TooMany {
+                message,
+                retry_after: s,
+            } => retry_after(error(StatusCode::TOO_MANY_REQUESTS, message), s),
+            ServeError::Overloaded {
+                message,
+                retry_after: s,
+            }
+            | ServeError::Loading {
+                message,
+                retry_after: s,
+            } => retry_after(error(StatusCode::SERVICE_UNAVAILABLE, message), s),
+            ServeError::Unavailable(m) => retry_after(error(StatusCode::SERVICE_UNAVAILABLE, m), 1),
+            ServeError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
         }
     }
 }
 
-/// The `ticker` (validated as sent, then upper-cased in ASCII) and
-/// `interval` (default `1d`) parameters.
+/// At most 40 characters of a value a client sent, for an error message
+/// (an error never echoes a whole oversized input).
+fn quoted(v: &str) -> String {
+    const MAX: usize = 40;
+    match v.char_indices().nth(MAX) {
+        Some((i, _)) => format!("`{}…` ({} bytes)", &v[..i], v.len()),
+        None => format!("`{v}`"),
+    }
+}
+
+/// The `ticker` (validated as sent: ASCII letters, digits, `.` and `-`;
+/// then upper-cased) and `interval` (default `1d`) parameters.
 fn ticker_interval(q: &HashMap<String, String>) -> Result<(String, Interval), ServeError> {
-    let ticker = q
+    let raw = q
         .get("ticker")
-        .ok_or_else(|| ServeError::BadRequest("missing query parameter `ticker`".into()))?
-        .to_ascii_uppercase();
-    validate_ticker(&ticker).map_err(|e| ServeError::BadRequest(e.to_string()))?;
-    let interval: Interval = q
-        .get("interval")
-        .map(String::as_str)
-        .unwrap_or("1d")
-        .parse()
-        .map_err(|e: tickmesh_core::Error| ServeError::BadRequest(e.to_string()))?;
+        .ok_or_else(|| ServeError::BadRequest("missing query parameter `ticker`".into()))?;
+    let ticker = parse_ticker(raw)?;
+    let interval = match q.get("interval") {
+        None => Interval::D1,
+        Some(i) => i.parse().map_err(|_| {
+            ServeError::BadRequest(format!(
+                "`interval` = {} is not one of 1m, 5m, 15m, 30m, 1h, 1d",
+                quoted(i)
+            ))
+        })?,
+    };
     Ok((ticker, interval))
+}
+
+/// A ticker as a client sent it: checked before it is upper-cased, so no
+/// Unicode case folding can turn another string into a ticker.
+fn parse_ticker(raw: &str) -> Result<String, ServeError> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 12
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    let ticker = raw.to_ascii_uppercase();
+    if !ok || validate_ticker(&ticker).is_err() {
+        return Err(ServeError::BadRequest(format!(
+            "`ticker` = {} must be 1-12 characters of A-Z 0-9 . - starting with a letter",
+            quoted(raw)
+        )));
+    }
+    Ok(ticker)
 }
 
 fn params(
     q: &HashMap<String, String>,
     max_steps: usize,
 ) -> Result<(String, Interval, usize), ServeError> {
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["ticker", "interval", "n_steps"].contains(&k.as_str()))
+    {
+        return Err(ServeError::BadRequest(format!(
+            "unknown query parameter {} (ticker, interval, n_steps)",
+            quoted(k)
+        )));
+    }
     let (ticker, interval) = ticker_interval(q)?;
     let n_steps = match q.get("n_steps") {
         None => 10,
         Some(s) => s.parse::<usize>().map_err(|_| {
-            ServeError::BadRequest(format!("`n_steps` = `{s}` is not a whole number"))
+            ServeError::BadRequest(format!("`n_steps` = {} is not a whole number", quoted(s)))
         })?,
     };
     if n_steps == 0 || n_steps > max_steps {
@@ -117,27 +208,28 @@ async fn forecast(
     State(st): State<HttpState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    let started = Instant::now();
     let result = async {
-        let (ticker, interval, n_steps) = params(&q, st.max_steps)?;
-        call_t!(
-            registry(&st)?,
-            |reply| RegistryMsg::Forecast {
-                ticker,
-                interval,
-                n_steps,
-                reply
-            },
-            60_000
-        )
-        .map_err(|e| ServeError::Unavailable(format!("predictor registry: {e}")))?
+        let (ticker, interval, n_steps) = params(&q, st.limits.cfg.max_steps)?;
+        let handle = st.table.get(&ticker, interval).ok_or_else(|| {
+            ServeError::NotFound(format!(
+                "unknown ticker {ticker} for interval {interval}: no model has been trained for it"
+            ))
+        })?;
+        handle.forecast(&st.db, &st.limits, n_steps).await
     }
     .await;
     let outcome = match &result {
         Ok(_) => "ok",
-        Err(ServeError::Unavailable(_)) => "unavailable",
+        Err(ServeError::TooMany { .. }) => "too_many",
+        Err(ServeError::Overloaded { .. }) => "overloaded",
+        Err(ServeError::Loading { .. } | ServeError::Unavailable(_)) => "unavailable",
+        Err(ServeError::Internal(_)) => "internal",
         Err(_) => "client_error",
     };
     metrics::counter!("tickmesh_forecast_requests_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("tickmesh_forecast_request_seconds", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
     match result {
         Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
@@ -154,7 +246,8 @@ fn train_params(
         .find(|k| !["ticker", "interval", "epochs", "model"].contains(&k.as_str()))
     {
         return Err(ServeError::BadRequest(format!(
-            "unknown query parameter `{k}` (ticker, interval, epochs, model)"
+            "unknown query parameter {} (ticker, interval, epochs, model)",
+            quoted(k)
         )));
     }
     let (ticker, interval) = ticker_interval(q)?;
@@ -164,24 +257,25 @@ fn train_params(
             Ok(e) if (1..=10_000).contains(&e) => e,
             _ => {
                 return Err(ServeError::BadRequest(format!(
-                    "`epochs` = `{s}` must be a whole number in 1..=10000"
+                    "`epochs` = {} must be a whole number in 1..=10000",
+                    quoted(s)
                 )))
             }
         },
     };
     let model = q
         .get("model")
-        .map(|m| m.parse::<ModelKind>())
-        .transpose()
-        .map_err(|e| ServeError::BadRequest(e.to_string()))?;
+        .map(|m| {
+            m.parse::<ModelKind>().map_err(|_| {
+                ServeError::BadRequest(format!(
+                    "`model` = {} is not one of {}",
+                    quoted(m),
+                    ModelKind::ALL.map(|k| k.as_str()).join(", ")
+                ))
+            })
+        })
+        .transpose()?;
     Ok((ticker, interval, epochs, model))
-}
-
-/// The predictor registry's current incarnation.
-fn registry(st: &HttpState) -> Result<ActorRef<RegistryMsg>, ServeError> {
-    st.registry
-        .get()
-        .ok_or_else(|| ServeError::Unavailable("the predictor registry is starting".into()))
 }
 
 fn grpc_error(e: tonic::Status) -> ServeError {
@@ -204,16 +298,7 @@ async fn train(
 ) -> Response {
     let result = async {
         let (ticker, interval, epochs, model) = train_params(&q)?;
-        let token = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ServeError::Unauthorized(
-                    "POST /ml/train needs `Authorization: Bearer <admin token>` (TICKMESH_ADMIN_TOKEN)"
-                        .into(),
-                )
-            })?;
+        let token = bearer(&headers, "POST /ml/train")?;
         let link = st.link.clone().ok_or_else(|| {
             ServeError::Unavailable("this node has no coordinator to send training jobs to".into())
         })?;
@@ -303,15 +388,206 @@ async fn train_status(State(st): State<HttpState>, Path(id): Path<String>) -> Re
     }
 }
 
-async fn models(State(st): State<HttpState>) -> Response {
-    let registry = match registry(&st) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
+/// One predictor for `/ml/models`: what it serves (the model's fields, as
+/// the original listed them; absent while nothing is served), and its
+/// `state`, `loading`, `retry`, `refused` and `restarts`.
+fn describe(h: &ModelHandle) -> serde_json::Value {
+    let served = h.served();
+    let st = h.status();
+    let state = if served.is_some() {
+        "serving"
+    } else if st.retry.is_some() {
+        "retrying"
+    } else if st.loading.is_some() {
+        "loading"
+    } else if !st.refused.is_empty() {
+        "refused"
+    } else {
+        "idle"
     };
-    match call_t!(registry, RegistryMsg::List, 10_000) {
-        Ok(list) => Json(json!({ "models": list })).into_response(),
-        Err(e) => ServeError::Unavailable(format!("predictor registry: {e}")).into_response(),
+    let mut entry = match served.as_ref().map(|s| serde_json::to_value(&s.info)) {
+        Some(Ok(serde_json::Value::Object(m))) => m,
+        _ => serde_json::Map::new(),
+    };
+    entry.insert("ticker".into(), json!(h.ticker));
+    entry.insert("interval".into(), json!(h.interval));
+    for (k, v) in [
+        ("state", json!(state)),
+        ("loading", json!(st.loading)),
+        ("retry", json!(st.retry)),
+        ("refused", json!(st.refused)),
+        ("restarts", json!(st.restarts)),
+    ] {
+        entry.insert(k.into(), v);
     }
+    serde_json::Value::Object(entry)
+}
+
+async fn models(State(st): State<HttpState>) -> Response {
+    let list: Vec<_> = st.table.all().iter().map(|h| describe(h)).collect();
+    Json(json!({ "models": list })).into_response()
+}
+
+/// `GET /ml/models/{ticker}`: per interval, the predictor and every
+/// registered version with its metrics and lineage.
+async fn model_detail(State(st): State<HttpState>, Path(raw): Path<String>) -> Response {
+    let result = async {
+        let ticker = parse_ticker(&raw)?;
+        let unavailable = |e: tickmesh_core::Error| ServeError::Unavailable(e.to_string());
+        let versions = st
+            .db
+            .models(Some(&ticker), None, true)
+            .await
+            .map_err(unavailable)?;
+        let jobs = st
+            .db
+            .recent_jobs(&["done".to_string()], Some(&ticker), 10_000)
+            .await
+            .map_err(unavailable)?;
+        let job_of: HashMap<(Interval, i64), &str> = jobs
+            .iter()
+            .map(|j| ((j.interval, j.version), j.id.as_str()))
+            .collect();
+        let mut by_interval: BTreeMap<Interval, Vec<serde_json::Value>> = BTreeMap::new();
+        for v in &versions {
+            let metrics: serde_json::Value =
+                serde_json::from_str(&v.metrics).unwrap_or(serde_json::Value::Null);
+            by_interval.entry(v.interval).or_default().push(json!({
+                "version": v.version,
+                "kind": v.kind,
+                "status": v.status,
+                "created_at": v.created_at,
+                "sha256": v.sha256,
+                "uri": v.uri,
+                "metrics": metrics,
+                "job": job_of.get(&(v.interval, v.version)),
+            }));
+        }
+        let mut intervals: Vec<serde_json::Value> = Vec::new();
+        let served: Vec<Arc<ModelHandle>> = st
+            .table
+            .all()
+            .into_iter()
+            .filter(|h| h.ticker == ticker)
+            .collect();
+        let mut keys: Vec<Interval> = by_interval.keys().copied().collect();
+        keys.extend(served.iter().map(|h| h.interval));
+        keys.sort();
+        keys.dedup();
+        for i in keys {
+            let predictor = served.iter().find(|h| h.interval == i).map(|h| describe(h));
+            let mut versions = by_interval.remove(&i).unwrap_or_default();
+            versions.reverse();
+            intervals.push(json!({
+                "interval": i,
+                "predictor": predictor,
+                "versions": versions,
+            }));
+        }
+        if intervals.is_empty() {
+            return Err(ServeError::NotFound(format!(
+                "no model has been registered for {ticker}"
+            )));
+        }
+        Ok(json!({ "ticker": ticker, "intervals": intervals }))
+    }
+    .await;
+    match result {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The caller's `Authorization: Bearer <token>`.
+fn bearer<'a>(headers: &'a axum::http::HeaderMap, what: &str) -> Result<&'a str, ServeError> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ServeError::Unauthorized(format!(
+                "{what} needs `Authorization: Bearer <admin token>` (TICKMESH_ADMIN_TOKEN)"
+            ))
+        })
+}
+
+/// `POST /ml/models/{ticker}/{interval}/rollback`: `Admin.Rollback` with
+/// the caller's token; the predictors swap when the coordinator pushes
+/// the champion it put back.
+async fn rollback(
+    State(st): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    Path((raw, interval)): Path<(String, String)>,
+) -> Response {
+    let result = async {
+        let ticker = parse_ticker(&raw)?;
+        let interval: Interval = interval.parse().map_err(|_| {
+            ServeError::BadRequest(format!(
+                "interval {} is not one of 1m, 5m, 15m, 30m, 1h, 1d",
+                quoted(&interval)
+            ))
+        })?;
+        let token = bearer(&headers, "a rollback")?;
+        let link = st.link.clone().ok_or_else(|| {
+            ServeError::Unavailable("this node has no coordinator to send a rollback to".into())
+        })?;
+        let m = link
+            .with_secret(Some(token))
+            .admin()
+            .map_err(|e| ServeError::Unauthorized(format!("the token: {e}")))?
+            .rollback(RollbackRequest {
+                ticker,
+                interval: interval.to_string(),
+            })
+            .await
+            .map_err(grpc_error)?
+            .into_inner();
+        Ok::<_, ServeError>(json!({
+            "ticker": m.ticker,
+            "interval": m.interval,
+            "version": m.version,
+            "kind": m.kind,
+            "status": m.status,
+        }))
+    }
+    .await;
+    match result {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `/readyz` of a serve node: the node's roles run, and no model waits for
+/// its first version.
+async fn ready(State(st): State<HttpState>) -> Response {
+    if !st.ready.is_set() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the node is starting");
+    }
+    let waiting: Vec<String> = st
+        .table
+        .all()
+        .iter()
+        .filter(|h| {
+            let s = h.status();
+            h.served().is_none() && (s.loading.is_some() || s.retry.is_some())
+        })
+        .map(|h| format!("{} {}", h.ticker, h.interval))
+        .collect();
+    if waiting.is_empty() {
+        "ready".into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("loading the first version of {}", waiting.join(", ")),
+        )
+    }
+}
+
+/// The OpenAPI 3.1 document of this API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([("content-type", "application/json")], OPENAPI)
 }
 
 async fn metrics() -> impl IntoResponse {
@@ -327,25 +603,44 @@ pub fn router(state: HttpState) -> Router {
         .route("/ml/train", post(train))
         .route("/ml/train/{id}", get(train_status))
         .route("/ml/models", get(models))
+        .route("/ml/models/{ticker}", get(model_detail))
+        .route("/ml/models/{ticker}/{interval}/rollback", post(rollback))
+        .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
         .route("/health", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
         .with_state(state)
 }
 
-/// Every node's own endpoints (`nodes.*.metrics_listen`): `GET /metrics`
-/// and `GET /healthz`.
-pub fn node_router() -> Router {
+/// Every node's own endpoints (`nodes.*.metrics_listen`): `GET /metrics`,
+/// `GET /healthz` and `GET /readyz` (200 once the node's roles run).
+pub fn node_router(ready: Readiness) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.is_set() {
+                        "ready".into_response()
+                    } else {
+                        error(StatusCode::SERVICE_UNAVAILABLE, "the node is starting")
+                    }
+                }
+            }),
+        )
 }
 
 /// Serves [`node_router`] on `listener` until `shutdown` completes.
 pub async fn serve_node(
     listener: TcpListener,
+    ready: Readiness,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, node_router())
+    axum::serve(listener, node_router(ready))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -359,4 +654,56 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/openapi.json` documents exactly the routes [`router`] serves.
+    #[test]
+    fn the_openapi_document_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                assert!(
+                    op["responses"].is_object(),
+                    "{method} {path} has no responses"
+                );
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        documented.sort();
+        // The routes as this file declares them.
+        let src = include_str!("http.rs");
+        let router_src =
+            &src[src.find("pub fn router(").unwrap()..src.find("pub fn node_router(").unwrap()];
+        let mut served: Vec<(String, String)> = router_src
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim().strip_prefix(".route(\"")?;
+                let (path, rest) = l.split_once('"')?;
+                let method = rest.trim_start_matches(", ").split('(').next()?;
+                Some((method.to_uppercase(), path.to_string()))
+            })
+            .collect();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn tickers_are_checked_before_they_are_upper_cased() {
+        assert_eq!(parse_ticker("aapl").unwrap(), "AAPL");
+        assert_eq!(parse_ticker("brk.b").unwrap(), "BRK.B");
+        // U+017F LATIN SMALL LETTER LONG S upper-cases to S in Unicode.
+        for bad in ["ſyna", "", "1ABC", "TOOLONGTICKER", "A B", "Ä"] {
+            let e = parse_ticker(bad).unwrap_err().to_string();
+            assert!(e.contains("must be 1-12 characters"), "{bad}: {e}");
+        }
+        let e = parse_ticker(&"x".repeat(10_000)).unwrap_err().to_string();
+        assert!(e.len() < 150, "{e}");
+        assert!(e.contains("(10000 bytes)"), "{e}");
+    }
 }

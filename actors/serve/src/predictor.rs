@@ -1,28 +1,42 @@
-//! `PredictorActor`: one per (ticker, interval). Receives `Load` with a new
-//! model version and `Forecast` requests. A load runs in its own task (read
-//! the checkpoint, verify its sha256, build the model) and comes back as
-//! `Swap`, so requests keep being answered by the current version until the
-//! new one is ready; a checkpoint that fails verification is refused and the
-//! current version keeps serving. Forecasts run on blocking threads, from a
-//! history kept per predictor: the stored `aggregated_data` rows folded into
-//! the indicator state, brought up to date with the rows stored since the
-//! last request (see `tickmesh_model::forecast`).
+//! `PredictorActor`: one per (ticker, interval), a child of the predictor
+//! registry. Receives `Load` with the version the coordinator names
+//! champion, loads it in its own task off the request path, and sends the
+//! outcome back to itself as `Loaded`:
+//!
+//! 1. read `meta.json` and `model.safetensors` and check the checkpoint's
+//!    digest (sha256 of both) against the one registered;
+//! 2. build the model and load the weights strictly;
+//! 3. warm it: one forward pass on the stored history, whose output must
+//!    be finite;
+//! 4. swap it into the [`ModelHandle`] that requests read: requests in
+//!    flight finish on the version they hold.
+//!
+//! A checkpoint that fails 1–3 for what it is (digest mismatch, truncated
+//! or malformed files, a model that does not fit its meta, a non-finite
+//! output) is **refused**: recorded in the handle's status, counted in
+//! `tickmesh_model_refusals_total`, and the version served before keeps
+//! serving. A load that fails for a passing reason (the store or the
+//! database unreachable, the object not there yet) is tried again after
+//! `serve.load_retry_ms`, doubling up to `serve.load_retry_max_ms`, and the
+//! retry is visible in the status too. The actor holds no model and no
+//! lock: a crash loses nothing the registry cannot reload.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Serialize;
-use tickmesh_core::config::ModelKind;
+use tickmesh_core::config::{ModelKind, ServeConfig};
 use tickmesh_core::types::Interval;
+use tickmesh_core::Error;
 use tickmesh_io::db::Db;
 use tickmesh_io::store::SharedStore;
 use tickmesh_model::checkpoint::{self, Meta};
-use tickmesh_model::forecast::{ForecastPoint, Forecaster, History};
+use tickmesh_model::forecast::{ForecastPoint, Forecaster};
 use tickmesh_model::metrics::EvalReport;
 use tracing::{info, warn};
 
-use crate::registry::RegistryMsg;
-use crate::ServeError;
+use crate::handle::{ModelHandle, Refusal, Retry, Served, KEPT_REFUSALS};
 
 /// A model version to load.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +55,8 @@ pub struct ModelInfo {
     pub features: Vec<String>,
     pub seq_len: usize,
     pub trained_at: chrono::DateTime<chrono::Utc>,
+    /// The last bar of the data the model was trained on.
+    pub data_watermark: chrono::DateTime<chrono::Utc>,
     /// On the test split, beside the naive forecast.
     pub metrics: EvalReport,
     pub device: String,
@@ -52,6 +68,7 @@ pub struct ForecastResponse {
     pub ticker: String,
     pub interval: Interval,
     pub model: ModelInfo,
+    /// The last stored bar the forecast starts after.
     pub last_ts: chrono::DateTime<chrono::Utc>,
     pub last_close: f64,
     pub forecasts: Vec<ForecastPoint>,
@@ -59,92 +76,48 @@ pub struct ForecastResponse {
 
 pub struct PredictorActor;
 
+/// Why a load failed.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The checkpoint is bad: refused, not tried again.
+    Refused(String),
+    /// Something that may pass: tried again after a backoff.
+    Transient(String),
+}
+
 /// Messages of [`PredictorActor`].
 pub enum PredictorMsg {
-    /// Load this version in the background.
+    /// Serve this version (the champion): load it in the background.
     Load(VersionRef),
-    /// A background load finished: serve this model from now on.
-    Swap(Box<Forecaster>),
-    /// A background load of this version failed (a later `Load` tries again).
-    LoadFailed(i64),
-    /// Forecast `n_steps` after the latest data.
-    Forecast {
-        n_steps: usize,
-        reply: RpcReplyPort<Result<ForecastResponse, ServeError>>,
-    },
+    /// A background load ended.
+    Loaded(i64, Result<Box<Served>, LoadError>),
+    /// Try the load of this version again (a timer after a passing failure).
+    Retry(i64),
 }
 
 impl ractor::Message for PredictorMsg {}
 
 #[derive(Clone)]
 pub struct PredictorArgs {
-    pub ticker: String,
-    pub interval: Interval,
+    pub handle: Arc<ModelHandle>,
     pub store: SharedStore,
     pub db: Db,
-    pub device: tch::Device,
-    pub registry: ActorRef<RegistryMsg>,
-}
-
-/// The stored rows folded so far (for the served model's `seq_len`).
-type HistoryCache = Arc<tokio::sync::Mutex<Option<History>>>;
-
-/// Brings a cached history up to date with `aggregated_data`: the rows from
-/// the cached last bar on are read again; when that bar was rewritten (a
-/// re-aggregation revised it) or the row count says earlier rows changed,
-/// the history is rebuilt from every stored row.
-async fn refresh(
-    a: &PredictorArgs,
-    cache: &mut Option<History>,
-    empty: History,
-) -> tickmesh_core::Result<()> {
-    let columns = empty.columns();
-    if let Some(h) = cache.as_mut().filter(|h| h.same_shape(&empty)) {
-        if let (Some((t, _)), Some(kept)) = (h.last(), h.last_row().map(<[_]>::to_vec)) {
-            let rows =
-                a.db.read_aggregated(
-                    &a.ticker,
-                    a.interval,
-                    &columns,
-                    Some(t - chrono::Duration::microseconds(1)),
-                )
-                .await?;
-            let same_last = rows
-                .first()
-                .is_some_and(|r| r.ts == t && r.values.as_slice() == kept.as_slice());
-            let stored = a.db.count_aggregated(&a.ticker, a.interval).await?;
-            if same_last && stored as u64 == h.bars() + rows.len() as u64 - 1 {
-                for r in &rows[1..] {
-                    h.push_stored(r)?;
-                }
-                return Ok(());
-            }
-        }
-    }
-    let rows =
-        a.db.read_aggregated(&a.ticker, a.interval, &columns, None)
-            .await?;
-    let mut h = empty;
-    for r in &rows {
-        h.push_stored(r)?;
-    }
-    *cache = Some(h);
-    Ok(())
+    pub cfg: ServeConfig,
 }
 
 pub struct PredictorState {
     args: PredictorArgs,
-    current: Option<(Arc<Mutex<Forecaster>>, ModelInfo)>,
-    /// The version the coordinator last named champion: the only one a
-    /// finished load may swap in (a rollback names an older version; a slow
-    /// load of a superseded version is dropped).
-    wanted: Option<i64>,
-    /// The version a background load is reading (a second `Load` of it waits for it).
+    /// The version the coordinator last named: the only one a finished
+    /// load may swap in (a rollback names an older version; a slow load of
+    /// a superseded version is dropped).
+    wanted: Option<VersionRef>,
+    /// The version a background load is reading.
     loading: Option<i64>,
-    history: HistoryCache,
+    /// Failed tries of `wanted` in a row.
+    attempts: u32,
 }
 
-fn info_of(meta: &Meta) -> ModelInfo {
+pub fn info_of(meta: &Meta) -> ModelInfo {
     ModelInfo {
         ticker: meta.ticker.clone(),
         interval: meta.interval,
@@ -153,8 +126,123 @@ fn info_of(meta: &Meta) -> ModelInfo {
         features: meta.features.clone(),
         seq_len: meta.seq_len,
         trained_at: meta.trained_at,
+        data_watermark: meta.data.to,
         metrics: meta.metrics,
         device: meta.device.clone(),
+    }
+}
+
+/// Failpoint: `TICKMESH_FAILPOINT_PREDICTOR_PANIC=TICKER:N` makes the first
+/// N `Load` messages of TICKER's predictors in this process panic (the
+/// tests' injected crash).
+fn failpoint_panic(ticker: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LEFT: AtomicU64 = AtomicU64::new(u64::MAX);
+    let Some((t, n)) = std::env::var("TICKMESH_FAILPOINT_PREDICTOR_PANIC")
+        .ok()
+        .and_then(|v| {
+            v.split_once(':')
+                .map(|(t, n)| (t.to_string(), n.to_string()))
+        })
+    else {
+        return;
+    };
+    if t != ticker {
+        return;
+    }
+    let _ = LEFT.compare_exchange(
+        u64::MAX,
+        n.parse().unwrap_or(0),
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    if LEFT
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1))
+        .is_ok()
+    {
+        panic!("failpoint: an injected panic in the predictor of {ticker}");
+    }
+}
+
+/// Reads, verifies, builds and warms `v` (steps 1-3 of the module header).
+async fn load(a: &PredictorArgs, v: &VersionRef) -> Result<Served, LoadError> {
+    let h = &a.handle;
+    let (meta, weights) = checkpoint::read(
+        a.store.as_ref(),
+        &h.ticker,
+        h.interval,
+        v.version,
+        &v.sha256,
+    )
+    .await
+    .map_err(|e| match e {
+        Error::Invalid { .. } => LoadError::Refused(e.to_string()),
+        e => LoadError::Transient(e.to_string()),
+    })?;
+    if meta.ticker != h.ticker || meta.interval != h.interval || meta.version != v.version {
+        return Err(LoadError::Refused(format!(
+            "meta.json names {} {} v{}",
+            meta.ticker, meta.interval, meta.version
+        )));
+    }
+    let forecaster = tokio::task::spawn_blocking(move || Forecaster::load(meta, &weights))
+        .await
+        .map_err(|e| LoadError::Refused(format!("the model load panicked: {e}")))?
+        .map_err(|e| LoadError::Refused(e.to_string()))?;
+    // Warm: the stored history for this model's shape, and one forward pass.
+    let (history, _) = h
+        .history(&a.db, &forecaster, Duration::ZERO)
+        .await
+        .map_err(|e| LoadError::Transient(e.to_string()))?;
+    let (forecaster, out) = tokio::task::spawn_blocking(move || {
+        let out = (history.keep() <= history.bars() as usize).then(|| forecaster.predict(&history));
+        (forecaster, out)
+    })
+    .await
+    .map_err(|e| LoadError::Refused(format!("the warm-up forward pass panicked: {e}")))?;
+    match out {
+        Some(Ok(z)) if !z.is_finite() => {
+            return Err(LoadError::Refused(format!(
+                "the model's output on the stored data is {z}"
+            )))
+        }
+        Some(Ok(_)) => {}
+        // Too little data, or undefined features at its end: servable once there is.
+        None => {
+            warn!(ticker = %h.ticker, interval = %h.interval, "too little stored data for a warm-up pass")
+        }
+        Some(Err(e)) => {
+            warn!(ticker = %h.ticker, interval = %h.interval, error = %e, "no warm-up pass")
+        }
+    }
+    let info = info_of(&forecaster.meta);
+    Ok(Served { forecaster, info })
+}
+
+impl PredictorState {
+    fn start_load(&mut self, myself: &ActorRef<PredictorMsg>, v: VersionRef) {
+        self.loading = Some(v.version);
+        self.args
+            .handle
+            .update_status(|s| s.loading = Some(v.version));
+        let a = self.args.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let outcome = load(&a, &v).await.map(Box::new);
+            let _ = me.cast(PredictorMsg::Loaded(v.version, outcome));
+        });
+    }
+
+    /// Starts loading `wanted` unless it is served or being loaded.
+    fn pursue(&mut self, myself: &ActorRef<PredictorMsg>) {
+        let Some(v) = self.wanted.clone() else {
+            return;
+        };
+        let serving = self.args.handle.served().map(|s| s.info.version);
+        if serving == Some(v.version) || self.loading.is_some() {
+            return;
+        }
+        self.start_load(myself, v);
     }
 }
 
@@ -170,10 +258,9 @@ impl Actor for PredictorActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(PredictorState {
             args,
-            current: None,
             wanted: None,
             loading: None,
-            history: HistoryCache::default(),
+            attempts: 0,
         })
     }
 
@@ -183,127 +270,99 @@ impl Actor for PredictorActor {
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let h = st.args.handle.clone();
         match msg {
             PredictorMsg::Load(v) => {
-                let serving = st.current.as_ref().map(|(_, i)| i.version);
-                st.wanted = Some(v.version);
-                if serving == Some(v.version) || st.loading == Some(v.version) {
-                    return Ok(());
+                failpoint_panic(&h.ticker);
+                if st.wanted.as_ref() != Some(&v) {
+                    st.attempts = 0;
+                    h.update_status(|s| s.retry = None);
                 }
-                st.loading = Some(v.version);
-                let a = st.args.clone();
-                tokio::spawn(async move {
-                    let loaded = async {
-                        let (meta, weights) = checkpoint::read(
-                            a.store.as_ref(),
-                            &a.ticker,
-                            a.interval,
-                            v.version,
-                            &v.sha256,
-                        )
-                        .await?;
-                        let device = a.device;
-                        tokio::task::spawn_blocking(move || {
-                            Forecaster::load(meta, &weights, device)
-                        })
-                        .await
-                        .map_err(|e| {
-                            tickmesh_core::Error::invalid(
-                                "checkpoint",
-                                format!("model load panicked: {e}"),
-                            )
-                        })?
+                st.wanted = Some(v);
+                st.pursue(&myself);
+            }
+            PredictorMsg::Retry(version) => {
+                if st.wanted.as_ref().map(|w| w.version) == Some(version) {
+                    st.pursue(&myself);
+                }
+            }
+            PredictorMsg::Loaded(version, outcome) => {
+                if st.loading == Some(version) {
+                    st.loading = None;
+                }
+                let wanted = st.wanted.as_ref().map(|w| w.version) == Some(version);
+                match outcome {
+                    Ok(served) if wanted => {
+                        info!(ticker = %h.ticker, interval = %h.interval, version, "model swapped in");
+                        metrics::counter!("tickmesh_model_loads_total", "outcome" => "served")
+                            .increment(1);
+                        h.swap(*served);
+                        st.attempts = 0;
+                        h.update_status(|s| {
+                            s.loading = None;
+                            s.retry = None;
+                        });
                     }
-                    .await;
-                    match loaded {
-                        Ok(f) => {
-                            let _ = myself.cast(PredictorMsg::Swap(Box::new(f)));
-                        }
-                        Err(e) => {
-                            warn!(ticker = %a.ticker, interval = %a.interval, version = v.version, error = %e,
+                    Ok(_) => {}
+                    Err(LoadError::Refused(reason)) => {
+                        warn!(ticker = %h.ticker, interval = %h.interval, version, %reason,
                             "model version refused; the current version keeps serving");
-                            let _ = myself.cast(PredictorMsg::LoadFailed(v.version));
+                        metrics::counter!("tickmesh_model_loads_total", "outcome" => "refused")
+                            .increment(1);
+                        metrics::counter!("tickmesh_model_refusals_total", "ticker" => h.ticker.clone(), "interval" => h.interval.to_string())
+                            .increment(1);
+                        h.update_status(|s| {
+                            s.loading = None;
+                            if wanted {
+                                s.retry = None;
+                            }
+                            s.refused.push(Refusal {
+                                version,
+                                reason,
+                                at: chrono::Utc::now(),
+                            });
+                            let extra = s.refused.len().saturating_sub(KEPT_REFUSALS);
+                            s.refused.drain(..extra);
+                        });
+                        if wanted {
+                            // Not tried again until the coordinator names it anew.
+                            st.wanted = None;
+                            st.attempts = 0;
                         }
                     }
-                });
-            }
-            PredictorMsg::LoadFailed(v) => {
-                if st.loading == Some(v) {
-                    st.loading = None;
+                    Err(LoadError::Transient(error)) if wanted => {
+                        st.attempts += 1;
+                        let cfg = &st.args.cfg;
+                        let wait = cfg
+                            .load_retry_ms
+                            .saturating_mul(1 << (st.attempts - 1).min(20))
+                            .min(cfg.load_retry_max_ms);
+                        warn!(ticker = %h.ticker, interval = %h.interval, version, %error, attempts = st.attempts, wait_ms = wait,
+                            "model load failed; trying again");
+                        metrics::counter!("tickmesh_model_loads_total", "outcome" => "retry")
+                            .increment(1);
+                        let attempts = st.attempts;
+                        h.update_status(|s| {
+                            s.loading = None;
+                            s.retry = Some(Retry {
+                                version,
+                                attempts,
+                                last_error: error,
+                                next_at: chrono::Utc::now()
+                                    + chrono::Duration::milliseconds(wait as i64),
+                            });
+                        });
+                        myself.send_after(Duration::from_millis(wait), move || {
+                            PredictorMsg::Retry(version)
+                        });
+                    }
+                    Err(LoadError::Transient(_)) => {}
                 }
-            }
-            PredictorMsg::Swap(f) => {
-                let info = info_of(&f.meta);
-                if st.loading == Some(info.version) {
-                    st.loading = None;
-                }
-                if st.wanted != Some(info.version) {
-                    return Ok(());
-                }
-                info!(ticker = %info.ticker, interval = %info.interval, version = info.version, "model swapped in");
-                st.args
-                    .registry
-                    .cast(RegistryMsg::Serving(Box::new(info.clone())))?;
-                st.current = Some((Arc::new(Mutex::new(*f)), info));
-            }
-            PredictorMsg::Forecast { n_steps, reply } => {
-                let Some((model, info)) = st.current.clone() else {
-                    let _ = reply.send(Err(ServeError::Unavailable(format!(
-                        "the model for {} {} is still loading",
-                        st.args.ticker, st.args.interval
-                    ))));
-                    return Ok(());
-                };
-                let a = st.args.clone();
-                let cache = st.history.clone();
-                tokio::spawn(async move {
-                    let _ = reply.send(forecast(&a, model, info, cache, n_steps).await);
-                });
+                h.update_status(|s| s.loading = st.loading);
+                // A newer wanted version may have waited for this load.
+                st.pursue(&myself);
             }
         }
         Ok(())
     }
-}
-
-async fn forecast(
-    a: &PredictorArgs,
-    model: Arc<Mutex<Forecaster>>,
-    info: ModelInfo,
-    cache: HistoryCache,
-    n_steps: usize,
-) -> Result<ForecastResponse, ServeError> {
-    let unavailable = |e: tickmesh_core::Error| ServeError::Unavailable(e.to_string());
-    let history = {
-        let mut c = cache.lock().await;
-        let empty = model.lock().unwrap_or_else(|e| e.into_inner()).history();
-        let fresh = refresh(a, &mut c, empty).await;
-        if let Err(e) = fresh {
-            *c = None;
-            return Err(unavailable(e));
-        }
-        c.clone().expect("refreshed")
-    };
-    let Some((last_ts, last)) = history.last() else {
-        return Err(ServeError::NotFound(format!(
-            "no data for {} {}",
-            a.ticker, a.interval
-        )));
-    };
-    let points = tokio::task::spawn_blocking(move || {
-        model
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .forecast(&history, n_steps)
-    })
-    .await
-    .map_err(|e| ServeError::Unavailable(format!("forecast panicked: {e}")))?
-    .map_err(unavailable)?;
-    Ok(ForecastResponse {
-        ticker: a.ticker.clone(),
-        interval: a.interval,
-        model: info,
-        last_ts,
-        last_close: last.c,
-        forecasts: points,
-    })
 }

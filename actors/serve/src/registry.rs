@@ -1,46 +1,47 @@
 //! `PredictorSupervisor`: receives model versions (from its mesh port, a
-//! child: see [`crate::port`]) and forecast requests (from HTTP). Spawns one linked
-//! `PredictorActor` per (ticker, interval) on its first version, forwards
-//! loads and requests to it, keeps what each one serves for `/ml/models`,
-//! and respawns a predictor that crashed (reloading its version). If its
-//! port stops, the registry fails with it (and its supervisor restarts both).
+//! child: see [`crate::port`]) and supervises one linked `PredictorActor`
+//! per (ticker, interval), spawned on its first version. Requests never pass
+//! through it: they read the node's [`Table`] of model handles, which
+//! outlives the registry and its predictors, so a model keeps serving while
+//! its predictor restarts.
+//!
+//! A predictor that crashes is restarted after the cluster's supervision
+//! backoff and told its version again; each predictor has its own restart
+//! budget (`[supervision]`: at most `max_restarts` in `window_secs`). A
+//! predictor past its budget makes the registry fail with the reason, and
+//! the registry's supervisor decides (escalation, as OTP does). If its port
+//! stops, the registry fails with it too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tickmesh_core::config::{ServeConfig, SupervisionConfig};
 use tickmesh_core::types::Interval;
 use tickmesh_io::db::Db;
 use tickmesh_io::store::SharedStore;
+use tickmesh_io::supervision::RestartBudget;
 use tracing::{error, warn};
 
+use crate::handle::Table;
 use crate::port::PredictorPort;
-use crate::predictor::{
-    ForecastResponse, ModelInfo, PredictorActor, PredictorArgs, PredictorMsg, VersionRef,
-};
-use crate::ServeError;
+use crate::predictor::{PredictorActor, PredictorArgs, PredictorMsg, VersionRef};
 
 #[derive(Clone, Copy)]
 pub struct PredictorSupervisor;
 
+/// The supervisor name in restart metrics.
+pub const SUPERVISOR: &str = "serve";
+
 /// Messages of [`PredictorSupervisor`].
 pub enum RegistryMsg {
-    /// A version is available for a (ticker, interval).
+    /// A version is the champion of a (ticker, interval).
     ModelAvailable {
         ticker: String,
         interval: Interval,
         version: VersionRef,
     },
-    /// A predictor now serves this version.
-    Serving(Box<ModelInfo>),
-    /// Route a forecast request.
-    Forecast {
-        ticker: String,
-        interval: Interval,
-        n_steps: usize,
-        reply: RpcReplyPort<Result<ForecastResponse, ServeError>>,
-    },
-    /// What is served.
-    List(RpcReplyPort<Vec<ModelInfo>>),
+    /// Start the predictor of a (ticker, interval) again (after its backoff).
+    Respawn(Key),
 }
 
 impl ractor::Message for RegistryMsg {}
@@ -53,48 +54,69 @@ pub struct RegistryArgs {
     pub scope: tickmesh_proto::mesh::Scope,
     pub store: SharedStore,
     pub db: Db,
-    pub device: tch::Device,
+    pub table: Table,
+    pub serve: ServeConfig,
+    pub supervision: SupervisionConfig,
 }
 
-type Key = (String, Interval);
+pub type Key = (String, Interval);
+
+struct Child {
+    /// `None` while a restart waits out its backoff.
+    actor: Option<ActorRef<PredictorMsg>>,
+    version: VersionRef,
+    budget: RestartBudget,
+}
 
 pub struct RegistryState {
     args: RegistryArgs,
     port: Option<ActorCell>,
-    predictors: HashMap<Key, (ActorRef<PredictorMsg>, VersionRef)>,
-    serving: BTreeMap<Key, ModelInfo>,
+    predictors: HashMap<Key, Child>,
 }
 
 async fn spawn_predictor(
     myself: &ActorRef<RegistryMsg>,
     args: &RegistryArgs,
     key: &Key,
+    version: &VersionRef,
 ) -> Result<ActorRef<PredictorMsg>, ActorProcessingErr> {
     let pa = PredictorArgs {
-        ticker: key.0.clone(),
-        interval: key.1,
+        handle: args.table.get_or_create(&key.0, key.1),
         store: args.store.clone(),
         db: args.db.clone(),
-        device: args.device,
-        registry: myself.clone(),
+        cfg: args.serve.clone(),
     };
     let (p, _) = Actor::spawn_linked(None, PredictorActor, pa, myself.get_cell()).await?;
+    p.cast(PredictorMsg::Load(version.clone()))?;
     Ok(p)
 }
 
-/// Tells the predictor of `key` (spawned on first use) to load `version`.
+/// Tells the predictor of `key` (spawned on first use) to serve `version`.
 async fn load(
     myself: &ActorRef<RegistryMsg>,
     st: &mut RegistryState,
     key: Key,
     version: VersionRef,
 ) -> Result<(), ActorProcessingErr> {
-    let p = match st.predictors.get(&key) {
-        Some((p, _)) => p.clone(),
-        None => spawn_predictor(myself, &st.args, &key).await?,
-    };
-    p.cast(PredictorMsg::Load(version.clone()))?;
-    st.predictors.insert(key, (p, version));
+    match st.predictors.get_mut(&key) {
+        Some(child) => {
+            child.version = version.clone();
+            if let Some(p) = &child.actor {
+                p.cast(PredictorMsg::Load(version))?;
+            }
+        }
+        None => {
+            let p = spawn_predictor(myself, &st.args, &key, &version).await?;
+            st.predictors.insert(
+                key,
+                Child {
+                    actor: Some(p),
+                    version,
+                    budget: RestartBudget::new(st.args.supervision.clone()),
+                },
+            );
+        }
+    }
     Ok(())
 }
 
@@ -112,7 +134,6 @@ impl Actor for PredictorSupervisor {
             args,
             port: None,
             predictors: HashMap::new(),
-            serving: BTreeMap::new(),
         })
     }
 
@@ -162,25 +183,23 @@ impl Actor for PredictorSupervisor {
             } => {
                 load(&myself, st, (ticker, interval), version).await?;
             }
-            RegistryMsg::Serving(info) => {
-                st.serving
-                    .insert((info.ticker.clone(), info.interval), *info);
-            }
-            RegistryMsg::Forecast {
-                ticker,
-                interval,
-                n_steps,
-                reply,
-            } => match st.predictors.get(&(ticker.clone(), interval)) {
-                Some((p, _)) => p.cast(PredictorMsg::Forecast { n_steps, reply })?,
-                None => {
-                    let _ = reply.send(Err(ServeError::NotFound(format!(
-                            "unknown ticker {ticker} for interval {interval}: no model has been trained for it"
-                        ))));
+            RegistryMsg::Respawn(key) => {
+                let Some(child) = st.predictors.get(&key) else {
+                    return Ok(());
+                };
+                if child.actor.is_some() {
+                    return Ok(());
                 }
-            },
-            RegistryMsg::List(reply) => {
-                let _ = reply.send(st.serving.values().cloned().collect());
+                let p = spawn_predictor(&myself, &st.args, &key, &child.version).await?;
+                if let Some(child) = st.predictors.get_mut(&key) {
+                    child.actor = Some(p);
+                }
+                tickmesh_io::supervision::metrics()
+                    .restarted(SUPERVISOR, &format!("predictor {} {}", key.0, key.1));
+                st.args
+                    .table
+                    .get_or_create(&key.0, key.1)
+                    .update_status(|s| s.restarts += 1);
             }
         }
         Ok(())
@@ -192,24 +211,35 @@ impl Actor for PredictorSupervisor {
         evt: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some((id, why)) = tickmesh_io::supervision::stopped_child(&evt) {
-            if st.port.as_ref().map(|p| p.get_id()) == Some(id) {
-                return Err(format!("the registry's mesh port stopped: {why}").into());
-            }
+        let Some((id, why)) = tickmesh_io::supervision::stopped_child(&evt) else {
+            return Ok(());
+        };
+        if st.port.as_ref().map(|p| p.get_id()) == Some(id) {
+            return Err(format!("the registry's mesh port stopped: {why}").into());
         }
-        if let SupervisionEvent::ActorFailed(cell, err) = evt {
-            let key = st
-                .predictors
-                .iter()
-                .find(|(_, (p, _))| p.get_id() == cell.get_id())
-                .map(|(k, _)| k.clone());
-            if let Some(key) = key {
-                error!(ticker = %key.0, interval = %key.1, error = %err, "predictor crashed; respawning");
-                let version = st.predictors[&key].1.clone();
-                let p = spawn_predictor(&myself, &st.args, &key).await?;
-                p.cast(PredictorMsg::Load(version.clone()))?;
-                st.predictors.insert(key.clone(), (p, version));
-                st.serving.remove(&key);
+        let key = st
+            .predictors
+            .iter()
+            .find(|(_, c)| c.actor.as_ref().is_some_and(|p| p.get_id() == id))
+            .map(|(k, _)| k.clone());
+        let Some(key) = key else {
+            return Ok(());
+        };
+        let child = st.predictors.get_mut(&key).expect("found above");
+        child.actor = None;
+        match child.budget.allow() {
+            Some(backoff) => {
+                error!(ticker = %key.0, interval = %key.1, reason = %why, backoff_ms = backoff.as_millis() as u64,
+                    "predictor stopped; restarting it");
+                myself.send_after(backoff, move || RegistryMsg::Respawn(key));
+            }
+            None => {
+                let reason = format!(
+                    "the predictor of {} {} stopped more than {} times in {} s, the last: {why}",
+                    key.0, key.1, st.args.supervision.max_restarts, st.args.supervision.window_secs
+                );
+                tickmesh_io::supervision::metrics().escalated(SUPERVISOR, &reason);
+                return Err(reason.into());
             }
         }
         Ok(())
