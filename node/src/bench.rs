@@ -106,3 +106,87 @@ pub fn run(
     }
     Ok(())
 }
+
+/// The median of `runs` timings of `f`, in microseconds.
+fn median_us(runs: usize, mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let s = std::time::Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// `tickmesh bench-forecast` (hidden; run by `scripts/bench/serve.sh`): for
+/// each kind, a model fitted for one epoch on synthetic 1-minute bars
+/// (the defaults: hidden 32, seq_len 30, 4 features), then the median time
+/// of one forward pass on one window, native (what forecasts run) and
+/// libtorch (the same weights, batch 1, no grad, one intra-op thread), and
+/// of a whole `steps`-step forecast from the stored history. One JSON line
+/// per kind.
+pub fn forecast(kinds: &[ModelKind], steps: usize) -> Result<()> {
+    use tickmesh_core::types::Interval;
+    use tickmesh_model::checkpoint::{self, Meta};
+    use tickmesh_model::forecast::Forecaster;
+    use tickmesh_model::native::{NativeModel, Scratch};
+    tch::set_num_threads(1);
+    let indicators = FeatureConfig::default();
+    let from: chrono::NaiveDate = "2024-01-02".parse().expect("valid date");
+    let bars = SyntheticMarket.bars("BENCH", from, from + chrono::Duration::days(10));
+    let stored: Vec<AggRow> = tickmesh_features::feature_rows(&indicators, &bars);
+    for &kind in kinds {
+        let cfg = TrainConfig {
+            model: kind,
+            epochs: 1,
+            device: "cpu".into(),
+            ..TrainConfig::default()
+        };
+        let ds = dataset(&cfg, 5)?;
+        let window = ds.window(ds.splits.test.start);
+        let fitted = tickmesh_model::fit::fit(ds, &cfg, tch::Device::Cpu, |_| {})?;
+        let weights = checkpoint::weights_bytes(&fitted.vs)?;
+        let arch = fitted.arch;
+        let native = NativeModel::from_vars(&arch, &fitted.vs.variables())?;
+        let mut scratch = Scratch::default();
+        let native_us = median_us(2001, || {
+            std::hint::black_box(native.forward(&window, &mut scratch));
+        });
+        let x = Tensor::from_slice(&window).reshape([1, cfg.seq_len as i64, arch.features]);
+        let torch_us = median_us(2001, || {
+            std::hint::black_box(tch::no_grad(|| fitted.model.forward(&x)).double_value(&[0]));
+        });
+        let meta = Meta::of(
+            &fitted,
+            &cfg,
+            &indicators,
+            "BENCH",
+            Interval::M1,
+            1,
+            &weights,
+        );
+        let forecaster = Forecaster::load(meta, &weights)?;
+        let history = forecaster.history_of(&stored)?;
+        let forecast_us = median_us(51, || {
+            std::hint::black_box(forecaster.forecast(&history, steps).expect("a forecast"));
+        });
+        println!(
+            "{}",
+            json!({
+                "kind": kind.as_str(),
+                "hidden": arch.hidden,
+                "seq_len": cfg.seq_len,
+                "features": arch.features,
+                "native_forward_us": native_us,
+                "libtorch_forward_us": torch_us,
+                "libtorch_over_native": torch_us / native_us,
+                "steps": steps,
+                "forecast_us": forecast_us,
+                "per_step_us": forecast_us / steps as f64,
+            })
+        );
+    }
+    Ok(())
+}

@@ -217,6 +217,19 @@ enum Cmd {
         #[arg(long)]
         windows_out: Option<PathBuf>,
     },
+    /// Forward-pass and forecast time of each model kind, native and libtorch (scripts/bench/serve.sh).
+    #[command(hide = true)]
+    BenchForecast {
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "lstm_attention,gru,cnn_lstm"
+        )]
+        kinds: Vec<String>,
+        /// Steps of the timed forecast.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+    },
     /// Print the libtorch version, whether CUDA is available and loaded, the device count and cuDNN.
     Doctor {
         #[arg(long)]
@@ -550,6 +563,13 @@ async fn run(cli: Cli) -> Result<()> {
                 )
             })
             .await??;
+        }
+        Cmd::BenchForecast { kinds, steps } => {
+            let kinds = kinds
+                .iter()
+                .map(|k| k.parse())
+                .collect::<Result<Vec<tickmesh_core::config::ModelKind>, _>>()?;
+            tokio::task::spawn_blocking(move || tickmesh::bench::forecast(&kinds, steps)).await??;
         }
         Cmd::Doctor { json } => {
             let d = tokio::task::spawn_blocking(train_cli::doctor).await?;
