@@ -20,7 +20,7 @@ cd "$here"
 scripts/services.sh up >/dev/null 2>&1 || scripts/services.sh up
 rows="${ROWS:-1315000}"
 work="$(mktemp -d)"; chmod 755 "$work"
-export PGPASSWORD=tickmesh
+export PGPASSWORD=tickmesh PGOPTIONS="-c client_min_messages=warning"
 P=(psql -h 127.0.0.1 -p "$PG_PORT" -U tickmesh -d tickmesh -qAt -v ON_ERROR_STOP=1)
 su_psql() { # as the server's superuser (CHECKPOINT, the WAL position)
   if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- psql -h "$TICKMESH_STATE" -p "$PG_PORT" -U postgres -d tickmesh -qAt "$@"
@@ -33,7 +33,7 @@ cleanup() {
 trap cleanup EXIT
 cols=""
 for k in $(seq 0 32); do cols+=", CASE WHEN i < 30 THEN NULL ELSE random() * 100 END AS c$k"; done
-"${P[@]}" -c "DROP TABLE IF EXISTS floor_src" \
+"${P[@]}" -c "SET client_min_messages = warning" -c "DROP TABLE IF EXISTS floor_src" \
   -c "CREATE TABLE floor_src AS SELECT 'BA' || lpad(t::text, 2, '0') AS ticker, '1m'::text AS \"interval\",
         timestamptz '2021-01-04 14:30Z' + (i || ' minutes')::interval AS ts $cols
       FROM generate_series(1, 2) t, generate_series(1, $rows) i"
