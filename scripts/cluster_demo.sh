@@ -120,6 +120,14 @@ echo "all jobs finished in $(( $(date +%s) - start )) s"
 for meta in "$work"/data/store/models/*/15m/v*/meta.json; do
   python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(m["ticker"], "v%s" % m["version"], m["kind"], "trained on", m["device"])' "$meta"
 done
+# Every version with its status: champion, or rejected by the promotion
+# gate (it did not beat naive and the champion on its test window).
+"$tm" admin models --all --config "$work/cluster.toml"
 sleep 2
-first="${tickers%%,*}"
-curl -sf "http://127.0.0.1:$http/ml/forecast?ticker=$first&interval=15m&n_steps=4"; echo
+# A forecast of each champion the predictor serves.
+served=$(curl -sf "http://127.0.0.1:$http/ml/models" |
+  python3 -c 'import json,sys; print(" ".join(m["ticker"] for m in json.load(sys.stdin)["models"] if m["state"] == "serving"))')
+[ -n "$served" ] || echo "no version beat the naive forecast: nothing serves (tickmesh admin models --all says why)"
+for t in $served; do
+  curl -sf "http://127.0.0.1:$http/ml/forecast?ticker=$t&interval=15m&n_steps=4"; echo
+done

@@ -156,6 +156,13 @@ fn print_model(m: &ModelInfo) {
         "{:<8} {:<4} v{:<5} {:<15} {:<12} {}  {}",
         m.ticker, m.interval, m.version, m.kind, m.status, m.created_at, m.uri
     );
+    // The promotion gate's verdict, under each version it decided.
+    if let Some(why) = serde_json::from_str::<serde_json::Value>(&m.metrics_json)
+        .ok()
+        .and_then(|v| v["gate"]["reason"].as_str().map(str::to_string))
+    {
+        println!("         gate: {why}");
+    }
 }
 
 fn print_started(r: &StartTrainingReply) {

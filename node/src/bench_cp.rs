@@ -232,6 +232,11 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
             max_attempts: 1_000,
             retry_backoff: Duration::from_millis(o.retry_backoff_ms),
             max_open_jobs: o.jobs.max(1),
+            // Simulated trainers report no model metrics: the gate would reject them.
+            promotion: tickmesh_core::config::PromotionConfig {
+                gate: false,
+                ..Default::default()
+            },
             intake: None,
             budget: RestartBudget::new(Default::default()),
             health: None,

@@ -53,12 +53,16 @@ pub struct Inputs {
     pub timeout: Duration,
 }
 
-/// One model's forecast as the HTTP API answered it.
+/// What became of one (ticker, interval): the forecast the HTTP API gave
+/// for its champion, and the versions the promotion gate rejected.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub ticker: String,
     pub interval: Interval,
-    pub response: Value,
+    /// `None` when no version was promoted (none beat the naive forecast).
+    pub response: Option<Value>,
+    /// (version, the gate's reason).
+    pub rejected: Vec<(i64, String)>,
 }
 
 async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Result<()>
@@ -230,21 +234,39 @@ pub async fn pipeline(node: &Node, adapters: &Adapters, inputs: &Inputs) -> Resu
         .collect();
     let models_url = format!("http://{http}/ml/models");
     println!("training  {} models ({}) ...", wanted.len(), inputs.model);
+    // Done when every (ticker, interval) has a registered version, and the
+    // predictor serves the champion of each that has one (a version the
+    // promotion gate rejected is registered but never served).
     wait_for(
-        "every model to be trained and served",
+        "every model to be trained, and each champion served",
         inputs.timeout,
         || {
-            let (client, url, wanted) = (client.clone(), models_url.clone(), wanted.clone());
+            let (client, url, wanted, db) = (
+                client.clone(),
+                models_url.clone(),
+                wanted.clone(),
+                adapters.db.clone(),
+            );
             async move {
                 let v: Value = client.get(&url).send().await?.json().await?;
                 let served = v["models"].as_array().cloned().unwrap_or_default();
-                Ok(wanted.iter().all(|(t, i)| {
-                    served.iter().any(|m| {
-                        m["ticker"] == t.as_str()
-                            && m["interval"] == i.as_str()
-                            && m["state"] == "serving"
-                    })
-                }))
+                for (t, i) in &wanted {
+                    let versions = db.models(Some(t), Some(*i), true).await?;
+                    if versions.is_empty() {
+                        return Ok(false);
+                    }
+                    if let Some(c) = versions.iter().find(|m| m.status == "champion") {
+                        let serving = served.iter().any(|m| {
+                            m["ticker"] == t.as_str()
+                                && m["interval"] == i.as_str()
+                                && m["version"] == c.version
+                        });
+                        if !serving {
+                            return Ok(false);
+                        }
+                    }
+                }
+                Ok(true)
             }
         },
     )
@@ -252,20 +274,41 @@ pub async fn pipeline(node: &Node, adapters: &Adapters, inputs: &Inputs) -> Resu
 
     let mut out = Vec::new();
     for (ticker, interval) in wanted {
-        let url = format!(
-            "http://{http}/ml/forecast?ticker={ticker}&interval={interval}&n_steps={}",
-            inputs.n_steps
-        );
-        let resp = client.get(&url).send().await?;
-        let status = resp.status();
-        let body: Value = resp.json().await?;
-        if !status.is_success() {
-            bail!("GET {url}: {status} {body}");
-        }
+        let versions = adapters
+            .db
+            .models(Some(&ticker), Some(interval), true)
+            .await?;
+        let rejected = versions
+            .iter()
+            .filter(|m| m.status == "rejected")
+            .map(|m| {
+                let reason = serde_json::from_str::<Value>(&m.metrics)
+                    .ok()
+                    .and_then(|v| v["gate"]["reason"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                (m.version, reason)
+            })
+            .collect();
+        let response = if versions.iter().any(|m| m.status == "champion") {
+            let url = format!(
+                "http://{http}/ml/forecast?ticker={ticker}&interval={interval}&n_steps={}",
+                inputs.n_steps
+            );
+            let resp = client.get(&url).send().await?;
+            let status = resp.status();
+            let body: Value = resp.json().await?;
+            if !status.is_success() {
+                bail!("GET {url}: {status} {body}");
+            }
+            Some(body)
+        } else {
+            None
+        };
         out.push(Outcome {
             ticker,
             interval,
-            response: body,
+            response,
+            rejected,
         });
     }
     Ok(out)
@@ -278,7 +321,22 @@ pub fn print_forecasts(outcomes: &[Outcome]) {
         "ticker interval version  test RMSE (naive)   dir.acc  last close  forecast (next steps)"
     );
     for o in outcomes {
-        let r = &o.response;
+        for (v, why) in &o.rejected {
+            println!(
+                "{:<6} {:<8} v{:<6} rejected: {why}",
+                o.ticker,
+                o.interval.as_str(),
+                v
+            );
+        }
+        let Some(r) = &o.response else {
+            println!(
+                "{:<6} {:<8} no forecast: no version beat the naive forecast",
+                o.ticker,
+                o.interval.as_str()
+            );
+            continue;
+        };
         let m = &r["model"]["metrics"];
         let f: Vec<String> = r["forecasts"]
             .as_array()
@@ -315,7 +373,10 @@ pub async fn chart_panels(
 ) -> Result<Vec<Panel>> {
     let mut panels = Vec::new();
     for o in outcomes {
-        let version = o.response["model"]["version"]
+        let Some(response) = &o.response else {
+            continue;
+        };
+        let version = response["model"]["version"]
             .as_i64()
             .ok_or_else(|| anyhow!("no version"))?;
         let val = tickmesh_model::checkpoint::read_test_points(
@@ -326,7 +387,7 @@ pub async fn chart_panels(
         )
         .await?;
         let start = val.len().saturating_sub(last);
-        let forecast = o.response["forecasts"]
+        let forecast = response["forecasts"]
             .as_array()
             .map(|a| {
                 a.iter()
@@ -429,12 +490,22 @@ pub async fn run(opts: DemoOptions) -> Result<PathBuf> {
     print_forecasts(&outcomes);
     let chart_path = opts.workdir.join("forecast.png");
     let panels = chart_panels(&adapters, &outcomes, 120).await?;
-    chart::draw(&chart_path, &panels)?;
-    println!(
-        "chart     {} (actual vs one-step prediction over the test split, then the forecast)",
-        chart_path.display()
-    );
-    println!("try       curl 'http://{http}/ml/forecast?ticker=AAPL&interval=1d&n_steps=10'");
+    if panels.is_empty() {
+        println!("chart     none: no model beat the naive forecast, so none serves");
+    } else {
+        chart::draw(&chart_path, &panels)?;
+        println!(
+            "chart     {} (actual vs one-step prediction over the test split, then the forecast)",
+            chart_path.display()
+        );
+    }
+    if let Some(o) = outcomes.iter().find(|o| o.response.is_some()) {
+        println!(
+            "try       curl 'http://{http}/ml/forecast?ticker={}&interval={}&n_steps=10'",
+            o.ticker, o.interval
+        );
+    }
+    println!("          curl 'http://{http}/ml/models'   (what serves, and what the gate rejected: /ml/models/TICKER)");
     println!("done in {:.0} s", started.elapsed().as_secs_f64());
     if opts.serve {
         println!("serving until ctrl-c ...");

@@ -186,6 +186,7 @@ pub async fn start(
             max_attempts: cfg.coordinator.max_attempts,
             retry_backoff: Duration::from_millis(cfg.coordinator.retry_backoff_ms),
             max_open_jobs: cfg.coordinator.max_open_jobs,
+            promotion: cfg.promotion.clone(),
             intake: Some((adapters.bus.clone(), adapters.publisher.clone())),
             budget: RestartBudget::new(cfg.supervision.clone()),
             health: Some(health),

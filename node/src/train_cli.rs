@@ -381,9 +381,6 @@ pub async fn evaluate(
         &meta.features,
     )
     .await?;
-    let encoder = meta.encoder()?;
-    let ds = Dataset::with_encoder(&rows, &meta.features, meta.seq_len, encoder)
-        .map_err(|e| usage(e.to_string()))?;
     let day = |d: NaiveDate, end: bool| {
         let t = if end {
             d.and_hms_opt(23, 59, 59)
@@ -394,37 +391,24 @@ pub async fn evaluate(
     };
     let from = opts.from.map(|d| day(d, false));
     let to = opts.to.map(|d| day(d, true));
-    let inside: Vec<usize> = (0..ds.n_samples())
-        .filter(|&i| {
-            let t = ds.target_ts(i);
-            from.is_none_or(|f| t >= f) && to.is_none_or(|e| t <= e)
-        })
-        .collect();
-    let (Some(&first), Some(&last)) = (inside.first(), inside.last()) else {
+    let m = meta.clone();
+    let span = rows
+        .first()
+        .zip(rows.last())
+        .map(|(a, b)| format!("{} .. {}", a.ts.date_naive(), b.ts.date_naive()))
+        .unwrap_or_default();
+    let scored =
+        tokio::task::spawn_blocking(move || fit::evaluate_range(&m, &weights, &rows, from, to))
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .map_err(|e| usage(e.to_string()))?;
+    let Some(s) = scored else {
         return Err(usage(format!(
-            "no window of {} {} predicts a bar in the range asked (data: {} .. {})",
-            meta.ticker,
-            meta.interval,
-            ds.ts
-                .first()
-                .map(|t| t.date_naive().to_string())
-                .unwrap_or_default(),
-            ds.ts
-                .last()
-                .map(|t| t.date_naive().to_string())
-                .unwrap_or_default()
+            "no window of {} {} predicts a bar in the range asked (data: {span})",
+            meta.ticker, meta.interval
         )));
     };
-    let (t0, t1) = (ds.target_ts(first), ds.target_ts(last));
-    let device = tch::Device::Cpu;
-    let m = meta.clone();
-    let report = tokio::task::spawn_blocking(move || -> Result<EvalReport> {
-        let (_vs, model) = checkpoint::load_model(&m, &weights, device)?;
-        Ok(fit::evaluate(model.as_ref(), &ds, first..last + 1, device).0)
-    })
-    .await
-    .map_err(|e| anyhow!("{e}"))??;
-    Ok((meta, report, t0, t1))
+    Ok((meta, s.report, s.from, s.to))
 }
 
 /// What `tickmesh doctor` found out about libtorch and the accelerator.

@@ -266,6 +266,11 @@ retry_backoff_ms = 200
 [serve]
 http_listen = "127.0.0.1:0"
 
+# Every version trained here becomes champion: the test is about the control
+# plane, promote and rollback (tests/promotion.rs covers the gate).
+[promotion]
+gate = false
+
 [train]
 hidden = 8
 seq_len = 10

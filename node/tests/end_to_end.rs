@@ -41,9 +41,11 @@ fn check(outcomes: &[tickmesh::demo::Outcome], expected: &[(&str, &str)]) {
     assert_eq!(outcomes.len(), expected.len());
     for (o, (t, i)) in outcomes.iter().zip(expected) {
         assert_eq!((o.ticker.as_str(), o.interval.as_str()), (*t, *i));
-        let f = o.response["forecasts"].as_array().unwrap();
+        // The tests' config turns the promotion gate off: every model serves.
+        let r = o.response.as_ref().expect("a forecast");
+        let f = r["forecasts"].as_array().unwrap();
         assert_eq!(f.len(), 4);
-        let last = o.response["last_close"].as_f64().unwrap();
+        let last = r["last_close"].as_f64().unwrap();
         for p in f {
             let c = p["close"].as_f64().unwrap();
             assert!(

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use ractor::pg::GroupChangeMessage;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tickmesh_core::config::ModelKind;
+use tickmesh_core::config::{ModelKind, PromotionConfig};
 use tickmesh_core::types::{model_prefix, Interval};
 use tickmesh_io::bus::{BusConfig, SharedPublisher};
 use tickmesh_io::db::{Db, JobRow, ModelVersion};
@@ -68,6 +68,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
+use crate::gate;
 use crate::port::{CoordinatorPort, PortArgs};
 use crate::start_consumer::{StartConsumerArgs, StartModelConsumer};
 
@@ -215,6 +216,8 @@ pub struct CoordinatorArgs {
     pub max_attempts: u32,
     pub retry_backoff: Duration,
     pub max_open_jobs: usize,
+    /// Which trained versions become champion (`[promotion]`, [`crate::gate`]).
+    pub promotion: PromotionConfig,
     /// Where `start_model` comes from; `None` runs without a consumer.
     pub intake: Option<(BusConfig, SharedPublisher)>,
     pub budget: RestartBudget,
@@ -1108,6 +1111,21 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
             r.uri
         ));
     }
+    // The gate: against naive and the champion the trainer scored.
+    let champion_now = match st
+        .args
+        .db
+        .models(Some(&r.ticker), Some(interval), false)
+        .await
+    {
+        Ok(c) => c.first().map(|m| m.version),
+        Err(e) => {
+            // The attempt's lease still runs: the trainer reports again.
+            return Err(format!("cannot read the champion to compare with: {e}"));
+        }
+    };
+    let decision = gate::decide(&st.args.promotion, &r.metrics_json, champion_now);
+    let metrics = decision.annotate(&r.metrics_json, &st.args.promotion);
     let m = ModelVersion {
         ticker: r.ticker.clone(),
         interval,
@@ -1115,8 +1133,13 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
         kind: r.kind.clone(),
         uri: r.uri.clone(),
         sha256: r.sha256.clone(),
-        metrics: r.metrics_json.clone(),
-        status: "champion".into(),
+        metrics: metrics.clone(),
+        status: if decision.promoted {
+            "champion"
+        } else {
+            "rejected"
+        }
+        .into(),
         created_at: Utc::now(),
     };
     if let Err(e) = st.args.db.insert_model_version(&m).await {
@@ -1129,7 +1152,7 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
     }
     row.state = "done".into();
     row.lease_until = None;
-    row.metrics = r.metrics_json.clone();
+    row.metrics = metrics;
     row.reason.clear();
     row.updated_at = Utc::now();
     if row.model.is_none() {
@@ -1149,8 +1172,14 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
     }
     st.jobs.get_mut(&r.job_id).expect("current job exists").row = row;
     finish(st, &r.job_id);
-    info!(ticker = %r.ticker, %interval, version = r.version, job = %r.job_id, "model version registered as champion");
-    broadcast(st, update_of(&m));
+    if decision.promoted {
+        metrics::counter!("tickmesh_model_promotions_total", "outcome" => "promoted").increment(1);
+        info!(ticker = %r.ticker, %interval, version = r.version, job = %r.job_id, reason = %decision.reason, "model version promoted to champion");
+        broadcast(st, update_of(&m));
+    } else {
+        metrics::counter!("tickmesh_model_promotions_total", "outcome" => "rejected").increment(1);
+        warn!(ticker = %r.ticker, %interval, version = r.version, job = %r.job_id, reason = %decision.reason, "model version rejected; the champion stays");
+    }
     Ok(())
 }
 

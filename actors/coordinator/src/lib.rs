@@ -5,10 +5,13 @@
 //! - [`port`]: `CoordinatorPort`, the actor nodes talk to on the mesh.
 //! - [`grpc`]: the server of the gRPC port (guard, TLS, health, reflection).
 //! - [`admin`]: the tonic `tickmesh.v1.Admin` service for operators.
+//! - [`gate`]: the promotion gate (a trained version becomes champion only
+//!   when it beats naive and the champion on its test window).
 //! - [`start_consumer`]: `StartModelConsumer`, bus `start_model` → jobs.
 
 pub mod admin;
 pub mod coordinator;
+pub mod gate;
 pub mod grpc;
 pub mod port;
 pub mod start_consumer;

@@ -10,6 +10,10 @@
 //!   node once its lease has run out, not before.
 //! - A `start_model` record that cannot be recorded (the database is gone)
 //!   is not committed: it stays in the spool to be read again.
+//! - The promotion gate: a version that beats naive and the champion on
+//!   its test window becomes champion and goes to the predictors; one that
+//!   does not, or was compared with a champion that changed meanwhile, is
+//!   kept as `rejected` with the reason, and the champion stays.
 
 use std::time::{Duration, Instant};
 
@@ -25,7 +29,8 @@ use tickmesh_io::bus::BusConfig;
 use tickmesh_io::db::{Db, ModelVersion};
 use tickmesh_io::supervision::RestartBudget;
 use tickmesh_proto::mesh::{
-    Assignment, ModelUpdate, PredictorPortMsg, Scope, TrainerPortMsg, PREDICTORS, TRAINERS,
+    Assignment, CheckpointReport, ModelUpdate, PredictorPortMsg, Scope, TrainerPortMsg, PREDICTORS,
+    TRAINERS,
 };
 use tokio::sync::mpsc;
 
@@ -58,6 +63,11 @@ fn args(db: Db, heartbeat: Duration) -> CoordinatorArgs {
         max_attempts: 5,
         retry_backoff: Duration::from_millis(10),
         max_open_jobs: 100,
+        // Simulated trainers report no model metrics: the gate would reject them.
+        promotion: tickmesh_core::config::PromotionConfig {
+            gate: false,
+            ..Default::default()
+        },
         intake: None,
         budget: RestartBudget::new(Default::default()),
         health: None,
@@ -475,4 +485,153 @@ async fn a_start_model_the_database_cannot_record_is_not_committed() {
         "the record was not committed: it is read again after a restart"
     );
     drop(c);
+}
+
+/// Trains `ticker` once through the actor: start, the assignment, and a
+/// checkpoint report carrying `metrics` (as a trainer would send it).
+async fn train_once(
+    c: &ActorRef<CoordinatorMsg>,
+    rx: &mut mpsc::UnboundedReceiver<TrainerPortMsg>,
+    ticker: &str,
+    metrics: serde_json::Value,
+) -> i64 {
+    start(c, ticker).await;
+    let a = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("assigned")
+        .map(assignment)
+        .unwrap();
+    let ack = call_t!(
+        c,
+        |reply| CoordinatorMsg::Report {
+            report: CheckpointReport {
+                node: "g1".into(),
+                ticker: ticker.into(),
+                interval: I.to_string(),
+                epoch: a.epoch,
+                version: a.version,
+                uri: format!("file:///models/{ticker}/1d/v{}", a.version),
+                sha256: "00".repeat(32),
+                kind: "lstm_attention".into(),
+                metrics_json: metrics.to_string(),
+                job_id: a.job_id.clone(),
+            },
+            reply
+        },
+        5_000
+    )
+    .unwrap();
+    assert!(ack.accepted, "{ack:?}");
+    a.version
+}
+
+fn scores(model: f64, naive: f64, champion: Option<(i64, f64)>) -> serde_json::Value {
+    let mut v = serde_json::json!({ "model": { "rmse": model }, "naive": { "rmse": naive } });
+    if let Some((version, rmse)) = champion {
+        v["champion"] =
+            serde_json::json!({ "version": version, "report": { "model": { "rmse": rmse } } });
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_promotes_only_a_version_that_beats_naive_and_the_champion() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = db(dir.path(), &["GATE"]).await;
+    let mut a = args(db.clone(), Duration::from_secs(5));
+    a.promotion = tickmesh_core::config::PromotionConfig::default();
+    assert!(a.promotion.gate, "the gate is on by default");
+    let scope = a.scope.clone();
+    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    let (_t, mut trainer_rx) = trainer(&scope, "g1").await;
+    register(&c, "g1").await;
+    let (_p, mut predictor) =
+        port::<PredictorPortMsg>(&scope, None, PREDICTORS, Duration::ZERO).await;
+    let status = |v: i64| {
+        let db = db.clone();
+        async move {
+            let all = db.models(Some("GATE"), Some(I), true).await.unwrap();
+            let m = all.into_iter().find(|m| m.version == v).unwrap();
+            let gate: serde_json::Value = serde_json::from_str(&m.metrics).unwrap();
+            (
+                m.status,
+                gate["gate"]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }
+    };
+    let pushed = |rx: &mut mpsc::UnboundedReceiver<PredictorPortMsg>| {
+        let got = rx.try_recv().ok().map(update);
+        got.map(|u| u.version)
+    };
+
+    // A first version that loses to naive: rejected, nothing to serve.
+    let v1 = train_once(&c, &mut trainer_rx, "GATE", scores(1.05, 1.0, None)).await;
+    let (st, why) = status(v1).await;
+    assert_eq!(st, "rejected");
+    assert!(why.contains("does not beat naive"), "{why}");
+    // One that beats naive: champion, pushed to the predictors.
+    let v2 = train_once(&c, &mut trainer_rx, "GATE", scores(0.9, 1.0, None)).await;
+    assert_eq!(status(v2).await.0, "champion");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pushed(&mut predictor), Some(v2));
+    // A challenger better than naive but worse than the champion on the
+    // same window: rejected, the champion stays and nothing is pushed.
+    let v3 = train_once(
+        &c,
+        &mut trainer_rx,
+        "GATE",
+        scores(0.95, 1.0, Some((v2, 0.9))),
+    )
+    .await;
+    let (st, why) = status(v3).await;
+    assert_eq!(st, "rejected");
+    assert!(why.contains("does not beat the champion"), "{why}");
+    assert_eq!(status(v2).await.0, "champion");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pushed(&mut predictor), None);
+    // A better one: promoted; the old champion is retired.
+    let v4 = train_once(
+        &c,
+        &mut trainer_rx,
+        "GATE",
+        scores(0.8, 1.0, Some((v2, 0.9))),
+    )
+    .await;
+    assert_eq!(status(v4).await.0, "champion");
+    assert_eq!(status(v2).await.0, "retired");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pushed(&mut predictor), Some(v4));
+    // Compared with a champion that is no longer the champion: rejected.
+    let v5 = train_once(
+        &c,
+        &mut trainer_rx,
+        "GATE",
+        scores(0.1, 1.0, Some((v2, 0.9))),
+    )
+    .await;
+    let (st, why) = status(v5).await;
+    assert_eq!(st, "rejected");
+    assert!(
+        why.contains("the champion changed while it trained"),
+        "{why}"
+    );
+    assert_eq!(status(v4).await.0, "champion");
+    // A rollback never picks a rejected version: it goes back to v2.
+    let m = call_t!(
+        c,
+        |reply| CoordinatorMsg::ChangeChampion {
+            ticker: "GATE".into(),
+            interval: I,
+            version: None,
+            reply
+        },
+        2_000
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(m.version, v2);
+    c.stop(None);
 }

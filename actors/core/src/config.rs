@@ -692,8 +692,56 @@ pub struct ClusterConfig {
     pub joins: JoinConfig,
     pub aggregate: AggregateConfig,
     pub train: TrainConfig,
+    pub promotion: PromotionConfig,
     pub supervision: SupervisionConfig,
     pub nodes: Vec<NodeConfig>,
+}
+
+/// The error a promotion compares (`[promotion] metric`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GateMetric {
+    #[default]
+    Rmse,
+    Mae,
+    Mse,
+    Mape,
+}
+
+impl GateMetric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GateMetric::Rmse => "rmse",
+            GateMetric::Mae => "mae",
+            GateMetric::Mse => "mse",
+            GateMetric::Mape => "mape",
+        }
+    }
+}
+
+/// `[promotion]`: which trained versions become champion. A version is
+/// promoted only when, on its test split (the latest held-out window), its
+/// error is below `(1 - margin)` times the naive forecast's and the current
+/// champion's on the same window; otherwise it is kept as `rejected` with
+/// its metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromotionConfig {
+    /// Off: every accepted checkpoint becomes the champion (no comparison).
+    pub gate: bool,
+    pub metric: GateMetric,
+    /// The fraction by which the challenger must beat both, in `[0, 1)`.
+    pub margin: f64,
+}
+
+impl Default for PromotionConfig {
+    fn default() -> Self {
+        PromotionConfig {
+            gate: true,
+            metric: GateMetric::Rmse,
+            margin: 0.0,
+        }
+    }
 }
 
 /// `[features]`: the indicator periods of `aggregated_data`. Column names
@@ -1038,6 +1086,12 @@ impl ClusterConfig {
         }
         if self.coordinator.max_open_jobs == 0 {
             return bad("coordinator.max_open_jobs", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.promotion.margin) {
+            return bad(
+                "promotion.margin",
+                format!("{} is not in [0, 1)", self.promotion.margin),
+            );
         }
         for (key, v) in [
             ("serve.max_steps", self.serve.max_steps as u64),

@@ -19,9 +19,11 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 use tickmesh_core::config::TrainConfig;
+use tickmesh_core::types::AggRow;
 use tickmesh_core::{Error, Result};
 
 use crate::arch::{build, init_seeded, Arch, SeqModel};
+use crate::checkpoint::{load_model, Meta};
 use crate::dataset::Dataset;
 use crate::metrics::{EvalReport, Scored};
 
@@ -126,6 +128,48 @@ pub fn evaluate(
         });
     }
     (EvalReport::of(&scored), points)
+}
+
+/// What [`evaluate_range`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangeScore {
+    pub report: EvalReport,
+    /// The first and last predicted bar scored.
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+}
+
+/// Scores a checkpoint (`meta`, `weights`) on the windows of `rows` (its
+/// features, oldest first) whose predicted bar falls in `[from, to]` (open
+/// ends where `None`), with its own encoding; `None` when no window does.
+/// `tickmesh evaluate` and the promotion gate (the champion scored on a
+/// challenger's test window) use it.
+pub fn evaluate_range(
+    meta: &Meta,
+    weights: &[u8],
+    rows: &[AggRow],
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Result<Option<RangeScore>> {
+    let encoder = meta.encoder()?;
+    let ds = Dataset::with_encoder(rows, &meta.features, meta.seq_len, encoder)?;
+    let inside: Vec<usize> = (0..ds.n_samples())
+        .filter(|&i| {
+            let t = ds.target_ts(i);
+            from.is_none_or(|f| t >= f) && to.is_none_or(|e| t <= e)
+        })
+        .collect();
+    let (Some(&first), Some(&last)) = (inside.first(), inside.last()) else {
+        return Ok(None);
+    };
+    let device = Device::Cpu;
+    let (_vs, model) = load_model(meta, weights, device)?;
+    let (report, _) = evaluate(model.as_ref(), &ds, first..last + 1, device);
+    Ok(Some(RangeScore {
+        report,
+        from: ds.target_ts(first),
+        to: ds.target_ts(last),
+    }))
 }
 
 /// Scales the gradients so that their joint L2 norm is at most `max`, as

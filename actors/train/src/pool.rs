@@ -53,7 +53,7 @@ pub enum PoolMsg {
     /// A trainer finished a job (from the trainer).
     Finished {
         job: Job,
-        outcome: Result<TrainOutcome, String>,
+        outcome: Result<Box<TrainOutcome>, String>,
     },
 }
 
@@ -391,10 +391,10 @@ impl Actor for TrainerPool {
                         interval: job.interval.to_string(),
                         epoch: job.epoch,
                         version: job.version,
+                        metrics_json: o.metrics_json()?,
                         uri: o.uri,
                         sha256: o.digest,
                         kind: o.kind.to_string(),
-                        metrics_json: serde_json::to_string(&o.metrics)?,
                         job_id: job.id.clone(),
                     },
                     Err(e) => {

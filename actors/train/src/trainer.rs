@@ -70,6 +70,80 @@ pub struct TrainOutcome {
     pub digest: String,
     pub kind: ModelKind,
     pub metrics: EvalReport,
+    /// The champion of the (ticker, interval) when the job started, scored
+    /// on this version's test window (the promotion gate compares them).
+    pub champion: Option<ChampionScore>,
+}
+
+/// The champion, scored on a challenger's test window.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ChampionScore {
+    pub version: i64,
+    /// Its metrics on the same window; `None` when it could not be scored
+    /// (`note` says why: its checkpoint is unreadable, or no window of its
+    /// shape falls in the range).
+    pub report: Option<EvalReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl TrainOutcome {
+    /// The metrics a report carries: the version's (beside naive) and,
+    /// under `champion`, the champion's on the same window.
+    pub fn metrics_json(&self) -> Result<String> {
+        let mut v = serde_json::to_value(self.metrics)
+            .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+        if let (Some(c), Some(o)) = (&self.champion, v.as_object_mut()) {
+            o.insert(
+                "champion".into(),
+                serde_json::to_value(c).map_err(|e| Error::invalid("metrics", e.to_string()))?,
+            );
+        }
+        Ok(v.to_string())
+    }
+}
+
+/// The champion's checkpoint and rows when a job starts; `Ok(None)` without
+/// one. A champion whose checkpoint does not verify is scored as
+/// unreadable (the gate then compares with naive alone); a store or
+/// database failure fails the job, which is retried.
+async fn champion_of(
+    args: &TrainerArgs,
+    job: &Job,
+) -> Result<
+    Option<(
+        i64,
+        std::result::Result<(Meta, Bytes, Vec<tickmesh_core::types::AggRow>), String>,
+    )>,
+> {
+    let Some(c) = args
+        .db
+        .models(Some(&job.ticker), Some(job.interval), false)
+        .await?
+        .into_iter()
+        .next()
+    else {
+        return Ok(None);
+    };
+    match checkpoint::read(
+        args.store.as_ref(),
+        &job.ticker,
+        job.interval,
+        c.version,
+        &c.sha256,
+    )
+    .await
+    {
+        Ok((meta, weights)) => {
+            let rows = args
+                .db
+                .read_aggregated(&job.ticker, job.interval, &meta.features, None)
+                .await?;
+            Ok(Some((c.version, Ok((meta, weights, rows)))))
+        }
+        Err(e @ Error::Invalid { .. }) => Ok(Some((c.version, Err(e.to_string())))),
+        Err(e) => Err(e),
+    }
 }
 
 pub struct TrainerActor;
@@ -142,6 +216,7 @@ impl Actor for TrainerActor {
                         });
                     })
                     .await
+                    .map(Box::new)
                     .map_err(|e| e.to_string())
                 };
                 pool.cast(PoolMsg::Finished { job, outcome })?;
@@ -266,9 +341,13 @@ pub async fn train_job(
         )));
     }
     let mut resume = read_snapshot(&args.store, job).await;
+    let mut champion = champion_of(args, job).await?;
     if let Some(s) = &resume {
         // The resumed fit sees exactly the rows the snapshot was trained on.
         rows.retain(|r| r.ts <= s.state.data_to);
+        if let Some((_, Ok((_, _, rows)))) = &mut champion {
+            rows.retain(|r| r.ts <= s.state.data_to);
+        }
     }
     let device = args.device;
     let (ticker, interval, version) = (job.ticker.clone(), job.interval, job.version);
@@ -285,7 +364,7 @@ pub async fn train_job(
         last: None,
     };
     let job_id = job.id.clone();
-    let (meta, files) = tokio::task::spawn_blocking(move || -> Result<(Meta, Files)> {
+    let (meta, files, champion) = tokio::task::spawn_blocking(move || -> Result<(Meta, Files, Option<ChampionScore>)> {
         // Failpoint for the process tests: a training thread that panics.
         if std::env::var("TICKMESH_FAILPOINT_PANIC_TICKER").is_ok_and(|t| t == ticker) {
             panic!("failpoint TICKMESH_FAILPOINT_PANIC_TICKER={ticker}");
@@ -309,7 +388,37 @@ pub async fn train_job(
         let weights = checkpoint::weights_bytes(&fitted.vs)?;
         let meta = Meta::of(&fitted, &c, &indicators, &ticker, interval, version, &weights);
         let files = Files::new(&meta, weights, &fitted.test_points)?;
-        Ok((meta, files))
+        // The champion on this version's test window.
+        let champion = champion.map(|(version, read)| {
+            let (from, to) = (meta.splits.test_from, meta.splits.test_to);
+            let scored = read.and_then(|(m, w, rows)| {
+                tickmesh_model::fit::evaluate_range(&m, &w, &rows, Some(from), Some(to))
+                    .map_err(|e| e.to_string())
+            });
+            match scored {
+                Ok(Some(s)) => ChampionScore {
+                    version,
+                    report: Some(s.report),
+                    note: (s.report.model.samples != meta.metrics.model.samples).then(|| {
+                        format!(
+                            "scored on {} of the window's {} bars",
+                            s.report.model.samples, meta.metrics.model.samples
+                        )
+                    }),
+                },
+                Ok(None) => ChampionScore {
+                    version,
+                    report: None,
+                    note: Some("no window of the champion's shape predicts a bar of the test window".into()),
+                },
+                Err(e) => ChampionScore {
+                    version,
+                    report: None,
+                    note: Some(format!("the champion could not be scored: {e}")),
+                },
+            }
+        });
+        Ok((meta, files, champion))
     })
     .await
     .map_err(|e| Error::invalid("training", format!("the training thread panicked: {e}")))??;
@@ -334,10 +443,16 @@ pub async fn train_job(
         directional_accuracy = m.model.directional_accuracy.unwrap_or_default(),
         uri = %published.uri, "checkpoint published"
     );
+    if let Some(c) = &champion {
+        info!(ticker = %job.ticker, interval = %job.interval, version = job.version, champion = c.version,
+            champion_rmse = c.report.map(|r| r.model.rmse), note = c.note.as_deref().unwrap_or(""),
+            "the champion scored on this version's test window");
+    }
     Ok(TrainOutcome {
         uri: published.uri,
         digest: published.digest,
         kind: meta.kind,
         metrics: meta.metrics,
+        champion,
     })
 }

@@ -21,6 +21,10 @@ pub fn fast_training(cfg: &mut ClusterConfig) {
     // The tests run their aggregations themselves (tests/aggregate_auto.rs
     // covers the role on its own).
     cfg.aggregate.on_ingest = false;
+    // Every model these small fits make serves, whether or not it beats
+    // naive: the tests of the pipeline's plumbing need one served
+    // (tests/promotion.rs and the coordinator's actor tests cover the gate).
+    cfg.promotion.gate = false;
 }
 
 pub async fn distributed(label: &str) -> (ClusterConfig, Adapters) {
