@@ -22,6 +22,7 @@ command -v g++ >/dev/null || need_apt+=(g++)
 command -v gcc >/dev/null || need_apt+=(gcc)
 command -v perl >/dev/null || need_apt+=(perl)
 [ $demo_only -eq 1 ] || command -v openssl >/dev/null || need_apt+=(openssl)  # the TLS test's certificates
+[ $demo_only -eq 1 ] || [ -x /usr/bin/chromium ] || need_apt+=(chromium)      # the dashboard test's browser
 python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "installing Debian packages: ${need_apt[*]}"
@@ -29,7 +30,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 else
-  say "Debian packages: present (postgresql, make, gcc, g++, perl, python3-venv)"
+  say "Debian packages: present (postgresql, make, gcc, g++, perl, python3-venv, openssl, chromium)"
 fi
 
 # --- torch (libtorch for tch 0.24)
@@ -60,8 +61,9 @@ fi
 
 # --- Python used by the tests (a batching Kafka producer, independent
 # Parquet readers, TA-Lib for the indicators, exchange-calendars for the NYSE
-# calendar), in the torch venv
-TEST_PY_PKGS=(confluent-kafka==2.16.1 pyarrow==26.0.1 duckdb==2.0.0 pandas==3.1.1 boto3==1.44.5 ta-lib==0.8.2 exchange-calendars==4.13.2)
+# calendar, Playwright to drive Debian's Chromium through the dashboard; it
+# downloads no browser of its own), in the torch venv
+TEST_PY_PKGS=(confluent-kafka==2.16.1 pyarrow==26.0.1 duckdb==2.0.0 pandas==3.1.1 boto3==1.44.5 ta-lib==0.8.2 exchange-calendars==4.13.2 playwright==1.65.3)
 if "$TORCH_VENV/bin/python" - "${TEST_PY_PKGS[@]}" <<'PY' 2>/dev/null
 import sys
 from importlib.metadata import version

@@ -478,6 +478,35 @@ impl Db {
     }
 
     /// How many `aggregated_data` rows a ticker-interval has.
+    /// The last `n` closes of a series, oldest first (charts).
+    pub async fn recent_closes(
+        &self,
+        ticker: &str,
+        interval: Interval,
+        n: i64,
+    ) -> Result<Vec<(DateTime<Utc>, f64)>> {
+        let sql = self.sql(
+            "SELECT ts, close FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2 AND close IS NOT NULL ORDER BY ts DESC LIMIT $3",
+        );
+        let ctx = format!("read the closes of {ticker} {interval}");
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                let rows = sqlx::query(&sql)
+                    .bind(ticker)
+                    .bind(interval.as_str())
+                    .bind(n)
+                    .fetch_all($pool)
+                    .await
+                    .map_err(Error::db(ctx))?;
+                rows.iter().rev().map(|r| (r.get(0), r.get(1))).collect()
+            }};
+        }
+        Ok(match self {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        })
+    }
+
     pub async fn count_aggregated(&self, ticker: &str, interval: Interval) -> Result<i64> {
         let sql = self
             .sql("SELECT COUNT(*) FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2");

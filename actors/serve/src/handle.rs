@@ -84,6 +84,22 @@ pub struct Status {
 /// Refusals kept per model.
 pub const KEPT_REFUSALS: usize = 8;
 
+/// Something that happened to a model of this node, for `GET /events`
+/// (the dashboard's live updates).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelEvent {
+    /// `served` (a version swapped in), `refused`, `retrying`.
+    pub kind: &'static str,
+    pub ticker: String,
+    pub interval: Interval,
+    pub version: i64,
+    /// The version served before (`served`), else `None`.
+    pub previous: Option<i64>,
+    /// The reason (`refused`, `retrying`), else empty.
+    pub detail: String,
+    pub at: DateTime<Utc>,
+}
+
 /// How a node's forecasts are bounded (`[serve]`).
 pub struct Limits {
     pub cfg: ServeConfig,
@@ -173,6 +189,7 @@ struct HistorySlot {
 pub struct ModelHandle {
     pub ticker: String,
     pub interval: Interval,
+    events: tokio::sync::broadcast::Sender<ModelEvent>,
     served: watch::Sender<Option<Arc<Served>>>,
     status: watch::Sender<Status>,
     history: Mutex<HistorySlot>,
@@ -181,10 +198,15 @@ pub struct ModelHandle {
 }
 
 impl ModelHandle {
-    pub fn new(ticker: &str, interval: Interval) -> Arc<Self> {
+    fn new(
+        ticker: &str,
+        interval: Interval,
+        events: tokio::sync::broadcast::Sender<ModelEvent>,
+    ) -> Arc<Self> {
         Arc::new(ModelHandle {
             ticker: ticker.to_string(),
             interval,
+            events,
             served: watch::Sender::new(None),
             status: watch::Sender::new(Status::default()),
             history: Mutex::new(HistorySlot::default()),
@@ -200,9 +222,27 @@ impl ModelHandle {
 
     /// Serves `s` from now on; requests in flight keep the version they hold.
     pub fn swap(&self, s: Served) {
+        let version = s.info.version;
         metrics::gauge!("tickmesh_predictor_version", "ticker" => self.ticker.clone(), "interval" => self.interval.to_string())
-            .set(s.info.version as f64);
-        self.served.send_replace(Some(Arc::new(s)));
+            .set(version as f64);
+        let previous = self
+            .served
+            .send_replace(Some(Arc::new(s)))
+            .map(|p| p.info.version);
+        self.event("served", version, previous, String::new());
+    }
+
+    /// Tells `/events` listeners (none: nothing happens).
+    pub fn event(&self, kind: &'static str, version: i64, previous: Option<i64>, detail: String) {
+        let _ = self.events.send(ModelEvent {
+            kind,
+            ticker: self.ticker.clone(),
+            interval: self.interval,
+            version,
+            previous,
+            detail,
+            at: Utc::now(),
+        });
     }
 
     pub fn status(&self) -> Status {
@@ -625,9 +665,19 @@ async fn refresh_history(
 
 /// The node's model handles, shared by the predictor registry (which adds
 /// them and outlives none of them: a restarted registry finds them again, so
-/// serving goes on while predictors restart) and the HTTP layer.
-#[derive(Clone, Default)]
-pub struct Table(Arc<RwLock<Handles>>);
+/// serving goes on while predictors restart) and the HTTP layer, and the
+/// stream of their events.
+#[derive(Clone)]
+pub struct Table(
+    Arc<RwLock<Handles>>,
+    tokio::sync::broadcast::Sender<ModelEvent>,
+);
+
+impl Default for Table {
+    fn default() -> Self {
+        Table(Arc::default(), tokio::sync::broadcast::channel(256).0)
+    }
+}
 
 type Handles = BTreeMap<(String, Interval), Arc<ModelHandle>>;
 
@@ -652,8 +702,13 @@ impl Table {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .entry((ticker.to_string(), interval))
-            .or_insert_with(|| ModelHandle::new(ticker, interval))
+            .or_insert_with(|| ModelHandle::new(ticker, interval, self.1.clone()))
             .clone()
+    }
+
+    /// The events of every model from now on.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<ModelEvent> {
+        self.1.subscribe()
     }
 
     /// Every handle, by ticker and interval.

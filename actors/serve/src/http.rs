@@ -20,6 +20,15 @@
 //!   training job).
 //! - `POST /ml/models/{ticker}/{interval}/rollback` → `Admin.Rollback` with
 //!   the caller's token: the previous champion is put back.
+//! - `POST /ml/models/{ticker}/{interval}/promote?version=N` →
+//!   `Admin.Promote` with the caller's token.
+//! - `GET /ml/history?ticker&interval&n` → the last `n` stored closes.
+//! - `GET /ml/cluster` → the nodes on the mesh (with their operator state)
+//!   and the newest jobs.
+//! - `GET /events` → server-sent events: each version served, refused or
+//!   retried on this node.
+//! - `GET /` → the dashboard (`assets/dashboard.html`, its script and
+//!   style, and the vendored uPlot under `/assets/`).
 //! - `GET /healthz` → `ok`; `GET /readyz` → 200 once the node's roles run and
 //!   no model is in its first load, else 503 saying what it waits for;
 //!   `GET /metrics` → Prometheus text (`tickmesh_io::telemetry`).
@@ -42,7 +51,7 @@ use tickmesh_core::types::{validate_ticker, Interval};
 use tickmesh_io::db::Db;
 use tickmesh_proto::auth::Link;
 use tickmesh_proto::mesh::{CoordinatorPortMsg, Scope};
-use tickmesh_proto::v1::{RollbackRequest, StartTrainingRequest};
+use tickmesh_proto::v1::{PromoteRequest, RollbackRequest, StartTrainingRequest};
 use tokio::net::TcpListener;
 
 use crate::handle::{Limits, ModelHandle, Table};
@@ -557,6 +566,242 @@ async fn rollback(
     }
 }
 
+/// `POST /ml/models/{ticker}/{interval}/promote?version=N`: `Admin.Promote`
+/// with the caller's token.
+async fn promote(
+    State(st): State<HttpState>,
+    headers: axum::http::HeaderMap,
+    Path((raw, interval)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        let ticker = parse_ticker(&raw)?;
+        let interval: Interval = interval.parse().map_err(|_| {
+            ServeError::BadRequest(format!(
+                "interval {} is not one of 1m, 5m, 15m, 30m, 1h, 1d",
+                quoted(&interval)
+            ))
+        })?;
+        let version = q
+            .get("version")
+            .ok_or_else(|| ServeError::BadRequest("missing query parameter `version`".into()))?;
+        let version: i64 = version.parse().map_err(|_| {
+            ServeError::BadRequest(format!(
+                "`version` = {} is not a whole number",
+                quoted(version)
+            ))
+        })?;
+        let token = bearer(&headers, "a promotion")?;
+        let link = st.link.clone().ok_or_else(|| {
+            ServeError::Unavailable("this node has no coordinator to send a promotion to".into())
+        })?;
+        let m = link
+            .with_secret(Some(token))
+            .admin()
+            .map_err(|e| ServeError::Unauthorized(format!("the token: {e}")))?
+            .promote(PromoteRequest {
+                ticker,
+                interval: interval.to_string(),
+                version,
+            })
+            .await
+            .map_err(grpc_error)?
+            .into_inner();
+        Ok::<_, ServeError>(json!({
+            "ticker": m.ticker,
+            "interval": m.interval,
+            "version": m.version,
+            "kind": m.kind,
+            "status": m.status,
+        }))
+    }
+    .await;
+    match result {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /ml/history?ticker&interval&n`: the last `n` (default 200, at most
+/// 5,000) stored closes, oldest first.
+async fn history(
+    State(st): State<HttpState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        if let Some(k) = q
+            .keys()
+            .find(|k| !["ticker", "interval", "n"].contains(&k.as_str()))
+        {
+            return Err(ServeError::BadRequest(format!(
+                "unknown query parameter {} (ticker, interval, n)",
+                quoted(k)
+            )));
+        }
+        let (ticker, interval) = ticker_interval(&q)?;
+        let n = match q.get("n") {
+            None => 200,
+            Some(s) => match s.parse::<i64>() {
+                Ok(n) if (1..=5_000).contains(&n) => n,
+                _ => {
+                    return Err(ServeError::BadRequest(format!(
+                        "`n` = {} must be a whole number in 1..=5000",
+                        quoted(s)
+                    )))
+                }
+            },
+        };
+        let closes = st
+            .db
+            .recent_closes(&ticker, interval, n)
+            .await
+            .map_err(|e| ServeError::Unavailable(e.to_string()))?;
+        if closes.is_empty() {
+            return Err(ServeError::NotFound(format!(
+                "no data for {ticker} {interval}"
+            )));
+        }
+        Ok(json!({
+            "ticker": ticker,
+            "interval": interval,
+            "closes": closes.iter().map(|(ts, c)| json!({"ts": ts, "close": c})).collect::<Vec<_>>(),
+        }))
+    }
+    .await;
+    match result {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /ml/cluster`: the nodes on the mesh (trainer pools and predictor
+/// registries, by their ports' names, the coordinator if it is reachable),
+/// each with its operator state (cordoned, draining), and the newest 20 jobs.
+async fn cluster(State(st): State<HttpState>) -> Response {
+    let result = async {
+        let unavailable = |e: tickmesh_core::Error| ServeError::Unavailable(e.to_string());
+        let admin: HashMap<String, String> = st
+            .db
+            .node_states()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .collect();
+        let mut nodes: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for (group, role, port) in [
+            (tickmesh_proto::mesh::TRAINERS, "train", "trainer"),
+            (tickmesh_proto::mesh::PREDICTORS, "serve", "predictor"),
+        ] {
+            let prefix = format!("tickmesh.{}.{port}.", st.scope.name());
+            for cell in st.scope.members(group) {
+                if let Some(node) = cell
+                    .get_name()
+                    .and_then(|n| n.strip_prefix(&prefix).map(str::to_string))
+                {
+                    nodes.entry(node).or_default().push(role);
+                }
+            }
+        }
+        let jobs = st
+            .db
+            .recent_jobs(&[], None, 20)
+            .await
+            .map_err(unavailable)?;
+        Ok::<_, ServeError>(json!({
+            "coordinator": st.scope.coordinator().is_ok(),
+            "nodes": nodes.iter().map(|(n, roles)| json!({
+                "node": n,
+                "roles": roles,
+                "state": admin.get(n).map_or("ready", String::as_str),
+            })).collect::<Vec<_>>(),
+            "jobs": jobs.iter().map(|j| json!({
+                "job": j.id,
+                "ticker": j.ticker,
+                "interval": j.interval,
+                "state": j.state,
+                "node": j.node,
+                "version": j.version,
+                "attempts": j.attempts,
+                "updated_at": j.updated_at,
+            })).collect::<Vec<_>>(),
+        }))
+    }
+    .await;
+    match result {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /events`: server-sent events, one `model` event (JSON, a
+/// [`crate::handle::ModelEvent`]) per version served, refused or retried;
+/// a listener that falls behind skips what it missed.
+async fn events(
+    State(st): State<HttpState>,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = st.table.events();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    let ev = axum::response::sse::Event::default()
+                        .event("model")
+                        .json_data(&e)
+                        .unwrap_or_else(|_| {
+                            axum::response::sse::Event::default().comment("unencodable")
+                        });
+                    return Some((Ok(ev), rx));
+                }
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default())
+}
+
+/// The dashboard and its assets, compiled in.
+const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
+const ASSETS: [(&str, &str, &str); 4] = [
+    (
+        "dashboard.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/dashboard.js"),
+    ),
+    (
+        "dashboard.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/dashboard.css"),
+    ),
+    (
+        "uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/vendor/uPlot.iife.min.js"),
+    ),
+    (
+        "uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/vendor/uPlot.min.css"),
+    ),
+];
+
+async fn dashboard() -> impl IntoResponse {
+    (
+        [("content-type", "text/html; charset=utf-8")],
+        DASHBOARD_HTML,
+    )
+}
+
+async fn asset(Path(name): Path<String>) -> Response {
+    match ASSETS.iter().find(|(n, _, _)| *n == name) {
+        Some((_, mime, body)) => ([("content-type", *mime)], *body).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no asset {}", quoted(&name))),
+    }
+}
+
 /// `/readyz` of a serve node: the node's roles run, and no model waits for
 /// its first version.
 async fn ready(State(st): State<HttpState>) -> Response {
@@ -605,6 +850,12 @@ pub fn router(state: HttpState) -> Router {
         .route("/ml/models", get(models))
         .route("/ml/models/{ticker}", get(model_detail))
         .route("/ml/models/{ticker}/{interval}/rollback", post(rollback))
+        .route("/ml/models/{ticker}/{interval}/promote", post(promote))
+        .route("/ml/history", get(history))
+        .route("/ml/cluster", get(cluster))
+        .route("/events", get(events))
+        .route("/", get(dashboard))
+        .route("/assets/{name}", get(asset))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))

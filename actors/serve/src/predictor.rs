@@ -311,6 +311,7 @@ impl Actor for PredictorActor {
                             .increment(1);
                         metrics::counter!("tickmesh_model_refusals_total", "ticker" => h.ticker.clone(), "interval" => h.interval.to_string())
                             .increment(1);
+                        h.event("refused", version, None, reason.clone());
                         h.update_status(|s| {
                             s.loading = None;
                             if wanted {
@@ -342,6 +343,7 @@ impl Actor for PredictorActor {
                         metrics::counter!("tickmesh_model_loads_total", "outcome" => "retry")
                             .increment(1);
                         let attempts = st.attempts;
+                        h.event("retrying", version, None, error.clone());
                         h.update_status(|s| {
                             s.loading = None;
                             s.retry = Some(Retry {

@@ -3,6 +3,8 @@
 //! starts them, and polling with a timeout instead of sleeping.
 #![allow(dead_code)]
 
+pub mod serving;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
