@@ -237,6 +237,7 @@ pub async fn run(o: Options) -> Result<Vec<serde_json::Value>> {
                 gate: false,
                 ..Default::default()
             },
+            retrain: Default::default(),
             intake: None,
             budget: RestartBudget::new(Default::default()),
             health: None,

@@ -7,6 +7,8 @@
 //! produce fred [--series ..] [--from D] [--to D]    FRED observations → h_macrodata
 //! produce macro --file F.csv                       macro series from a file → h_macrodata
 //! produce company --file F.parquet|F.csv            fundamentals → h_company
+//! produce replay --tickers A,B --from D --to D --speed 60x [--store DIR]
+//!                                                   stored bars → live_bars, paced
 //! ```
 
 use std::path::PathBuf;
@@ -75,6 +77,26 @@ pub enum ProduceCmd {
     Macro {
         #[arg(long)]
         file: PathBuf,
+    },
+    /// Stored bars replayed into live_bars as a live feed, in market-time
+    /// order across tickers, at `--speed` (`60x`: a minute bar a second;
+    /// `max`: as fast as the bus takes them). Closed-market gaps count as one
+    /// bar interval.
+    Replay {
+        #[arg(long, value_delimiter = ',', required = true)]
+        tickers: Vec<String>,
+        /// First New York trading date (inclusive).
+        #[arg(long)]
+        from: NaiveDate,
+        /// Last New York trading date (inclusive).
+        #[arg(long)]
+        to: NaiveDate,
+        #[arg(long, default_value = "60x")]
+        speed: tickmesh_ingest::producer::Speed,
+        /// Read the bars from this object directory (the embedded layout:
+        /// stock-data/…) instead of the config's object store.
+        #[arg(long)]
+        store: Option<PathBuf>,
     },
     /// Fundamentals from a Parquet or CSV file, one message per (symbol, calendarYear).
     Company {
@@ -182,6 +204,55 @@ pub async fn run(cfg: &ClusterConfig, cmd: ProduceCmd) -> Result<()> {
                 n += fred::publish_macro(publisher.as_ref(), &msg.series, msg.observations).await?;
             }
             (n, topics::MACRO)
+        }
+        ProduceCmd::Replay {
+            tickers,
+            from,
+            to,
+            speed,
+            store,
+        } => {
+            if from > to {
+                bail!("--from {from} is after --to {to}");
+            }
+            let source: tickmesh_io::store::SharedStore = match store {
+                Some(dir) => std::sync::Arc::new(
+                    tickmesh_io::store::LocalStore::open(&dir)
+                        .with_context(|| format!("open the object directory {}", dir.display()))?,
+                ),
+                None => adapters.store.clone(),
+            };
+            let mut bars = std::collections::BTreeMap::new();
+            for t in &tickers {
+                let mut b = tickmesh_aggregate::aggregator::read_ticker_bars(&source, t).await?;
+                b.retain(|b| {
+                    let d = tickmesh_core::calendar::ny_date(b.t);
+                    d >= from && d <= to
+                });
+                if b.is_empty() {
+                    bail!("{t} has no stored bars from {from} to {to}");
+                }
+                bars.insert(t.clone(), b);
+            }
+            let total: usize = bars.values().map(Vec::len).sum();
+            println!(
+                "replaying {total} bars of {} tickers into {} at {speed:?}",
+                tickers.len(),
+                cfg.topic(topics::LIVE_BARS)
+            );
+            let mut last_log = Instant::now();
+            let report = producer::replay(publisher.as_ref(), &bars, speed, |r| {
+                if last_log.elapsed().as_secs() >= 5 {
+                    last_log = Instant::now();
+                    println!(
+                        "replay: {} of {total} bars, market time {}",
+                        r.bars,
+                        r.through.map(|t| t.to_rfc3339()).unwrap_or_default()
+                    );
+                }
+            })
+            .await?;
+            (report.messages, topics::LIVE_BARS)
         }
         ProduceCmd::Company { file } => {
             let rows = producer::read_fundamentals(&file)?;

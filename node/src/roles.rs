@@ -187,6 +187,7 @@ pub async fn start(
             retry_backoff: Duration::from_millis(cfg.coordinator.retry_backoff_ms),
             max_open_jobs: cfg.coordinator.max_open_jobs,
             promotion: cfg.promotion.clone(),
+            retrain: cfg.retrain.clone(),
             intake: Some((adapters.bus.clone(), adapters.publisher.clone())),
             budget: RestartBudget::new(cfg.supervision.clone()),
             health: Some(health),

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use ractor::pg::GroupChangeMessage;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tickmesh_core::config::{ModelKind, PromotionConfig};
+use tickmesh_core::config::{ModelKind, PromotionConfig, RetrainConfig};
 use tickmesh_core::types::{model_prefix, Interval};
 use tickmesh_io::bus::{BusConfig, SharedPublisher};
 use tickmesh_io::db::{Db, JobRow, ModelVersion};
@@ -218,6 +218,8 @@ pub struct CoordinatorArgs {
     pub max_open_jobs: usize,
     /// Which trained versions become champion (`[promotion]`, [`crate::gate`]).
     pub promotion: PromotionConfig,
+    /// When champions are retrained on their own (`[retrain]`).
+    pub retrain: RetrainConfig,
     /// Where `start_model` comes from; `None` runs without a consumer.
     pub intake: Option<(BusConfig, SharedPublisher)>,
     pub budget: RestartBudget,
@@ -278,6 +280,8 @@ pub struct CoordinatorState {
     finished: VecDeque<String>,
     /// Operators' node states (`cordoned`, `draining`), kept in the database.
     admin: HashMap<String, String>,
+    /// When the retrain policy last looked.
+    retrain_looked: Option<Instant>,
 }
 
 impl Actor for CoordinatorActor {
@@ -304,6 +308,7 @@ impl Actor for CoordinatorActor {
             queue: VecDeque::new(),
             finished: VecDeque::new(),
             admin: HashMap::new(),
+            retrain_looked: None,
         };
         st.admin = st.args.db.node_states().await?.into_iter().collect();
         // Leases of reloaded assignments get a fresh term: their trainers
@@ -447,6 +452,7 @@ impl Actor for CoordinatorActor {
             }
             CoordinatorMsg::Tick => {
                 tick(st).await;
+                retrain_policy(st).await;
                 assign_pending(st).await;
             }
             CoordinatorMsg::RestartConsumer => {
@@ -812,6 +818,98 @@ async fn tick(st: &mut CoordinatorState) {
     let scope = st.args.scope.clone();
     for (name, n) in st.nodes.iter_mut().filter(|(_, n)| n.port.is_none()) {
         n.port = trainer_port_of(&scope, name, &n.roles);
+    }
+}
+
+/// `[retrain]`: every `poll_secs`, each champion with no open job is
+/// retrained (with its kind) once `every_bars` rows were stored after the
+/// data of its (ticker, interval)'s newest version, champion or rejected,
+/// or once that version is `schedule_secs` old. Counting from the newest
+/// version, not the champion, keeps a rejected retrain from being tried
+/// again on the same data.
+async fn retrain_policy(st: &mut CoordinatorState) {
+    let cfg = st.args.retrain.clone();
+    if cfg.every_bars == 0 && cfg.schedule_secs == 0 {
+        return;
+    }
+    if st
+        .retrain_looked
+        .is_some_and(|t| t.elapsed() < Duration::from_secs(cfg.poll_secs))
+    {
+        return;
+    }
+    st.retrain_looked = Some(Instant::now());
+    let champions = match st.args.db.champions().await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "retrain policy: cannot read the champions");
+            return;
+        }
+    };
+    for c in champions {
+        if st.open.contains_key(&(c.ticker.clone(), c.interval)) {
+            continue;
+        }
+        let newest = match st
+            .args
+            .db
+            .models(Some(&c.ticker), Some(c.interval), true)
+            .await
+        {
+            Ok(v) => v.into_iter().max_by_key(|m| m.version).unwrap_or(c.clone()),
+            Err(e) => {
+                warn!(ticker = %c.ticker, interval = %c.interval, error = %e, "retrain policy: cannot read the versions");
+                continue;
+            }
+        };
+        let mut why = None;
+        if cfg.schedule_secs > 0
+            && Utc::now() - newest.created_at >= chrono::Duration::seconds(cfg.schedule_secs as i64)
+        {
+            why = Some(format!(
+                "v{} is {} s old",
+                newest.version, cfg.schedule_secs
+            ));
+        }
+        let data_to = serde_json::from_str::<serde_json::Value>(&newest.metrics)
+            .ok()
+            .and_then(|v| {
+                v["data"]["to"]
+                    .as_str()
+                    .and_then(|t| t.parse::<chrono::DateTime<Utc>>().ok())
+            });
+        if why.is_none() && cfg.every_bars > 0 {
+            if let Some(to) = data_to {
+                match st
+                    .args
+                    .db
+                    .count_aggregated_after(&c.ticker, c.interval, to)
+                    .await
+                {
+                    Ok(n) if n as u64 >= cfg.every_bars => {
+                        why = Some(format!(
+                            "{n} rows stored after v{}'s data (to {to})",
+                            newest.version
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(ticker = %c.ticker, error = %e, "retrain policy: cannot count the new rows")
+                    }
+                }
+            }
+        }
+        let Some(why) = why else {
+            continue;
+        };
+        let kind = c.kind.parse::<ModelKind>().ok();
+        let started = start_jobs(st, vec![c.ticker.clone()], c.interval, kind, None).await;
+        if started.queued > 0 {
+            metrics::counter!("tickmesh_retrains_total").increment(1);
+            info!(ticker = %c.ticker, interval = %c.interval, reason = %why, "retraining the champion");
+        } else if !started.refused.is_empty() {
+            warn!(ticker = %c.ticker, interval = %c.interval, refused = ?started.refused, "retrain policy: not queued");
+        }
     }
 }
 

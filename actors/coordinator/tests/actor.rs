@@ -68,6 +68,7 @@ fn args(db: Db, heartbeat: Duration) -> CoordinatorArgs {
             gate: false,
             ..Default::default()
         },
+        retrain: Default::default(),
         intake: None,
         budget: RestartBudget::new(Default::default()),
         health: None,

@@ -483,6 +483,10 @@ pub struct TrainConfig {
     /// counters) after every this many epochs, so a job handed to another
     /// node goes on from there; 0: never.
     pub snapshot_every: usize,
+    /// A cluster job for a (ticker, interval) that has a champion of the
+    /// same architecture (kind, features, window and sizes) starts from the
+    /// champion's weights instead of the seeded initialisation.
+    pub warm_start: bool,
 }
 
 impl Default for TrainConfig {
@@ -512,6 +516,7 @@ impl Default for TrainConfig {
             cpu_jobs: 1,
             seed: 42,
             snapshot_every: 5,
+            warm_start: true,
         }
     }
 }
@@ -693,8 +698,36 @@ pub struct ClusterConfig {
     pub aggregate: AggregateConfig,
     pub train: TrainConfig,
     pub promotion: PromotionConfig,
+    pub retrain: RetrainConfig,
     pub supervision: SupervisionConfig,
     pub nodes: Vec<NodeConfig>,
+}
+
+/// `[retrain]`: when the coordinator retrains a champion on its own. A
+/// (ticker, interval) with a champion and no open job gets a job (its
+/// champion's model kind) once `every_bars` rows were stored after the data
+/// its newest version (champion or rejected) was trained on, or once that
+/// version is `schedule_secs` old. The new version then faces the
+/// promotion gate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrainConfig {
+    /// New stored rows that call for a retrain (0: never on rows).
+    pub every_bars: u64,
+    /// Age of the newest version that calls for a retrain (0: never on age).
+    pub schedule_secs: u64,
+    /// How often the coordinator looks.
+    pub poll_secs: u64,
+}
+
+impl Default for RetrainConfig {
+    fn default() -> Self {
+        RetrainConfig {
+            every_bars: 0,
+            schedule_secs: 0,
+            poll_secs: 10,
+        }
+    }
 }
 
 /// The error a promotion compares (`[promotion] metric`).
@@ -1086,6 +1119,9 @@ impl ClusterConfig {
         }
         if self.coordinator.max_open_jobs == 0 {
             return bad("coordinator.max_open_jobs", "must be at least 1".into());
+        }
+        if self.retrain.poll_secs == 0 {
+            return bad("retrain.poll_secs", "must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.promotion.margin) {
             return bad(

@@ -11,6 +11,8 @@
 //! - [`read_macro_csv`] + [`crate::fred::publish_macro`]: macro series from a
 //!   CSV file (the committed `data/sample/macrodata.csv`).
 //! - [`crate::alpaca`] and [`crate::fred`]: the market-data APIs.
+//! - [`replay`]: stored bars replayed into `live_bars` at a chosen speed, a
+//!   live feed for demos and tests.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -622,4 +624,126 @@ mod tests {
         let e = read_bar_dir(dir.path(), &[]).unwrap_err().to_string();
         assert!(e.contains("bad.csv") && e.contains("`v`/`volume`"), "{e}");
     }
+}
+
+/// How fast [`replay`] runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Speed {
+    /// `N` times the market's own pace (`60x`: a minute bar a second).
+    Times(f64),
+    /// As fast as the bus takes it.
+    Max,
+}
+
+impl std::str::FromStr for Speed {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "max" {
+            return Ok(Speed::Max);
+        }
+        match s.strip_suffix('x').unwrap_or(s).parse::<f64>() {
+            Ok(n) if n.is_finite() && n > 0.0 => Ok(Speed::Times(n)),
+            _ => Err(Error::invalid(
+                "speed",
+                format!(
+                    "`{}` is not NUMBERx (60x: a minute bar a second) or max",
+                    s.chars().take(20).collect::<String>()
+                ),
+            )),
+        }
+    }
+}
+
+/// What a replay sent so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplayReport {
+    pub bars: usize,
+    pub messages: usize,
+    /// The market time of the last bar sent.
+    pub through: Option<DateTime<Utc>>,
+}
+
+/// Bars waiting to be sent, at most this many (then they go at once).
+const REPLAY_BATCH: usize = 5_000;
+
+/// Replays `bars` (per ticker, in time order) into `live_bars` as a live
+/// feed: in market-time order across tickers, paced at `speed`. The pace
+/// counts each step between two bar times as its real length, except that
+/// a step longer than the bars' interval (the smallest step in the data:
+/// a night, a weekend, a holiday) counts as one interval, so closed
+/// markets do not stall the feed. Bars due at the same moment go together,
+/// one message per ticker-week as the contract wants; `progress` hears
+/// after each send.
+pub async fn replay(
+    publisher: &dyn Publisher,
+    bars: &BTreeMap<String, Vec<Bar>>,
+    speed: Speed,
+    mut progress: impl FnMut(&ReplayReport),
+) -> Result<ReplayReport> {
+    for t in bars.keys() {
+        validate_ticker(t)?;
+    }
+    let mut events: Vec<(DateTime<Utc>, &str, Bar)> = bars
+        .iter()
+        .flat_map(|(t, bs)| bs.iter().map(move |b| (b.t, t.as_str(), *b)))
+        .collect();
+    events.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(b.1)));
+    let interval = events
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .filter(|d| *d > chrono::Duration::zero())
+        .min()
+        .unwrap_or_else(|| chrono::Duration::minutes(1));
+    let mut report = ReplayReport::default();
+    let mut pending: BTreeMap<&str, Vec<Bar>> = BTreeMap::new();
+    let mut waiting = 0usize;
+    let started = tokio::time::Instant::now();
+    let mut market = std::time::Duration::ZERO;
+    let mut last: Option<DateTime<Utc>> = None;
+    for (ts, ticker, bar) in events {
+        if let (Some(prev), Speed::Times(x)) = (last, speed) {
+            if ts > prev {
+                let step = (ts - prev).min(interval);
+                market += step.to_std().unwrap_or_default();
+                let due = started + market.div_f64(x);
+                if due > tokio::time::Instant::now() {
+                    send_pending(publisher, &mut pending, &mut report).await?;
+                    waiting = 0;
+                    progress(&report);
+                    tokio::time::sleep_until(due).await;
+                }
+            }
+        }
+        last = Some(ts);
+        pending.entry(ticker).or_default().push(bar);
+        report.through = Some(ts);
+        waiting += 1;
+        if waiting >= REPLAY_BATCH {
+            send_pending(publisher, &mut pending, &mut report).await?;
+            waiting = 0;
+            progress(&report);
+        }
+    }
+    send_pending(publisher, &mut pending, &mut report).await?;
+    progress(&report);
+    Ok(report)
+}
+
+async fn send_pending(
+    publisher: &dyn Publisher,
+    pending: &mut BTreeMap<&str, Vec<Bar>>,
+    report: &mut ReplayReport,
+) -> Result<()> {
+    for (ticker, bars) in std::mem::take(pending) {
+        for m in weekly_messages(ticker, &bars) {
+            let payload = serde_json::to_vec(&m)
+                .map_err(|e| Error::invalid("bars message", e.to_string()))?;
+            publisher
+                .publish(topics::LIVE_BARS, ticker, &payload, &[])
+                .await?;
+            report.messages += 1;
+            report.bars += m.bars.len();
+        }
+    }
+    Ok(())
 }

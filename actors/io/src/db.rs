@@ -507,6 +507,35 @@ impl Db {
         })
     }
 
+    /// Rows of a series stored after `after`.
+    pub async fn count_aggregated_after(
+        &self,
+        ticker: &str,
+        interval: Interval,
+        after: DateTime<Utc>,
+    ) -> Result<i64> {
+        let sql = self.sql(
+            "SELECT COUNT(*) FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2 AND ts > $3",
+        );
+        let ctx = format!("count aggregated_data {ticker} {interval} after {after}");
+        Ok(match self {
+            Db::Postgres(p) => sqlx::query_scalar(&sql)
+                .bind(ticker)
+                .bind(interval.as_str())
+                .bind(after)
+                .fetch_one(p)
+                .await
+                .map_err(Error::db(ctx))?,
+            Db::Sqlite(p) => sqlx::query_scalar(&sql)
+                .bind(ticker)
+                .bind(interval.as_str())
+                .bind(after)
+                .fetch_one(p)
+                .await
+                .map_err(Error::db(ctx))?,
+        })
+    }
+
     pub async fn count_aggregated(&self, ticker: &str, interval: Interval) -> Result<i64> {
         let sql = self
             .sql("SELECT COUNT(*) FROM aggregated_data WHERE ticker = $1 AND \"interval\" = $2");

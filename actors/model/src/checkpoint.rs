@@ -86,6 +86,10 @@ pub struct Meta {
     /// from another node); absent when it ran from the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from_epoch: Option<usize>,
+    /// The champion version whose weights the fit started from (a warm
+    /// start); absent when it started from the seeded initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_start_from: Option<i64>,
     pub best_epoch: usize,
     pub stopped_early: bool,
     pub initial_val_loss: f64,
@@ -140,6 +144,7 @@ impl Meta {
             },
             epochs_run: fitted.epochs_run,
             resumed_from_epoch: fitted.resumed_from_epoch,
+            warm_start_from: None,
             best_epoch: fitted.best_epoch,
             stopped_early: fitted.stopped_early,
             initial_val_loss: fitted.initial_val_loss,

@@ -154,6 +154,10 @@ pub struct Dataset {
     pub seq_len: usize,
     pub encoder: Encoder,
     pub splits: Splits,
+    /// A permutation of the training samples' targets (a deliberately
+    /// worse model, for the tests of the promotion gate); `None`: each
+    /// sample's own.
+    pub shuffled_targets: Option<Vec<usize>>,
 }
 
 /// Minimum windows per split.
@@ -245,6 +249,7 @@ impl Dataset {
                 target_scale,
             },
             splits,
+            shuffled_targets: None,
         })
     }
 
@@ -278,7 +283,18 @@ impl Dataset {
                 validation: 0..0,
                 test: 0..n,
             },
+            shuffled_targets: None,
         })
+    }
+
+    /// Gives each training sample another training sample's target
+    /// (seeded): a model trained on it learns nothing real. Validation and
+    /// test keep their own targets. Only the gate's tests use it.
+    pub fn shuffle_training_targets(&mut self, seed: u64) {
+        use rand::seq::SliceRandom;
+        let mut perm: Vec<usize> = self.splits.train.clone().collect();
+        perm.shuffle(&mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed));
+        self.shuffled_targets = Some(perm);
     }
 
     pub fn n_samples(&self) -> usize {
@@ -320,7 +336,11 @@ impl Dataset {
         for i in range {
             self.encoder
                 .encode_window(&self.rows[i..i + self.seq_len], &mut x);
-            let (next, last) = self.target_and_last(i);
+            let j = match &self.shuffled_targets {
+                Some(perm) if self.splits.train.contains(&i) => perm[i - self.splits.train.start],
+                _ => i,
+            };
+            let (next, last) = self.target_and_last(j);
             y.push(self.encoder.target_scale.scale((next / last).ln()) as f32);
         }
         let x = Tensor::from_slice(&x)

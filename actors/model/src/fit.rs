@@ -349,6 +349,12 @@ pub trait FitHooks {
     fn snapshot(&mut self, _s: Snapshot) -> Result<()> {
         Ok(())
     }
+    /// Weights to start from instead of the seeded initialisation (a warm
+    /// start from the champion), every parameter by name; not used when the
+    /// fit resumes from a snapshot. Shapes are checked.
+    fn initial_weights(&mut self) -> Option<Vec<(String, Tensor)>> {
+        None
+    }
 }
 
 struct Progress<F>(F);
@@ -391,6 +397,29 @@ pub fn fit_with(
     let mut vs = nn::VarStore::new(device);
     let model = build(&vs.root(), &arch);
     init_seeded(&vs, &arch, cfg.seed);
+    if resume.is_none() {
+        if let Some(start) = hooks.initial_weights() {
+            let vars = vs.variables();
+            if start.len() != vars.len() {
+                return Err(Error::invalid(
+                    "warm start",
+                    format!("{} tensors for a model of {}", start.len(), vars.len()),
+                ));
+            }
+            for (name, t) in start {
+                let dst = vars.get(&name).ok_or_else(|| {
+                    Error::invalid("warm start", format!("the model has no `{name}`"))
+                })?;
+                if dst.size() != t.size() {
+                    return Err(Error::invalid(
+                        "warm start",
+                        format!("`{name}` has shape {:?}, not {:?}", t.size(), dst.size()),
+                    ));
+                }
+                tch::no_grad(|| dst.shallow_clone().copy_(&t.to_device(device)));
+            }
+        }
+    }
     let mut best = nn::VarStore::new(device);
     let _shadow = build(&best.root(), &arch);
     best.copy(&vs).map_err(terr)?;

@@ -73,6 +73,8 @@ pub struct TrainOutcome {
     /// The champion of the (ticker, interval) when the job started, scored
     /// on this version's test window (the promotion gate compares them).
     pub champion: Option<ChampionScore>,
+    /// The data it was trained on (the retrain policy counts rows after it).
+    pub data: tickmesh_model::checkpoint::DataRange,
 }
 
 /// The champion, scored on a challenger's test window.
@@ -93,14 +95,30 @@ impl TrainOutcome {
     pub fn metrics_json(&self) -> Result<String> {
         let mut v = serde_json::to_value(self.metrics)
             .map_err(|e| Error::invalid("metrics", e.to_string()))?;
-        if let (Some(c), Some(o)) = (&self.champion, v.as_object_mut()) {
+        let enc = |e: serde_json::Error| Error::invalid("metrics", e.to_string());
+        if let Some(o) = v.as_object_mut() {
+            if let Some(c) = &self.champion {
+                o.insert("champion".into(), serde_json::to_value(c).map_err(enc)?);
+            }
             o.insert(
-                "champion".into(),
-                serde_json::to_value(c).map_err(|e| Error::invalid("metrics", e.to_string()))?,
+                "data".into(),
+                serde_json::to_value(&self.data).map_err(enc)?,
             );
         }
         Ok(v.to_string())
     }
+}
+
+/// Whether a checkpoint's model has the architecture `c` trains (its
+/// weights can start the fit).
+fn same_shape(m: &Meta, c: &TrainConfig) -> bool {
+    m.kind == c.model
+        && m.features == c.features
+        && m.seq_len == c.seq_len
+        && m.hidden == c.hidden
+        && m.layers == c.layers
+        && (m.kind != ModelKind::CnnLstm
+            || (m.conv_channels == c.conv_channels && m.kernel_size == c.kernel_size))
 }
 
 /// The champion's checkpoint and rows when a job starts; `Ok(None)` without
@@ -235,6 +253,8 @@ struct JobHooks<P> {
     rt: tokio::runtime::Handle,
     progress: P,
     last: Option<EpochProgress>,
+    /// The champion's weights to start from (a warm start).
+    warm: Option<Vec<(String, tch::Tensor)>>,
 }
 
 impl<P: FnMut(EpochProgress, Option<String>)> JobHooks<P> {
@@ -255,6 +275,10 @@ impl<P: FnMut(EpochProgress, Option<String>)> FitHooks for JobHooks<P> {
 
     fn snapshot_every(&self) -> usize {
         self.every
+    }
+
+    fn initial_weights(&mut self) -> Option<Vec<(String, tch::Tensor)>> {
+        self.warm.take()
     }
 
     fn snapshot(&mut self, s: Snapshot) -> Result<()> {
@@ -362,6 +386,7 @@ pub async fn train_job(
         rt: tokio::runtime::Handle::current(),
         progress,
         last: None,
+        warm: None,
     };
     let job_id = job.id.clone();
     let (meta, files, champion) = tokio::task::spawn_blocking(move || -> Result<(Meta, Files, Option<ChampionScore>)> {
@@ -369,13 +394,20 @@ pub async fn train_job(
         if std::env::var("TICKMESH_FAILPOINT_PANIC_TICKER").is_ok_and(|t| t == ticker) {
             panic!("failpoint TICKMESH_FAILPOINT_PANIC_TICKER={ticker}");
         }
-        let ds = Dataset::build(
+        let mut ds = Dataset::build(
             &rows,
             &c.features,
             c.seq_len,
             c.val_fraction,
             c.test_fraction,
         )?;
+        // Failpoint for the promotion gate's tests: a deliberately worse
+        // model (trained on shuffled targets, from scratch).
+        let sabotaged = std::env::var("TICKMESH_FAILPOINT_SHUFFLE_TARGETS").is_ok_and(|t| t == ticker);
+        if sabotaged {
+            warn!(job = %job_id, "failpoint: training on shuffled targets");
+            ds.shuffle_training_targets(version as u64);
+        }
         if let Some(s) = &resume {
             if s.state.fingerprint != fingerprint(&ds, &c) {
                 warn!(job = %job_id, "the snapshot was taken on other data or hyperparameters; training starts from scratch");
@@ -384,9 +416,21 @@ pub async fn train_job(
                 info!(job = %job_id, epoch = s.state.epoch, "resuming from the snapshot");
             }
         }
+        // A warm start from a champion of the same architecture (a resumed
+        // fit has its own weights).
+        let warm_from = match (&champion, &resume) {
+            (Some((v, Ok((m, w, _)))), None) if c.warm_start && !sabotaged && same_shape(m, &c) => {
+                let (vs, _) = checkpoint::load_model(m, w, tch::Device::Cpu)?;
+                hooks.warm = Some(vs.variables().into_iter().collect());
+                info!(job = %job_id, champion = v, "warm start from the champion's weights");
+                Some(*v)
+            }
+            _ => None,
+        };
         let fitted = fit_with(ds, &c, device, resume, &mut hooks)?;
         let weights = checkpoint::weights_bytes(&fitted.vs)?;
-        let meta = Meta::of(&fitted, &c, &indicators, &ticker, interval, version, &weights);
+        let mut meta = Meta::of(&fitted, &c, &indicators, &ticker, interval, version, &weights);
+        meta.warm_start_from = warm_from;
         let files = Files::new(&meta, weights, &fitted.test_points)?;
         // The champion on this version's test window.
         let champion = champion.map(|(version, read)| {
@@ -454,5 +498,6 @@ pub async fn train_job(
         kind: meta.kind,
         metrics: meta.metrics,
         champion,
+        data: meta.data.clone(),
     })
 }
