@@ -121,7 +121,7 @@ pub async fn start(
         aggregator: Slot::default(),
         coordinator: Slot::default(),
         registry: Slot::default(),
-        models: Table::default(),
+        models: Table::new(cfg.retrain.drift_bars),
         ready: Readiness::default(),
         mesh: None,
         root: None,
@@ -338,6 +338,7 @@ pub async fn start(
             db: adapters.db.clone(),
             table: node.models.clone(),
             serve: cfg.serve.clone(),
+            retrain: cfg.retrain.clone(),
             supervision: cfg.supervision.clone(),
         };
         children.push(ChildSpec::actor_in(

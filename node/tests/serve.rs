@@ -10,7 +10,10 @@
 //!   ticker serving;
 //! - past the limits requests get 429 / 503 with `Retry-After`; abandoned
 //!   requests stop computing; concurrent requests share one computation;
-//! - bad input gets a short, clear 400.
+//! - bad input gets a short, clear 400;
+//! - the served version's one-step error on the bars stored after its
+//!   training data (its live error, for the drift trigger) equals the
+//!   model's predictions computed independently.
 
 mod common;
 
@@ -551,5 +554,76 @@ async fn twenty_promotions_under_load_fail_no_request() {
     assert!(pb < pq * 2, "p99 {pb:?} during swaps, {pq:?} without");
     // The last promotion (of v1) is what serves.
     s.wait_serving("TSTW", 1).await;
+    s.node.stop().await;
+}
+
+/// The predictor scores the served version on the stored bars after its
+/// training data and records the live error: equal to the one-step errors
+/// computed here from the same checkpoint and rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_error_is_the_one_step_error_on_the_bars_after_the_training_data() {
+    let s = serve(&["TSTV"], |c| {
+        c.retrain.poll_secs = 1;
+        c.retrain.drift_bars = 12;
+    })
+    .await;
+    // Trained on the rows up to 2024-04-10: the last two days are live.
+    let until: chrono::DateTime<chrono::Utc> = "2024-04-10T20:00:00Z".parse().unwrap();
+    let (meta, f) = s.train_until("TSTV", 1, Some(until)).await;
+    assert!(meta.data.to <= until);
+    s.release("TSTV", 1, &f, &f.digest).await;
+    s.wait_serving("TSTV", 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let recorded = loop {
+        if let Some(l) = s.a.db.live_error("TSTV", I, 1).await.unwrap() {
+            break l;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no live error recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Independently: every stored row, the same checkpoint, a history per bar.
+    let columns = s.cfg.features.columns();
+    let rows =
+        s.a.db
+            .read_aggregated("TSTV", I, &columns, None)
+            .await
+            .unwrap();
+    let fc = tickmesh_model::forecast::Forecaster::load(meta.clone(), &f.weights).unwrap();
+    let live: Vec<usize> = (0..rows.len())
+        .filter(|&k| rows[k].ts > meta.data.to)
+        .collect();
+    let scored = &live[live.len().saturating_sub(12)..];
+    assert_eq!(scored.len(), 12, "two live days of 15-minute bars");
+    let mut sq = 0.0;
+    let mut scratch = tickmesh_model::native::Scratch::default();
+    for &k in scored {
+        let h = fc.history_of(&rows[..k]).unwrap();
+        let p = fc.next_close(&h, &mut scratch).unwrap();
+        let actual = tickmesh_features::Ohlcv::of_row(&rows[k].values).unwrap().c;
+        sq += (p - actual).powi(2);
+    }
+    let rmse = (sq / 12.0).sqrt();
+    println!(
+        "live rmse {} (recorded {}), test rmse {}",
+        rmse, recorded.rmse, meta.metrics.model.rmse
+    );
+    assert_eq!(recorded.bars, 12);
+    assert_eq!(recorded.through, rows[*scored.last().unwrap()].ts);
+    assert!(
+        (recorded.rmse - rmse).abs() <= 1e-12 * rmse,
+        "recorded {} against {rmse}",
+        recorded.rmse
+    );
+    let p = s.predictor("TSTV").await;
+    assert_eq!(p["live"]["bars"], 12, "{p}");
+    assert!(
+        s.metric("tickmesh_model_live_rmse", &[("ticker", "TSTV")])
+            .await
+            > 0.0,
+        "the live RMSE on /metrics"
+    );
     s.node.stop().await;
 }

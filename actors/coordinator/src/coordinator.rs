@@ -829,7 +829,7 @@ async fn tick(st: &mut CoordinatorState) {
 /// again on the same data.
 async fn retrain_policy(st: &mut CoordinatorState) {
     let cfg = st.args.retrain.clone();
-    if cfg.every_bars == 0 && cfg.schedule_secs == 0 {
+    if cfg.every_bars == 0 && cfg.schedule_secs == 0 && cfg.drift == 0.0 {
         return;
     }
     if st
@@ -897,6 +897,35 @@ async fn retrain_policy(st: &mut CoordinatorState) {
                         warn!(ticker = %c.ticker, error = %e, "retrain policy: cannot count the new rows")
                     }
                 }
+            }
+        }
+        // Drift: once per champion (no version trained since it).
+        if why.is_none() && cfg.drift > 0.0 && newest.version == c.version {
+            let test = serde_json::from_str::<serde_json::Value>(&c.metrics)
+                .ok()
+                .and_then(|v| v["model"]["rmse"].as_f64())
+                .filter(|r| r.is_finite() && *r > 0.0);
+            match (
+                st.args
+                    .db
+                    .live_error(&c.ticker, c.interval, c.version)
+                    .await,
+                test,
+            ) {
+                (Ok(Some(l)), Some(test))
+                    if l.bars as usize >= cfg.drift_bars && l.rmse > (1.0 + cfg.drift) * test =>
+                {
+                    why = Some(format!(
+                        "drift: the live RMSE {:.6} over {} bars is {:.2} times the test RMSE {test:.6}",
+                        l.rmse,
+                        l.bars,
+                        l.rmse / test
+                    ));
+                }
+                (Err(e), _) => {
+                    warn!(ticker = %c.ticker, error = %e, "retrain policy: cannot read the live error")
+                }
+                _ => {}
             }
         }
         let Some(why) = why else {

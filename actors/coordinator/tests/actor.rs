@@ -10,6 +10,10 @@
 //!   node once its lease has run out, not before.
 //! - A `start_model` record that cannot be recorded (the database is gone)
 //!   is not committed: it stays in the spool to be read again.
+//! - The retrain policy's drift trigger: a champion whose live error (as a
+//!   serve node records it) exceeds `(1 + drift)` times its test error is
+//!   retrained, once; one within the bound, or with a version trained
+//!   since, is not.
 //! - The promotion gate: a version that beats naive and the champion on
 //!   its test window becomes champion and goes to the predictors; one that
 //!   does not, or was compared with a champion that changed meanwhile, is
@@ -634,5 +638,76 @@ async fn the_gate_promotes_only_a_version_that_beats_naive_and_the_champion() {
     .unwrap()
     .unwrap();
     assert_eq!(m.version, v2);
+    c.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_of_the_live_error_retrains_a_champion_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let tickers = ["DRIFTA", "DRIFTB", "DRIFTC"];
+    let db = db(dir.path(), &tickers).await;
+    let data_to = Utc.with_ymd_and_hms(2024, 1, 2, 21, 0, 0).unwrap();
+    let metrics = serde_json::json!({
+        "model": { "rmse": 1.0 }, "naive": { "rmse": 1.1 },
+        "data": { "from": data_to, "to": data_to, "rows": 100 },
+    })
+    .to_string();
+    let live = |t: &str, v: i64, rmse: f64| tickmesh_io::db::LiveError {
+        ticker: t.into(),
+        interval: I,
+        version: v,
+        bars: 30,
+        rmse,
+        through: data_to + chrono::Duration::days(3),
+    };
+    for t in tickers {
+        db.insert_model_version(&ModelVersion {
+            ticker: t.into(),
+            metrics: metrics.clone(),
+            ..model(1)
+        })
+        .await
+        .unwrap();
+    }
+    // A: live error 1.2 times the test error, within the bound of 1.5.
+    db.record_live_error(&live("DRIFTA", 1, 1.2)).await.unwrap();
+    // B: twice the test error, but a version was trained since (rejected).
+    db.record_live_error(&live("DRIFTB", 1, 2.0)).await.unwrap();
+    db.insert_model_version(&ModelVersion {
+        ticker: "DRIFTB".into(),
+        status: "rejected".into(),
+        metrics: metrics.clone(),
+        ..model(2)
+    })
+    .await
+    .unwrap();
+    // C: twice the test error: retrained.
+    db.record_live_error(&live("DRIFTC", 1, 2.0)).await.unwrap();
+
+    let mut a = args(db.clone(), Duration::from_millis(100));
+    a.retrain = tickmesh_core::config::RetrainConfig {
+        drift: 0.5,
+        drift_bars: 30,
+        poll_secs: 1,
+        ..Default::default()
+    };
+    let scope = a.scope.clone();
+    let (c, _) = Actor::spawn(None, CoordinatorActor, a).await.unwrap();
+    let (_t, mut rx) = trainer(&scope, "d1").await;
+    register(&c, "d1").await;
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a drift retrain")
+        .map(assignment)
+        .unwrap();
+    assert_eq!(first.ticker, "DRIFTC");
+    assert_eq!(first.model, "gru", "the champion's kind");
+    // Nothing for A or B over a few more looks.
+    let more = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await;
+    assert!(
+        more.is_err(),
+        "unexpected job: {:?}",
+        more.map(|m| m.map(assignment))
+    );
     c.stop(None);
 }

@@ -716,8 +716,16 @@ pub struct RetrainConfig {
     pub every_bars: u64,
     /// Age of the newest version that calls for a retrain (0: never on age).
     pub schedule_secs: u64,
-    /// How often the coordinator looks.
+    /// How often the coordinator looks (and serve nodes record each served
+    /// version's live error).
     pub poll_secs: u64,
+    /// Drift: retrain when a champion's one-step RMSE on the last
+    /// `drift_bars` stored bars after its training data exceeds `(1 +
+    /// drift)` times its test RMSE (0: never on drift). Once per champion:
+    /// after a retrain, new rows and the schedule decide.
+    pub drift: f64,
+    /// The bars the live error is measured on.
+    pub drift_bars: usize,
 }
 
 impl Default for RetrainConfig {
@@ -726,6 +734,8 @@ impl Default for RetrainConfig {
             every_bars: 0,
             schedule_secs: 0,
             poll_secs: 10,
+            drift: 0.0,
+            drift_bars: 30,
         }
     }
 }
@@ -1122,6 +1132,15 @@ impl ClusterConfig {
         }
         if self.retrain.poll_secs == 0 {
             return bad("retrain.poll_secs", "must be at least 1".into());
+        }
+        if !(self.retrain.drift.is_finite() && self.retrain.drift >= 0.0) {
+            return bad(
+                "retrain.drift",
+                format!("{} is not a fraction of at least 0", self.retrain.drift),
+            );
+        }
+        if !(2..=100_000).contains(&self.retrain.drift_bars) {
+            return bad("retrain.drift_bars", "must be 2 ..= 100000".into());
         }
         if !(0.0..1.0).contains(&self.promotion.margin) {
             return bad(

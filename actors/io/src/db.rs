@@ -37,6 +37,20 @@ pub struct ModelVersion {
     pub created_at: DateTime<Utc>,
 }
 
+/// A served version's one-step error on the stored bars after its
+/// training data (table `live_errors`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveError {
+    pub ticker: String,
+    pub interval: Interval,
+    pub version: i64,
+    /// Bars scored (the last `[retrain] drift_bars` at most).
+    pub bars: i64,
+    pub rmse: f64,
+    /// The newest bar scored.
+    pub through: DateTime<Utc>,
+}
+
 /// The life of a training job (table `jobs`): `queued` → `assigned` (node,
 /// epoch, version, lease) → `done` | `failed`; a failed attempt or a lost
 /// lease goes back to `queued` (with `not_before`) while attempts remain.
@@ -296,6 +310,9 @@ impl Db {
             format!(
                 "CREATE TABLE IF NOT EXISTS aggregate_requests (id TEXT PRIMARY KEY, trigger TEXT NOT NULL, tickers TEXT NOT NULL, \"interval\" TEXT NOT NULL, state TEXT NOT NULL, outcome TEXT NOT NULL, node TEXT NOT NULL, attempts BIGINT NOT NULL, lease_until {ts} NOT NULL, created_at {ts} NOT NULL, updated_at {ts} NOT NULL)"
             ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS live_errors (ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, version BIGINT NOT NULL, bars BIGINT NOT NULL, rmse {real} NOT NULL, through {ts} NOT NULL, updated_at {ts} NOT NULL, PRIMARY KEY (ticker, \"interval\", version))"
+            ),
             "CREATE TABLE IF NOT EXISTS ingest_members (grp TEXT NOT NULL, topic TEXT NOT NULL, member TEXT NOT NULL, expires_ms BIGINT NOT NULL, PRIMARY KEY (grp, topic, member))".to_string(),
             "CREATE TABLE IF NOT EXISTS ingest_leases (grp TEXT NOT NULL, topic TEXT NOT NULL, part BIGINT NOT NULL, owner TEXT NOT NULL, epoch BIGINT NOT NULL, expires_ms BIGINT NOT NULL, PRIMARY KEY (grp, topic, part))".to_string(),
             format!(
@@ -499,6 +516,76 @@ impl Db {
                     .await
                     .map_err(Error::db(ctx))?;
                 rows.iter().rev().map(|r| (r.get(0), r.get(1))).collect()
+            }};
+        }
+        Ok(match self {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        })
+    }
+
+    /// Records a served version's one-step error on the stored bars after
+    /// its training data (a serve node's predictor; the retrain policy
+    /// reads it for drift).
+    pub async fn record_live_error(&self, e: &LiveError) -> Result<()> {
+        let sql = self.sql(
+            "INSERT INTO live_errors (ticker, \"interval\", version, bars, rmse, through, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (ticker, \"interval\", version) DO UPDATE SET bars = excluded.bars, rmse = excluded.rmse, through = excluded.through, updated_at = excluded.updated_at",
+        );
+        let ctx = format!(
+            "record the live error of {} {} v{}",
+            e.ticker, e.interval, e.version
+        );
+        macro_rules! run {
+            ($pool:expr) => {
+                sqlx::query(&sql)
+                    .bind(&e.ticker)
+                    .bind(e.interval.as_str())
+                    .bind(e.version)
+                    .bind(e.bars)
+                    .bind(e.rmse)
+                    .bind(e.through)
+                    .bind(Utc::now())
+                    .execute($pool)
+                    .await
+                    .map_err(Error::db(ctx))?
+                    .rows_affected()
+            };
+        }
+        match self {
+            Db::Postgres(p) => run!(p),
+            Db::Sqlite(p) => run!(p),
+        };
+        Ok(())
+    }
+
+    /// The live error recorded for a version, if any.
+    pub async fn live_error(
+        &self,
+        ticker: &str,
+        interval: Interval,
+        version: i64,
+    ) -> Result<Option<LiveError>> {
+        let sql = self.sql(
+            "SELECT bars, rmse, through FROM live_errors WHERE ticker = $1 AND \"interval\" = $2 AND version = $3",
+        );
+        let ctx = format!("read the live error of {ticker} {interval} v{version}");
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                sqlx::query(&sql)
+                    .bind(ticker)
+                    .bind(interval.as_str())
+                    .bind(version)
+                    .fetch_optional($pool)
+                    .await
+                    .map_err(Error::db(ctx))?
+                    .map(|r| LiveError {
+                        ticker: ticker.to_string(),
+                        interval,
+                        version,
+                        bars: r.get(0),
+                        rmse: r.get(1),
+                        through: r.get(2),
+                    })
             }};
         }
         Ok(match self {

@@ -243,6 +243,13 @@ impl Forecaster {
             .forward(&self.window(h)?, &mut Scratch::default()))
     }
 
+    /// The close the model predicts for the bar after the end of `h`.
+    pub fn next_close(&self, h: &History, scratch: &mut Scratch) -> Result<f64> {
+        let z = self.model.forward(&self.window(h)?, scratch) as f64;
+        let (_, last) = h.last().expect("a window implies a last bar");
+        Ok(self.encoder.target_scale.close_after(last.c, z))
+    }
+
     /// Forecasts `n_steps` closes after the end of `h` (which is left as it is).
     pub fn forecast(&self, h: &History, n_steps: usize) -> Result<Vec<ForecastPoint>> {
         let mut h = h.clone();

@@ -183,6 +183,40 @@ struct HistorySlot {
     history: Option<Arc<History>>,
     fetched: Option<Instant>,
     generation: u64,
+    /// The served version's one-step errors on the stored bars after its
+    /// training data.
+    live: Option<LiveTrack>,
+}
+
+/// One version's live one-step errors (the last `window` of them).
+struct LiveTrack {
+    version: i64,
+    /// The last bar of the version's training data: bars after it are live.
+    data_to: DateTime<Utc>,
+    /// (bar time, squared error of the predicted close).
+    errors: std::collections::VecDeque<(DateTime<Utc>, f64)>,
+    window: usize,
+}
+
+impl LiveTrack {
+    fn push(&mut self, ts: DateTime<Utc>, err: f64) {
+        self.errors.push_back((ts, err * err));
+        while self.errors.len() > self.window {
+            self.errors.pop_front();
+        }
+    }
+}
+
+/// A served version's one-step error on the stored bars after its
+/// training data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LiveScore {
+    pub version: i64,
+    /// Bars scored (at most `[retrain] drift_bars`, the newest).
+    pub bars: usize,
+    pub rmse: f64,
+    /// The newest bar scored.
+    pub through: DateTime<Utc>,
 }
 
 /// One (ticker, interval): see the module header.
@@ -190,6 +224,8 @@ pub struct ModelHandle {
     pub ticker: String,
     pub interval: Interval,
     events: tokio::sync::broadcast::Sender<ModelEvent>,
+    /// Bars the live error is measured on (`[retrain] drift_bars`).
+    live_window: usize,
     served: watch::Sender<Option<Arc<Served>>>,
     status: watch::Sender<Status>,
     history: Mutex<HistorySlot>,
@@ -202,11 +238,13 @@ impl ModelHandle {
         ticker: &str,
         interval: Interval,
         events: tokio::sync::broadcast::Sender<ModelEvent>,
+        live_window: usize,
     ) -> Arc<Self> {
         Arc::new(ModelHandle {
             ticker: ticker.to_string(),
             interval,
             events,
+            live_window,
             served: watch::Sender::new(None),
             status: watch::Sender::new(Status::default()),
             history: Mutex::new(HistorySlot::default()),
@@ -254,7 +292,10 @@ impl ModelHandle {
     }
 
     /// The stored history for `forecaster`'s shape, re-read when older than
-    /// `refresh` (or of another shape), with its generation.
+    /// `refresh` (or of another shape), with its generation. When
+    /// `forecaster` is the version served, the stored bars after its
+    /// training data are scored on the way (its live error, [`Self::live`]);
+    /// a newly served version is scored from its data on.
     pub async fn history(
         &self,
         db: &Db,
@@ -263,19 +304,42 @@ impl ModelHandle {
     ) -> tickmesh_core::Result<(Arc<History>, u64)> {
         let mut slot = self.history.lock().await;
         let empty = forecaster.history();
+        let version = forecaster.meta.version;
+        let scoring = self.served().is_some_and(|s| s.info.version == version);
+        let rescore = scoring && slot.live.as_ref().map(|l| l.version) != Some(version);
         let fresh = slot.fetched.is_some_and(|t| t.elapsed() < refresh);
         if let Some(h) = slot.history.as_ref().filter(|h| h.same_shape(&empty)) {
-            if fresh {
+            if fresh && !rescore {
                 return Ok((h.clone(), slot.generation));
             }
         }
         let mut cached = slot
             .history
             .as_ref()
-            .filter(|h| h.same_shape(&empty))
+            .filter(|h| h.same_shape(&empty) && !rescore)
             .map(|h| (**h).clone());
         let before = cached.clone();
-        let read = refresh_history(db, &self.ticker, self.interval, &mut cached, empty).await;
+        let mut track = scoring.then(|| match slot.live.take() {
+            Some(l) if !rescore => l,
+            _ => LiveTrack {
+                version,
+                data_to: forecaster.meta.data.to,
+                errors: Default::default(),
+                window: self.live_window,
+            },
+        });
+        let read = refresh_history(
+            db,
+            &self.ticker,
+            self.interval,
+            &mut cached,
+            empty,
+            track.as_mut().map(|t| (t, forecaster)),
+        )
+        .await;
+        if scoring {
+            slot.live = track;
+        }
         if let Err(e) = read {
             slot.history = None;
             slot.fetched = None;
@@ -288,6 +352,21 @@ impl ModelHandle {
         slot.fetched = Some(Instant::now());
         let h = slot.history.clone().expect("refreshed");
         Ok((h, slot.generation))
+    }
+
+    /// The served version's live error as scored so far (`None` before a
+    /// bar after its training data was stored and scored).
+    pub async fn live(&self) -> Option<LiveScore> {
+        let slot = self.history.lock().await;
+        let l = slot.live.as_ref()?;
+        let (through, _) = *l.errors.back()?;
+        let mse = l.errors.iter().map(|(_, e)| e).sum::<f64>() / l.errors.len() as f64;
+        Some(LiveScore {
+            version: l.version,
+            bars: l.errors.len(),
+            rmse: mse.sqrt(),
+            through,
+        })
     }
 
     /// Answers one forecast request (see the module header).
@@ -623,15 +702,36 @@ fn failpoint_panic(ticker: &str) {
 /// Brings a cached history up to date with `aggregated_data`: the rows from
 /// the cached last bar on are read again; when that bar was rewritten (a
 /// re-aggregation revised it) or the row count says earlier rows changed,
-/// the history is rebuilt from every stored row.
+/// the history is rebuilt from every stored row. With `score`, each stored
+/// bar after the version's training data that is pushed (the last `window`
+/// of them in a rebuild) is first predicted from the history before it,
+/// and the error recorded.
 async fn refresh_history(
     db: &Db,
     ticker: &str,
     interval: Interval,
     cache: &mut Option<History>,
     empty: History,
+    mut score: Option<(&mut LiveTrack, &Forecaster)>,
 ) -> tickmesh_core::Result<()> {
     let columns = empty.columns();
+    let mut scratch = Scratch::default();
+    let mut push = |h: &mut History,
+                    r: &tickmesh_core::types::AggRow,
+                    scored: bool,
+                    score: &mut Option<(&mut LiveTrack, &Forecaster)>|
+     -> tickmesh_core::Result<()> {
+        if let Some((track, f)) = score.as_mut() {
+            if scored && r.ts > track.data_to {
+                let actual = tickmesh_features::Ohlcv::of_row(&r.values).map(|b| b.c);
+                // Too little history, or undefined features: not scored.
+                if let (Ok(p), Some(c)) = (f.next_close(h, &mut scratch), actual) {
+                    track.push(r.ts, p - c);
+                }
+            }
+        }
+        h.push_stored(r)
+    };
     if let Some(h) = cache.as_mut().filter(|h| h.same_shape(&empty)) {
         if let (Some((t, _)), Some(kept)) = (h.last(), h.last_row().map(<[_]>::to_vec)) {
             let rows = db
@@ -648,7 +748,7 @@ async fn refresh_history(
             let stored = db.count_aggregated(ticker, interval).await?;
             if same_last && stored as u64 == h.bars() + rows.len() as u64 - 1 {
                 for r in &rows[1..] {
-                    h.push_stored(r)?;
+                    push(h, r, true, &mut score)?;
                 }
                 return Ok(());
             }
@@ -656,8 +756,13 @@ async fn refresh_history(
     }
     let rows = db.read_aggregated(ticker, interval, &columns, None).await?;
     let mut h = empty;
-    for r in &rows {
-        h.push_stored(r)?;
+    if let Some((track, _)) = score.as_mut() {
+        track.errors.clear();
+    }
+    let window = score.as_ref().map_or(0, |(t, _)| t.window);
+    let first_scored = rows.len().saturating_sub(window);
+    for (i, r) in rows.iter().enumerate() {
+        push(&mut h, r, i >= first_scored, &mut score)?;
     }
     *cache = Some(h);
     Ok(())
@@ -671,17 +776,29 @@ async fn refresh_history(
 pub struct Table(
     Arc<RwLock<Handles>>,
     tokio::sync::broadcast::Sender<ModelEvent>,
+    /// Bars each model's live error is measured on.
+    usize,
 );
 
 impl Default for Table {
     fn default() -> Self {
-        Table(Arc::default(), tokio::sync::broadcast::channel(256).0)
+        Table::new(tickmesh_core::config::RetrainConfig::default().drift_bars)
     }
 }
 
 type Handles = BTreeMap<(String, Interval), Arc<ModelHandle>>;
 
 impl Table {
+    /// An empty table whose models measure their live error on the last
+    /// `live_window` bars (`[retrain] drift_bars`).
+    pub fn new(live_window: usize) -> Self {
+        Table(
+            Arc::default(),
+            tokio::sync::broadcast::channel(256).0,
+            live_window.max(1),
+        )
+    }
+
     /// The handle of (ticker, interval), if a version was ever announced for it.
     pub fn get(&self, ticker: &str, interval: Interval) -> Option<Arc<ModelHandle>> {
         // Nothing panics while the lock is held (a clone, an insert), so
@@ -702,7 +819,7 @@ impl Table {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .entry((ticker.to_string(), interval))
-            .or_insert_with(|| ModelHandle::new(ticker, interval, self.1.clone()))
+            .or_insert_with(|| ModelHandle::new(ticker, interval, self.1.clone(), self.2))
             .clone()
     }
 

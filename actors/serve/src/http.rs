@@ -400,7 +400,7 @@ async fn train_status(State(st): State<HttpState>, Path(id): Path<String>) -> Re
 /// One predictor for `/ml/models`: what it serves (the model's fields, as
 /// the original listed them; absent while nothing is served), and its
 /// `state`, `loading`, `retry`, `refused` and `restarts`.
-fn describe(h: &ModelHandle) -> serde_json::Value {
+async fn describe(h: &ModelHandle) -> serde_json::Value {
     let served = h.served();
     let st = h.status();
     let state = if served.is_some() {
@@ -426,6 +426,7 @@ fn describe(h: &ModelHandle) -> serde_json::Value {
         ("retry", json!(st.retry)),
         ("refused", json!(st.refused)),
         ("restarts", json!(st.restarts)),
+        ("live", json!(h.live().await)),
     ] {
         entry.insert(k.into(), v);
     }
@@ -433,7 +434,10 @@ fn describe(h: &ModelHandle) -> serde_json::Value {
 }
 
 async fn models(State(st): State<HttpState>) -> Response {
-    let list: Vec<_> = st.table.all().iter().map(|h| describe(h)).collect();
+    let mut list = Vec::new();
+    for h in st.table.all() {
+        list.push(describe(&h).await);
+    }
     Json(json!({ "models": list })).into_response()
 }
 
@@ -484,7 +488,10 @@ async fn model_detail(State(st): State<HttpState>, Path(raw): Path<String>) -> R
         keys.sort();
         keys.dedup();
         for i in keys {
-            let predictor = served.iter().find(|h| h.interval == i).map(|h| describe(h));
+            let predictor = match served.iter().find(|h| h.interval == i) {
+                Some(h) => Some(describe(h).await),
+                None => None,
+            };
             let mut versions = by_interval.remove(&i).unwrap_or_default();
             versions.reverse();
             intervals.push(json!({

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Serialize;
-use tickmesh_core::config::{ModelKind, ServeConfig};
+use tickmesh_core::config::{ModelKind, RetrainConfig, ServeConfig};
 use tickmesh_core::types::Interval;
 use tickmesh_core::Error;
 use tickmesh_io::db::Db;
@@ -93,6 +93,9 @@ pub enum PredictorMsg {
     Loaded(i64, Result<Box<Served>, LoadError>),
     /// Try the load of this version again (a timer after a passing failure).
     Retry(i64),
+    /// Score the served version on the stored bars after its training data
+    /// and record its live error (every `[retrain] poll_secs`).
+    Watch,
 }
 
 impl ractor::Message for PredictorMsg {}
@@ -103,6 +106,7 @@ pub struct PredictorArgs {
     pub store: SharedStore,
     pub db: Db,
     pub cfg: ServeConfig,
+    pub retrain: RetrainConfig,
 }
 
 pub struct PredictorState {
@@ -115,7 +119,14 @@ pub struct PredictorState {
     loading: Option<i64>,
     /// Failed tries of `wanted` in a row.
     attempts: u32,
+    /// A `Watch` is running (the next one waits its turn).
+    watching: Arc<std::sync::atomic::AtomicBool>,
+    /// The newest bar whose live error was recorded, per version.
+    recorded: Arc<tokio::sync::Mutex<Option<Recorded>>>,
 }
+
+/// The version and newest bar of the last live error recorded.
+type Recorded = (i64, chrono::DateTime<chrono::Utc>);
 
 pub fn info_of(meta: &Meta) -> ModelInfo {
     ModelInfo {
@@ -219,6 +230,48 @@ async fn load(a: &PredictorArgs, v: &VersionRef) -> Result<Served, LoadError> {
     Ok(Served { forecaster, info })
 }
 
+/// Scores the served version on the stored bars after its training data
+/// (the handle's history refresh does it) and records its live error
+/// (`live_errors`, `tickmesh_model_live_rmse*`) when a new bar was scored.
+async fn watch_live(
+    a: &PredictorArgs,
+    served: &Served,
+    recorded: &tokio::sync::Mutex<Option<Recorded>>,
+) -> tickmesh_core::Result<()> {
+    let h = &a.handle;
+    h.history(&a.db, &served.forecaster, Duration::ZERO).await?;
+    let Some(live) = h.live().await else {
+        return Ok(());
+    };
+    if live.version != served.info.version {
+        return Ok(());
+    }
+    let labels = [
+        ("ticker", h.ticker.clone()),
+        ("interval", h.interval.to_string()),
+    ];
+    metrics::gauge!("tickmesh_model_live_rmse", &labels).set(live.rmse);
+    let test = served.info.metrics.model.rmse;
+    if test > 0.0 {
+        metrics::gauge!("tickmesh_model_live_rmse_ratio", &labels).set(live.rmse / test);
+    }
+    let mut last = recorded.lock().await;
+    if *last == Some((live.version, live.through)) {
+        return Ok(());
+    }
+    a.db.record_live_error(&tickmesh_io::db::LiveError {
+        ticker: h.ticker.clone(),
+        interval: h.interval,
+        version: live.version,
+        bars: live.bars as i64,
+        rmse: live.rmse,
+        through: live.through,
+    })
+    .await?;
+    *last = Some((live.version, live.through));
+    Ok(())
+}
+
 impl PredictorState {
     fn start_load(&mut self, myself: &ActorRef<PredictorMsg>, v: VersionRef) {
         self.loading = Some(v.version);
@@ -253,14 +306,19 @@ impl Actor for PredictorActor {
 
     async fn pre_start(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: PredictorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(Duration::from_secs(args.retrain.poll_secs), || {
+            PredictorMsg::Watch
+        });
         Ok(PredictorState {
             args,
             wanted: None,
             loading: None,
             attempts: 0,
+            watching: Default::default(),
+            recorded: Default::default(),
         })
     }
 
@@ -280,6 +338,24 @@ impl Actor for PredictorActor {
                 }
                 st.wanted = Some(v);
                 st.pursue(&myself);
+            }
+            PredictorMsg::Watch => {
+                use std::sync::atomic::Ordering;
+                let Some(served) = h.served() else {
+                    return Ok(());
+                };
+                if st.watching.swap(true, Ordering::AcqRel) {
+                    return Ok(());
+                }
+                let (a, watching, recorded) =
+                    (st.args.clone(), st.watching.clone(), st.recorded.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = watch_live(&a, &served, &recorded).await {
+                        warn!(ticker = %a.handle.ticker, interval = %a.handle.interval, error = %e,
+                            "cannot score the live bars");
+                    }
+                    watching.store(false, Ordering::Release);
+                });
             }
             PredictorMsg::Retry(version) => {
                 if st.wanted.as_ref().map(|w| w.version) == Some(version) {

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tickmesh_core::config::{ServeConfig, SupervisionConfig};
+use tickmesh_core::config::{RetrainConfig, ServeConfig, SupervisionConfig};
 use tickmesh_core::types::Interval;
 use tickmesh_io::db::Db;
 use tickmesh_io::store::SharedStore;
@@ -56,6 +56,7 @@ pub struct RegistryArgs {
     pub db: Db,
     pub table: Table,
     pub serve: ServeConfig,
+    pub retrain: RetrainConfig,
     pub supervision: SupervisionConfig,
 }
 
@@ -85,6 +86,7 @@ async fn spawn_predictor(
         store: args.store.clone(),
         db: args.db.clone(),
         cfg: args.serve.clone(),
+        retrain: args.retrain.clone(),
     };
     let (p, _) = Actor::spawn_linked(None, PredictorActor, pa, myself.get_cell()).await?;
     p.cast(PredictorMsg::Load(version.clone()))?;

@@ -62,15 +62,29 @@ pub async fn serve_roles(
 impl Serve {
     /// A checkpoint of a small model trained on `ticker`'s rows (one epoch).
     pub async fn train(&self, ticker: &str, version: i64) -> (Meta, Files) {
+        self.train_until(ticker, version, None).await
+    }
+
+    /// [`Serve::train`] on the rows up to `until` (the later ones are
+    /// "live": stored after the model's training data).
+    pub async fn train_until(
+        &self,
+        ticker: &str,
+        version: i64,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> (Meta, Files) {
         let mut c = self.cfg.train.clone();
         c.epochs = 1;
         c.seed = version;
-        let rows = self
+        let mut rows = self
             .a
             .db
             .read_aggregated(ticker, I, &c.features, None)
             .await
             .unwrap();
+        if let Some(t) = until {
+            rows.retain(|r| r.ts <= t);
+        }
         let (ticker, indicators) = (ticker.to_string(), self.cfg.features.clone());
         tokio::task::spawn_blocking(move || {
             let ds = Dataset::build(
