@@ -42,6 +42,17 @@ pub enum AdminCmd {
         #[arg(long)]
         all: bool,
     },
+    /// Model events, newest first (Admin.ListModelEvents): promotions,
+    /// rejections by the gate, operators' promotions and rollbacks, and the
+    /// serve nodes' served, refused and retried versions.
+    Events {
+        #[arg(long, default_value = "")]
+        ticker: String,
+        #[arg(long)]
+        interval: Option<Interval>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// Train tickers now (Admin.Train).
     Train {
         #[arg(long, value_delimiter = ',', required = true)]
@@ -258,6 +269,29 @@ pub async fn run(cfg: &ClusterConfig, cmd: AdminCmd) -> Result<()> {
                 print_model(m);
             }
             println!("{} models", r.models.len());
+        }
+        AdminCmd::Events {
+            ticker,
+            interval,
+            limit,
+        } => {
+            let r = client(cfg)
+                .await?
+                .list_model_events(ListModelEventsRequest {
+                    ticker,
+                    interval: interval.map(|i| i.to_string()).unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(refused("ListModelEvents"))?
+                .into_inner();
+            for e in &r.events {
+                println!(
+                    "{}  {:<8} {:<4} v{:<5} {:<20} {:<12} {}",
+                    e.at, e.ticker, e.interval, e.version, e.kind, e.node, e.detail
+                );
+            }
+            println!("{} events", r.events.len());
         }
         AdminCmd::Train {
             tickers,

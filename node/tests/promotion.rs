@@ -177,5 +177,29 @@ async fn a_retrained_version_replaces_the_champion_only_if_it_beats_it_and_naive
     assert_eq!(v2_row["metrics"]["gate"]["reason"], verdict.reason.as_str());
     assert!(v2_row["job"].is_string(), "lineage: the training job {d}");
     assert_eq!(d["intervals"][0]["predictor"]["version"], want_served);
+    // Admin lists the decisions as events, with the verdict's reason.
+    let events = admin
+        .list_model_events(tickmesh_proto::v1::ListModelEventsRequest {
+            ticker: "TSTG".into(),
+            interval: String::new(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let v2_event = events
+        .iter()
+        .find(|e| e.version == v2.version && e.node == "coordinator")
+        .unwrap();
+    assert_eq!(
+        v2_event.kind,
+        if verdict.promoted {
+            "promoted"
+        } else {
+            "rejected"
+        }
+    );
+    assert_eq!(v2_event.detail, verdict.reason);
     node.stop().await;
 }

@@ -138,6 +138,35 @@ async fn corrupted_checkpoints_are_refused_and_the_old_version_keeps_serving() {
     let (_, f5) = s.train("TSTS", 5).await;
     s.release("TSTS", 5, &f5, &f5.digest).await;
     s.wait_serving("TSTS", 5).await;
+    // The node recorded what it served and refused, as model events.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let e =
+            s.a.db
+                .model_events(Some("TSTS"), Some(I), 100)
+                .await
+                .unwrap();
+        if e.len() >= 5 || std::time::Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut seen: Vec<(i64, &str)> = events
+        .iter()
+        .map(|e| (e.version, e.kind.as_str()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (1, "served"),
+            (2, "refused"),
+            (3, "refused"),
+            (4, "refused"),
+            (5, "served")
+        ]
+    );
+    assert!(events.iter().all(|e| e.node == "test-node"), "{events:?}");
     let b: serde_json::Value = s.forecast("TSTS", 3).await.json().await.unwrap();
     assert_eq!(b["model"]["version"], 5, "{b}");
     s.node.stop().await;

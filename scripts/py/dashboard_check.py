@@ -10,7 +10,8 @@ must load with no console error and no uncaught exception, draw a chart
 for the served model and list it in the model table.  Then version V is
 promoted through the page's own API (POST /ml/models/T/I/promote with the
 admin token) and, without a reload, the page must show V in the chart's
-title, the table and the banner (the /events stream).  A full-page
+title, the table, the banner (the /events stream) and the cluster's event
+list (the coordinator's promotion event).  A full-page
 screenshot goes to PATH.
 
 Prints one JSON line (what it saw); exit status 0 when every check holds,
@@ -104,6 +105,8 @@ def main() -> int:
                 page.wait_for_selector(f'{chart}[data-version="{v}"]', timeout=30_000)
                 page.wait_for_selector(f'{row}[data-version="{v}"]', timeout=30_000)
                 page.wait_for_selector(f'#banner[data-version="{v}"]', timeout=30_000)
+                # The coordinator's event of the promotion, in the cluster's events.
+                page.wait_for_selector("#events li.ev-promoted_by_operator", timeout=30_000)
                 seen["updated_after_s"] = round(time.monotonic() - started, 2)
                 check("updated without a reload", True)
             except PlaywrightTimeout as e:

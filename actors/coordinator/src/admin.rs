@@ -207,6 +207,50 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn list_model_events(
+        &self,
+        req: Request<ListModelEventsRequest>,
+    ) -> Result<Response<ListModelEventsReply>, Status> {
+        let r = req.into_inner();
+        if !r.ticker.is_empty() {
+            validate_ticker(&r.ticker).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let interval = match r.interval.as_str() {
+            "" => None,
+            i => Some(
+                i.parse()
+                    .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?,
+            ),
+        };
+        let limit = match r.limit {
+            0 => 50,
+            n => n.min(MAX_LIST),
+        };
+        let events = self
+            .db
+            .model_events(
+                (!r.ticker.is_empty()).then_some(r.ticker.as_str()),
+                interval,
+                limit as i64,
+            )
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(ListModelEventsReply {
+            events: events
+                .into_iter()
+                .map(|e| ModelEvent {
+                    ticker: e.ticker,
+                    interval: e.interval.to_string(),
+                    version: e.version,
+                    kind: e.kind,
+                    node: e.node,
+                    detail: e.detail,
+                    at: e.at.to_rfc3339(),
+                })
+                .collect(),
+        }))
+    }
+
     async fn train(
         &self,
         req: Request<StartTrainingRequest>,

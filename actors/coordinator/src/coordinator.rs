@@ -478,12 +478,31 @@ impl Actor for CoordinatorActor {
                 version,
                 reply,
             } => {
+                let before = st
+                    .args
+                    .db
+                    .models(Some(&ticker), Some(interval), false)
+                    .await
+                    .ok()
+                    .and_then(|c| c.first().map(|m| m.version));
                 let r = match version {
                     Some(v) => st.args.db.promote(&ticker, interval, v).await,
                     None => st.args.db.rollback(&ticker, interval).await,
                 };
                 if let Ok(m) = &r {
                     info!(ticker = %m.ticker, interval = %m.interval, version = m.version, how = if version.is_some() { "promote" } else { "rollback" }, "champion changed by an operator");
+                    let was = before.map_or("none".to_string(), |v| format!("v{v}"));
+                    let (kind, detail) = match version {
+                        Some(_) => (
+                            "promoted_by_operator",
+                            format!("an operator made it champion (was {was})"),
+                        ),
+                        None => (
+                            "rolled_back",
+                            format!("an operator rolled back to it from {was}"),
+                        ),
+                    };
+                    record_event(st, &m.ticker, m.interval, m.version, kind, detail).await;
                     broadcast(st, update_of(m));
                 }
                 let _ = reply.send(r);
@@ -1299,6 +1318,19 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
     }
     st.jobs.get_mut(&r.job_id).expect("current job exists").row = row;
     finish(st, &r.job_id);
+    record_event(
+        st,
+        &r.ticker,
+        interval,
+        r.version,
+        if decision.promoted {
+            "promoted"
+        } else {
+            "rejected"
+        },
+        decision.reason.clone(),
+    )
+    .await;
     if decision.promoted {
         metrics::counter!("tickmesh_model_promotions_total", "outcome" => "promoted").increment(1);
         info!(ticker = %r.ticker, %interval, version = r.version, job = %r.job_id, reason = %decision.reason, "model version promoted to champion");
@@ -1308,6 +1340,31 @@ async fn accept_report(st: &mut CoordinatorState, r: CheckpointReport) -> Result
         warn!(ticker = %r.ticker, %interval, version = r.version, job = %r.job_id, reason = %decision.reason, "model version rejected; the champion stays");
     }
     Ok(())
+}
+
+/// Records a model event (`Admin.ListModelEvents`, the dashboard); a
+/// failure is logged and counted: the registry holds the decision itself.
+async fn record_event(
+    st: &CoordinatorState,
+    ticker: &str,
+    interval: Interval,
+    version: i64,
+    kind: &str,
+    detail: String,
+) {
+    let e = tickmesh_io::db::ModelEventRow {
+        ticker: ticker.to_string(),
+        interval,
+        version,
+        kind: kind.to_string(),
+        node: "coordinator".into(),
+        detail,
+        at: Utc::now(),
+    };
+    if let Err(err) = st.args.db.record_model_event(&e).await {
+        metrics::counter!("tickmesh_model_event_failures_total").increment(1);
+        warn!(ticker, %interval, version, kind, error = %err, "cannot record the model event");
+    }
 }
 
 /// Casts a champion to every predictor port on the mesh (never waiting on

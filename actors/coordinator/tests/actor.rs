@@ -638,6 +638,34 @@ async fn the_gate_promotes_only_a_version_that_beats_naive_and_the_champion() {
     .unwrap()
     .unwrap();
     assert_eq!(m.version, v2);
+    // Each decision is an event, newest first, with its reason.
+    let events = db.model_events(Some("GATE"), Some(I), 100).await.unwrap();
+    let seen: Vec<(i64, &str)> = events
+        .iter()
+        .map(|e| (e.version, e.kind.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (v2, "rolled_back"),
+            (v5, "rejected"),
+            (v4, "promoted"),
+            (v3, "rejected"),
+            (v2, "promoted"),
+            (v1, "rejected"),
+        ]
+    );
+    assert!(
+        events[1]
+            .detail
+            .contains("the champion changed while it trained"),
+        "{events:?}"
+    );
+    assert!(
+        events[0].detail.contains(&format!("from v{v4}")),
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| e.node == "coordinator"));
     c.stop(None);
 }
 

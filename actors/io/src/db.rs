@@ -37,6 +37,21 @@ pub struct ModelVersion {
     pub created_at: DateTime<Utc>,
 }
 
+/// Something that happened to a model version (table `model_events`): the
+/// coordinator's `promoted`, `rejected` (by the gate), `promoted_by_operator`,
+/// `rolled_back`; a serve node's `served`, `refused`, `retrying`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelEventRow {
+    pub ticker: String,
+    pub interval: Interval,
+    pub version: i64,
+    pub kind: String,
+    /// The node that saw it (the coordinator's or a serve node's name).
+    pub node: String,
+    pub detail: String,
+    pub at: DateTime<Utc>,
+}
+
 /// A served version's one-step error on the stored bars after its
 /// training data (table `live_errors`).
 #[derive(Debug, Clone, PartialEq)]
@@ -313,6 +328,10 @@ impl Db {
             format!(
                 "CREATE TABLE IF NOT EXISTS live_errors (ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, version BIGINT NOT NULL, bars BIGINT NOT NULL, rmse {real} NOT NULL, through {ts} NOT NULL, updated_at {ts} NOT NULL, PRIMARY KEY (ticker, \"interval\", version))"
             ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS model_events (id TEXT PRIMARY KEY, ticker TEXT NOT NULL, \"interval\" TEXT NOT NULL, version BIGINT NOT NULL, kind TEXT NOT NULL, node TEXT NOT NULL, detail TEXT NOT NULL, at {ts} NOT NULL)"
+            ),
+            "CREATE INDEX IF NOT EXISTS model_events_at ON model_events (at)".to_string(),
             "CREATE TABLE IF NOT EXISTS ingest_members (grp TEXT NOT NULL, topic TEXT NOT NULL, member TEXT NOT NULL, expires_ms BIGINT NOT NULL, PRIMARY KEY (grp, topic, member))".to_string(),
             "CREATE TABLE IF NOT EXISTS ingest_leases (grp TEXT NOT NULL, topic TEXT NOT NULL, part BIGINT NOT NULL, owner TEXT NOT NULL, epoch BIGINT NOT NULL, expires_ms BIGINT NOT NULL, PRIMARY KEY (grp, topic, part))".to_string(),
             format!(
@@ -522,6 +541,86 @@ impl Db {
             Db::Postgres(p) => fetch!(p),
             Db::Sqlite(p) => fetch!(p),
         })
+    }
+
+    /// Records a model event.
+    pub async fn record_model_event(&self, e: &ModelEventRow) -> Result<()> {
+        let sql = self.sql(
+            "INSERT INTO model_events (id, ticker, \"interval\", version, kind, node, detail, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        );
+        let id = format!(
+            "{:016x}-{:08x}",
+            e.at.timestamp_micros(),
+            rand::random::<u32>()
+        );
+        let ctx = format!(
+            "record the {} event of {} {} v{}",
+            e.kind, e.ticker, e.interval, e.version
+        );
+        macro_rules! run {
+            ($pool:expr) => {
+                sqlx::query(&sql)
+                    .bind(&id)
+                    .bind(&e.ticker)
+                    .bind(e.interval.as_str())
+                    .bind(e.version)
+                    .bind(&e.kind)
+                    .bind(&e.node)
+                    .bind(&e.detail)
+                    .bind(e.at)
+                    .execute($pool)
+                    .await
+                    .map_err(Error::db(ctx))?
+                    .rows_affected()
+            };
+        }
+        match self {
+            Db::Postgres(p) => run!(p),
+            Db::Sqlite(p) => run!(p),
+        };
+        Ok(())
+    }
+
+    /// The newest model events first, of `ticker` (and `interval`) when
+    /// given, at most `limit`.
+    pub async fn model_events(
+        &self,
+        ticker: Option<&str>,
+        interval: Option<Interval>,
+        limit: i64,
+    ) -> Result<Vec<ModelEventRow>> {
+        let sql = self.sql(
+            "SELECT ticker, \"interval\", version, kind, node, detail, at FROM model_events WHERE ($1 = '' OR ticker = $1) AND ($2 = '' OR \"interval\" = $2) ORDER BY at DESC, id DESC LIMIT $3",
+        );
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                let rows = sqlx::query(&sql)
+                    .bind(ticker.unwrap_or(""))
+                    .bind(interval.map_or("", Interval::as_str))
+                    .bind(limit)
+                    .fetch_all($pool)
+                    .await
+                    .map_err(Error::db("read model_events"))?;
+                rows.iter()
+                    .map(|r| {
+                        let interval: String = r.get(1);
+                        Ok(ModelEventRow {
+                            ticker: r.get(0),
+                            interval: interval.parse()?,
+                            version: r.get(2),
+                            kind: r.get(3),
+                            node: r.get(4),
+                            detail: r.get(5),
+                            at: r.get(6),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            }};
+        }
+        match self {
+            Db::Postgres(p) => fetch!(p),
+            Db::Sqlite(p) => fetch!(p),
+        }
     }
 
     /// Records a served version's one-step error on the stored bars after

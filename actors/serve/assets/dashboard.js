@@ -193,6 +193,7 @@ async function refreshAll() {
         }
       }
       renderCluster(await getJson("/ml/cluster"));
+      renderEvents((await getJson("/ml/events?limit=30")).events);
       $("#updated").textContent = `updated ${new Date().toISOString().slice(11, 19)} UTC`;
       document.body.dataset.ready = "true";
     } catch (e) {
@@ -204,15 +205,30 @@ async function refreshAll() {
   return refreshing;
 }
 
+// The cluster's model events (the coordinator's promotions, rejections,
+// operators' promotions and rollbacks; every serve node's served, refused
+// and retried versions), newest first.
+function renderEvents(events) {
+  const ul = $("#events");
+  ul.replaceChildren();
+  for (const ev of events) {
+    const li = document.createElement("li");
+    li.className = `ev-${ev.kind}`;
+    const at = ev.at.slice(0, 19).replace("T", " ");
+    const detail = ev.detail ? `: ${ev.detail}` : "";
+    li.textContent = `${at} ${ev.ticker} ${ev.interval} v${ev.version} ${ev.kind.replace(/_/g, " ")} (${ev.node})${detail}`;
+    ul.appendChild(li);
+  }
+}
+
+// This node's live events: a banner for a version served (the list is
+// refreshed from the cluster's events right after).
 function showEvent(ev) {
-  const li = document.createElement("li");
   const what = {
     served: `now serving v${ev.version}${ev.previous ? ` (was v${ev.previous})` : ""}`,
     refused: `v${ev.version} refused: ${ev.detail}`,
     retrying: `v${ev.version} load failed, retrying: ${ev.detail}`,
   }[ev.kind] || `${ev.kind} v${ev.version}`;
-  li.textContent = `${ev.at.slice(11, 19)} ${ev.ticker} ${ev.interval}: ${what}`;
-  $("#events").prepend(li);
   if (ev.kind === "served") {
     const b = $("#banner");
     b.textContent = `${ev.ticker} ${ev.interval}: ${what}`;

@@ -27,6 +27,10 @@
 //!   and the newest jobs.
 //! - `GET /events` → server-sent events: each version served, refused or
 //!   retried on this node.
+//! - `GET /ml/events?ticker&limit` → the model events of the whole cluster
+//!   (`model_events`: the gate's promotions and rejections, operators'
+//!   promotions and rollbacks, every serve node's served, refused and
+//!   retried versions), newest first.
 //! - `GET /` → the dashboard (`assets/dashboard.html`, its script and
 //!   style, and the vendored uPlot under `/assets/`).
 //! - `GET /healthz` → `ok`; `GET /readyz` → 200 once the node's roles run and
@@ -740,6 +744,49 @@ async fn cluster(State(st): State<HttpState>) -> Response {
     }
 }
 
+/// `GET /ml/events?ticker&limit`: the newest model events (default 50, at
+/// most 1,000).
+async fn model_events(
+    State(st): State<HttpState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        if let Some(k) = q
+            .keys()
+            .find(|k| !["ticker", "limit"].contains(&k.as_str()))
+        {
+            return Err(ServeError::BadRequest(format!(
+                "unknown query parameter {} (ticker, limit)",
+                quoted(k)
+            )));
+        }
+        let ticker = q.get("ticker").map(|t| parse_ticker(t)).transpose()?;
+        let limit = match q.get("limit") {
+            None => 50,
+            Some(s) => match s.parse::<i64>() {
+                Ok(n) if (1..=1_000).contains(&n) => n,
+                _ => {
+                    return Err(ServeError::BadRequest(format!(
+                        "`limit` = {} must be a whole number in 1..=1000",
+                        quoted(s)
+                    )))
+                }
+            },
+        };
+        let events = st
+            .db
+            .model_events(ticker.as_deref(), None, limit)
+            .await
+            .map_err(|e| ServeError::Unavailable(e.to_string()))?;
+        Ok(json!({ "events": events }))
+    }
+    .await;
+    match result {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// `GET /events`: server-sent events, one `model` event (JSON, a
 /// [`crate::handle::ModelEvent`]) per version served, refused or retried;
 /// a listener that falls behind skips what it missed.
@@ -861,6 +908,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/ml/history", get(history))
         .route("/ml/cluster", get(cluster))
         .route("/events", get(events))
+        .route("/ml/events", get(model_events))
         .route("/", get(dashboard))
         .route("/assets/{name}", get(asset))
         .route("/openapi.json", get(openapi))

@@ -107,6 +107,8 @@ pub struct PredictorArgs {
     pub db: Db,
     pub cfg: ServeConfig,
     pub retrain: RetrainConfig,
+    /// This node's name (in the model events it records).
+    pub node: String,
 }
 
 pub struct PredictorState {
@@ -228,6 +230,28 @@ async fn load(a: &PredictorArgs, v: &VersionRef) -> Result<Served, LoadError> {
     }
     let info = info_of(&forecaster.meta);
     Ok(Served { forecaster, info })
+}
+
+/// Records a model event of this node in the database (Admin's
+/// `ListModelEvents`, the dashboard), in the background; a failure is
+/// logged and counted.
+fn record_event(a: &PredictorArgs, kind: &'static str, version: i64, detail: String) {
+    let e = tickmesh_io::db::ModelEventRow {
+        ticker: a.handle.ticker.clone(),
+        interval: a.handle.interval,
+        version,
+        kind: kind.into(),
+        node: a.node.clone(),
+        detail,
+        at: chrono::Utc::now(),
+    };
+    let db = a.db.clone();
+    tokio::spawn(async move {
+        if let Err(err) = db.record_model_event(&e).await {
+            metrics::counter!("tickmesh_model_event_failures_total").increment(1);
+            warn!(ticker = %e.ticker, interval = %e.interval, version, kind, error = %err, "cannot record the model event");
+        }
+    });
 }
 
 /// Scores the served version on the stored bars after its training data
@@ -370,6 +394,7 @@ impl Actor for PredictorActor {
                 match outcome {
                     Ok(served) if wanted => {
                         info!(ticker = %h.ticker, interval = %h.interval, version, "model swapped in");
+                        record_event(&st.args, "served", version, String::new());
                         metrics::counter!("tickmesh_model_loads_total", "outcome" => "served")
                             .increment(1);
                         h.swap(*served);
@@ -388,6 +413,7 @@ impl Actor for PredictorActor {
                         metrics::counter!("tickmesh_model_refusals_total", "ticker" => h.ticker.clone(), "interval" => h.interval.to_string())
                             .increment(1);
                         h.event("refused", version, None, reason.clone());
+                        record_event(&st.args, "refused", version, reason.clone());
                         h.update_status(|s| {
                             s.loading = None;
                             if wanted {
@@ -420,6 +446,7 @@ impl Actor for PredictorActor {
                             .increment(1);
                         let attempts = st.attempts;
                         h.event("retrying", version, None, error.clone());
+                        record_event(&st.args, "retrying", version, error.clone());
                         h.update_status(|s| {
                             s.loading = None;
                             s.retry = Some(Retry {

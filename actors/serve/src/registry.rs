@@ -87,6 +87,7 @@ async fn spawn_predictor(
         db: args.db.clone(),
         cfg: args.serve.clone(),
         retrain: args.retrain.clone(),
+        node: args.node.clone(),
     };
     let (p, _) = Actor::spawn_linked(None, PredictorActor, pa, myself.get_cell()).await?;
     p.cast(PredictorMsg::Load(version.clone()))?;
