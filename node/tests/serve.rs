@@ -470,6 +470,28 @@ async fn bad_input_gets_a_short_clear_400() {
     }
     let r = s.get("/ml/forecast?ticker=NOPE&interval=15m").await;
     assert_eq!(r.status(), 404);
+    // Every forecast metric has its HELP and TYPE lines; latency is a histogram.
+    let text = s.get("/metrics").await.text().await.unwrap();
+    for (name, kind) in [
+        ("tickmesh_forecast_requests_total", "counter"),
+        ("tickmesh_forecast_request_seconds", "histogram"),
+        ("tickmesh_forecast_compute_seconds", "histogram"),
+        ("tickmesh_forecast_steps_total", "counter"),
+        ("tickmesh_model_loads_total", "counter"),
+    ] {
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {name} {kind}")),
+            "no TYPE {kind} for {name}"
+        );
+    }
+    assert!(
+        text.contains("tickmesh_forecast_request_seconds_bucket{"),
+        "latency buckets"
+    );
     s.node.stop().await;
 }
 
