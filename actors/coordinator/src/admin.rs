@@ -186,17 +186,7 @@ impl Admin for AdminService {
         req: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsReply>, Status> {
         let r = req.into_inner();
-        if !r.ticker.is_empty() {
-            validate_ticker(&r.ticker).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
-        let interval = match r.interval.as_str() {
-            "" => None,
-            i => Some(
-                i.parse()
-                    .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?,
-            ),
-        };
-        let ticker = (!r.ticker.is_empty()).then_some(r.ticker.as_str());
+        let (ticker, interval) = series_filter(&r.ticker, &r.interval)?;
         let models = self
             .db
             .models(ticker, interval, r.all_versions)
@@ -212,27 +202,14 @@ impl Admin for AdminService {
         req: Request<ListModelEventsRequest>,
     ) -> Result<Response<ListModelEventsReply>, Status> {
         let r = req.into_inner();
-        if !r.ticker.is_empty() {
-            validate_ticker(&r.ticker).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
-        let interval = match r.interval.as_str() {
-            "" => None,
-            i => Some(
-                i.parse()
-                    .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?,
-            ),
-        };
+        let (ticker, interval) = series_filter(&r.ticker, &r.interval)?;
         let limit = match r.limit {
             0 => 50,
             n => n.min(MAX_LIST),
         };
         let events = self
             .db
-            .model_events(
-                (!r.ticker.is_empty()).then_some(r.ticker.as_str()),
-                interval,
-                limit as i64,
-            )
+            .model_events(ticker, interval, limit as i64)
             .await
             .map_err(core_status)?;
         Ok(Response::new(ListModelEventsReply {
@@ -388,4 +365,22 @@ fn aggregation_status(r: &tickmesh_io::db::AggregateRequest) -> AggregationStatu
         outcome: r.outcome.clone(),
         created_at: r.created_at.to_rfc3339(),
     }
+}
+
+/// The optional (ticker, interval) filter of a listing; empty means all.
+fn series_filter<'a>(
+    ticker: &'a str,
+    interval: &str,
+) -> Result<(Option<&'a str>, Option<Interval>), Status> {
+    if !ticker.is_empty() {
+        validate_ticker(ticker).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    let interval = match interval {
+        "" => None,
+        i => Some(
+            i.parse()
+                .map_err(|e: tickmesh_core::Error| Status::invalid_argument(e.to_string()))?,
+        ),
+    };
+    Ok(((!ticker.is_empty()).then_some(ticker), interval))
 }

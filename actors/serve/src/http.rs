@@ -539,42 +539,7 @@ async fn rollback(
     headers: axum::http::HeaderMap,
     Path((raw, interval)): Path<(String, String)>,
 ) -> Response {
-    let result = async {
-        let ticker = parse_ticker(&raw)?;
-        let interval: Interval = interval.parse().map_err(|_| {
-            ServeError::BadRequest(format!(
-                "interval {} is not one of 1m, 5m, 15m, 30m, 1h, 1d",
-                quoted(&interval)
-            ))
-        })?;
-        let token = bearer(&headers, "a rollback")?;
-        let link = st.link.clone().ok_or_else(|| {
-            ServeError::Unavailable("this node has no coordinator to send a rollback to".into())
-        })?;
-        let m = link
-            .with_secret(Some(token))
-            .admin()
-            .map_err(|e| ServeError::Unauthorized(format!("the token: {e}")))?
-            .rollback(RollbackRequest {
-                ticker,
-                interval: interval.to_string(),
-            })
-            .await
-            .map_err(grpc_error)?
-            .into_inner();
-        Ok::<_, ServeError>(json!({
-            "ticker": m.ticker,
-            "interval": m.interval,
-            "version": m.version,
-            "kind": m.kind,
-            "status": m.status,
-        }))
-    }
-    .await;
-    match result {
-        Ok(b) => Json(b).into_response(),
-        Err(e) => e.into_response(),
-    }
+    change_champion(&st, &headers, &raw, &interval, None).await
 }
 
 /// `POST /ml/models/{ticker}/{interval}/promote?version=N`: `Admin.Promote`
@@ -585,39 +550,65 @@ async fn promote(
     Path((raw, interval)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    let version = q
+        .get("version")
+        .ok_or_else(|| ServeError::BadRequest("missing query parameter `version`".into()))
+        .and_then(|v| {
+            v.parse::<i64>().map_err(|_| {
+                ServeError::BadRequest(format!("`version` = {} is not a whole number", quoted(v)))
+            })
+        });
+    match version {
+        Ok(v) => change_champion(&st, &headers, &raw, &interval, Some(v)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A rollback (`version` None) or a promotion of `version`, sent to the
+/// coordinator with the caller's token; answers the new champion.
+async fn change_champion(
+    st: &HttpState,
+    headers: &axum::http::HeaderMap,
+    raw: &str,
+    interval: &str,
+    version: Option<i64>,
+) -> Response {
+    let what = if version.is_some() {
+        "a promotion"
+    } else {
+        "a rollback"
+    };
     let result = async {
-        let ticker = parse_ticker(&raw)?;
+        let ticker = parse_ticker(raw)?;
         let interval: Interval = interval.parse().map_err(|_| {
             ServeError::BadRequest(format!(
                 "interval {} is not one of 1m, 5m, 15m, 30m, 1h, 1d",
-                quoted(&interval)
+                quoted(interval)
             ))
         })?;
-        let version = q
-            .get("version")
-            .ok_or_else(|| ServeError::BadRequest("missing query parameter `version`".into()))?;
-        let version: i64 = version.parse().map_err(|_| {
-            ServeError::BadRequest(format!(
-                "`version` = {} is not a whole number",
-                quoted(version)
-            ))
-        })?;
-        let token = bearer(&headers, "a promotion")?;
+        let token = bearer(headers, what)?;
         let link = st.link.clone().ok_or_else(|| {
-            ServeError::Unavailable("this node has no coordinator to send a promotion to".into())
+            ServeError::Unavailable(format!("this node has no coordinator to send {what} to"))
         })?;
-        let m = link
+        let mut admin = link
             .with_secret(Some(token))
             .admin()
-            .map_err(|e| ServeError::Unauthorized(format!("the token: {e}")))?
-            .promote(PromoteRequest {
-                ticker,
-                interval: interval.to_string(),
-                version,
-            })
-            .await
-            .map_err(grpc_error)?
-            .into_inner();
+            .map_err(|e| ServeError::Unauthorized(format!("the token: {e}")))?;
+        let interval = interval.to_string();
+        let m = match version {
+            None => admin.rollback(RollbackRequest { ticker, interval }).await,
+            Some(version) => {
+                admin
+                    .promote(PromoteRequest {
+                        ticker,
+                        interval,
+                        version,
+                    })
+                    .await
+            }
+        }
+        .map_err(grpc_error)?
+        .into_inner();
         Ok::<_, ServeError>(json!({
             "ticker": m.ticker,
             "interval": m.interval,
