@@ -35,3 +35,23 @@ export TICKMESH_TEST_S3="http://127.0.0.1:$S3_PORT"
 export TICKMESH_TEST_PG_PORT="$PG_PORT"
 
 say() { printf '[tickmesh] %s\n' "$*" >&2; }
+
+# Test binaries embed the clone's path (env!("CARGO_MANIFEST_DIR") finds
+# scripts/ and data/ with it), and cargo does not rebuild them when the same
+# CARGO_TARGET_DIR serves a clone elsewhere. When the last build came from
+# another path, the workspace's own crates are cleaned (not the dependencies).
+_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_stamp="$CARGO_TARGET_DIR/.tickmesh-source"
+if command -v cargo >/dev/null && [ -f "$_stamp" ] && [ "$(cat "$_stamp")" != "$_root" ]; then
+  say "the build cache was built from $(cat "$_stamp"), this clone is $_root: rebuilding the workspace crates"
+  _pkgs="$(cd "$_root" && cargo metadata --no-deps --format-version 1 --offline 2>/dev/null \
+    | python3 -c 'import json,sys; print(" ".join("-p " + p["name"] for p in json.load(sys.stdin)["packages"]))')"
+  if [ -n "$_pkgs" ]; then
+    # shellcheck disable=SC2086
+    (cd "$_root" && cargo clean $_pkgs >&2) || say "cargo clean failed; stale test paths may remain"
+  fi
+fi
+if [ -d "$CARGO_TARGET_DIR" ] || mkdir -p "$CARGO_TARGET_DIR" 2>/dev/null; then
+  printf '%s\n' "$_root" >"$_stamp"
+fi
+unset _root _stamp _pkgs

@@ -17,6 +17,7 @@ pub mod admin_cli;
 pub mod bench;
 pub mod bench_agg;
 pub mod bench_cp;
+pub mod bench_fused;
 pub mod bench_ingest;
 pub mod chart;
 pub mod cluster;

@@ -230,6 +230,36 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         steps: usize,
     },
+    /// Many tickers trained fused and one model at a time (scripts/bench/fused.sh runs it beside PyTorch).
+    #[command(hide = true)]
+    BenchFused {
+        #[arg(long, default_value = "lstm_attention")]
+        kind: String,
+        #[arg(long, default_value_t = 30)]
+        tickers: usize,
+        /// Calendar days of synthetic bars per ticker.
+        #[arg(long, default_value_t = 182)]
+        days: i64,
+        #[arg(long, default_value = "5m")]
+        interval: Interval,
+        #[arg(long, default_value_t = 2)]
+        epochs: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Members per fused group (0: every ticker in one group).
+        #[arg(long, default_value_t = 0)]
+        group: usize,
+        #[arg(long)]
+        threads: Option<i32>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// fused, solo (one model at a time), or both.
+        #[arg(long, value_delimiter = ',', default_value = "fused,solo")]
+        ways: Vec<String>,
+        /// Write every ticker's training and validation windows here (safetensors) for the peer.
+        #[arg(long)]
+        windows_out: Option<PathBuf>,
+    },
     /// Print the libtorch version, whether CUDA is available and loaded, the device count and cuDNN.
     Doctor {
         #[arg(long)]
@@ -570,6 +600,37 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(|k| k.parse())
                 .collect::<Result<Vec<tickmesh_core::config::ModelKind>, _>>()?;
             tokio::task::spawn_blocking(move || tickmesh::bench::forecast(&kinds, steps)).await??;
+        }
+        Cmd::BenchFused {
+            kind,
+            tickers,
+            days,
+            interval,
+            epochs,
+            batch_size,
+            group,
+            threads,
+            device,
+            ways,
+            windows_out,
+        } => {
+            let kind = kind.parse()?;
+            tokio::task::spawn_blocking(move || {
+                tickmesh::bench_fused::run(&tickmesh::bench_fused::FusedBench {
+                    kind,
+                    tickers,
+                    days,
+                    interval,
+                    epochs,
+                    batch_size,
+                    group,
+                    threads,
+                    device: &device,
+                    ways: &ways,
+                    windows_out: windows_out.as_deref(),
+                })
+            })
+            .await??;
         }
         Cmd::Doctor { json } => {
             let d = tokio::task::spawn_blocking(train_cli::doctor).await?;

@@ -315,7 +315,8 @@ pub async fn start(
             scope: scope.clone(),
             cpus,
             gpus,
-            slots: parallel as u32,
+            slots: (parallel * cfg.train.fuse_group_on(device.is_cuda())) as u32,
+            computations: parallel as u32,
             trainer: TrainerArgs {
                 db: adapters.db.clone(),
                 store: adapters.store.clone(),

@@ -487,6 +487,32 @@ pub struct TrainConfig {
     /// same architecture (kind, features, window and sizes) starts from the
     /// champion's weights instead of the seeded initialisation.
     pub warm_start: bool,
+    /// Jobs of one kind and shape a trainer node on a CUDA device trains
+    /// as one fused computation at most (1: every job alone). A node takes
+    /// this many jobs per training slot.
+    pub fuse_group: usize,
+    /// The same on the CPU. 1 by default: at this model size fused training
+    /// on the CPU was measured slower than one model at a time
+    /// (BENCHMARKS.md, `scripts/bench/fused.sh`).
+    pub cpu_fuse_group: usize,
+    /// Estimated device memory one fused group may use; a larger set of
+    /// jobs is split into groups that fit.
+    pub fuse_memory_mb: usize,
+    /// How long a trainer node waits after an assignment for more jobs to
+    /// fuse with.
+    pub fuse_wait_ms: u64,
+}
+
+impl TrainConfig {
+    /// The largest fused group on a CUDA device (`cuda`) or on the CPU.
+    pub fn fuse_group_on(&self, cuda: bool) -> usize {
+        if cuda {
+            self.fuse_group
+        } else {
+            self.cpu_fuse_group
+        }
+        .max(1)
+    }
 }
 
 impl Default for TrainConfig {
@@ -517,6 +543,10 @@ impl Default for TrainConfig {
             seed: 42,
             snapshot_every: 5,
             warm_start: true,
+            fuse_group: 16,
+            cpu_fuse_group: 1,
+            fuse_memory_mb: 4096,
+            fuse_wait_ms: 250,
         }
     }
 }
@@ -555,6 +585,23 @@ impl TrainConfig {
         }
         if t.kernel_size < 1 || t.kernel_size % 2 == 0 {
             return bad("kernel_size", "must be an odd number of at least 1".into());
+        }
+        for (k, v) in [
+            ("fuse_group", t.fuse_group),
+            ("cpu_fuse_group", t.cpu_fuse_group),
+        ] {
+            if v == 0 || v > 1024 {
+                return bad(k, format!("{v} must be in 1..=1024"));
+            }
+        }
+        if t.fuse_memory_mb == 0 {
+            return bad("fuse_memory_mb", "must be at least 1".into());
+        }
+        if t.fuse_wait_ms > 60_000 {
+            return bad(
+                "fuse_wait_ms",
+                format!("{} must be at most 60000", t.fuse_wait_ms),
+            );
         }
         if t.epochs == 0 || t.batch_size == 0 {
             return bad("epochs", "epochs and batch_size must be at least 1".into());

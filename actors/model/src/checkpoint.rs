@@ -90,6 +90,10 @@ pub struct Meta {
     /// start); absent when it started from the seeded initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_start_from: Option<i64>,
+    /// Trained fused with this many models of the same shape (one
+    /// computation on its device); absent when trained alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fused_group: Option<usize>,
     pub best_epoch: usize,
     pub stopped_early: bool,
     pub initial_val_loss: f64,
@@ -145,6 +149,7 @@ impl Meta {
             epochs_run: fitted.epochs_run,
             resumed_from_epoch: fitted.resumed_from_epoch,
             warm_start_from: None,
+            fused_group: fitted.fused_group,
             best_epoch: fitted.best_epoch,
             stopped_early: fitted.stopped_early,
             initial_val_loss: fitted.initial_val_loss,

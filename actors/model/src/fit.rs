@@ -72,9 +72,12 @@ pub struct Fitted {
     /// Training samples per second over the epochs run (validation passes included).
     pub samples_per_sec: f64,
     pub device: Device,
+    /// The size of the fused group it was trained in ([`crate::fused`]);
+    /// `None` when it was trained alone.
+    pub fused_group: Option<usize>,
 }
 
-fn terr(e: tch::TchError) -> Error {
+pub(crate) fn terr(e: tch::TchError) -> Error {
     Error::invalid("training", e.to_string())
 }
 
@@ -376,10 +379,39 @@ pub fn fit(
     fit_with(ds, cfg, device, None, &mut Progress(progress))
 }
 
-fn named(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+pub(crate) fn named(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// Sets every parameter of `vs` from `start` (a warm start), checking
+/// that the names and shapes are the model's.
+pub(crate) fn set_initial_weights(
+    vs: &nn::VarStore,
+    start: Vec<(String, Tensor)>,
+    device: Device,
+) -> Result<()> {
+    let vars = vs.variables();
+    if start.len() != vars.len() {
+        return Err(Error::invalid(
+            "warm start",
+            format!("{} tensors for a model of {}", start.len(), vars.len()),
+        ));
+    }
+    for (name, t) in start {
+        let dst = vars
+            .get(&name)
+            .ok_or_else(|| Error::invalid("warm start", format!("the model has no `{name}`")))?;
+        if dst.size() != t.size() {
+            return Err(Error::invalid(
+                "warm start",
+                format!("`{name}` has shape {:?}, not {:?}", t.size(), dst.size()),
+            ));
+        }
+        tch::no_grad(|| dst.shallow_clone().copy_(&t.to_device(device)));
+    }
+    Ok(())
 }
 
 /// [`fit`], resuming from `resume` when given (it must carry the same
@@ -399,25 +431,7 @@ pub fn fit_with(
     init_seeded(&vs, &arch, cfg.seed);
     if resume.is_none() {
         if let Some(start) = hooks.initial_weights() {
-            let vars = vs.variables();
-            if start.len() != vars.len() {
-                return Err(Error::invalid(
-                    "warm start",
-                    format!("{} tensors for a model of {}", start.len(), vars.len()),
-                ));
-            }
-            for (name, t) in start {
-                let dst = vars.get(&name).ok_or_else(|| {
-                    Error::invalid("warm start", format!("the model has no `{name}`"))
-                })?;
-                if dst.size() != t.size() {
-                    return Err(Error::invalid(
-                        "warm start",
-                        format!("`{name}` has shape {:?}, not {:?}", t.size(), dst.size()),
-                    ));
-                }
-                tch::no_grad(|| dst.shallow_clone().copy_(&t.to_device(device)));
-            }
+            set_initial_weights(&vs, start, device)?;
         }
     }
     let mut best = nn::VarStore::new(device);
@@ -607,6 +621,7 @@ pub fn fit_with(
         stopped_early: epochs_run < cfg.epochs,
         samples_per_sec: (n_train * epochs_run) as f64 / secs0.max(1e-9),
         device,
+        fused_group: None,
     })
 }
 

@@ -9,6 +9,8 @@
 //! - [`metrics`]: MAE, MSE, RMSE, MAPE and directional accuracy, beside the
 //!   naive persistence forecast.
 //! - [`fit`]: Adam with gradient clipping and early stopping on validation.
+//! - [`fused`]: many models of one kind and shape trained as one batched
+//!   computation, each ending exactly as it would alone.
 //! - [`checkpoint`]: `model.safetensors` + `meta.json` + `test.json`, staged
 //!   under temporary keys and published complete; the registry digest covers
 //!   the weights and meta.json.
@@ -23,6 +25,7 @@ pub mod checkpoint;
 pub mod dataset;
 pub mod fit;
 pub mod forecast;
+pub mod fused;
 pub mod metrics;
 pub mod native;
 

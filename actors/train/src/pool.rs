@@ -18,7 +18,7 @@
 //! not reported (the coordinator has moved on). A trainer that crashes is
 //! dropped, its job reported failed, and it is respawned on its next job.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,9 @@ use tracing::{error, info, warn};
 
 use crate::lease::{term, Leases};
 use crate::port::TrainerPort;
-use crate::trainer::{job_runs_prefix, Job, TrainOutcome, TrainerActor, TrainerArgs, TrainerMsg};
+use crate::trainer::{
+    job_runs_prefix, train_group, Job, TrainOutcome, TrainerActor, TrainerArgs, TrainerMsg,
+};
 
 #[derive(Clone, Copy)]
 pub struct TrainerPool;
@@ -50,6 +52,9 @@ pub enum PoolMsg {
         progress: EpochProgress,
         snapshot: Option<String>,
     },
+    /// The batching window is over: train the pending jobs, fused where
+    /// they share a kind and shape.
+    Flush,
     /// A trainer finished a job (from the trainer).
     Finished {
         job: Job,
@@ -66,8 +71,12 @@ pub struct TrainerPoolArgs {
     pub scope: mesh::Scope,
     pub cpus: u32,
     pub gpus: u32,
-    /// Jobs this node runs at once (the size of `trainer.slots`).
+    /// Jobs this node takes at once (registered with the coordinator):
+    /// `computations` times `train.fuse_group`.
     pub slots: u32,
+    /// Trainings this node runs at once (the size of `trainer.slots`): a
+    /// job alone, or a fused group of jobs.
+    pub computations: u32,
     pub trainer: TrainerArgs,
 }
 
@@ -83,6 +92,11 @@ pub struct TrainerPoolState {
     port: ActorCell,
     timing: Arc<Mutex<Timing>>,
     trainers: HashMap<(String, Interval), (ActorRef<TrainerMsg>, Option<Job>)>,
+    /// Jobs waiting for the batching window (`train.fuse_wait_ms`) to close.
+    pending: Vec<Job>,
+    flush_scheduled: bool,
+    /// Series whose job trains in a fused group now.
+    fusing: HashSet<(String, Interval)>,
     tasks: Tasks,
 }
 
@@ -278,7 +292,9 @@ impl Actor for TrainerPool {
         // held), and what the old one's training threads still hold runs
         // out instead of being renewed.
         args.trainer.leases = Leases::default();
-        args.trainer.slots = Arc::new(tokio::sync::Semaphore::new(args.slots.max(1) as usize));
+        args.trainer.slots = Arc::new(tokio::sync::Semaphore::new(
+            args.computations.max(1) as usize
+        ));
         let port = TrainerPort::spawn(&args.scope, &args.node, myself.clone()).await?;
         let incarnation = rand::random::<u64>();
         let timing = Arc::new(Mutex::new(Timing {
@@ -296,6 +312,9 @@ impl Actor for TrainerPool {
             port,
             timing,
             trainers: HashMap::new(),
+            pending: Vec::new(),
+            flush_scheduled: false,
+            fusing: HashSet::new(),
             tasks: Tasks(vec![session]),
         })
     }
@@ -327,23 +346,47 @@ impl Actor for TrainerPool {
                     term(Instant::now(), t.lease, t.heartbeat),
                 );
                 let key = (job.ticker.clone(), job.interval);
-                let trainer = match state.trainers.get(&key) {
-                    Some((t, _)) => t.clone(),
-                    None => {
-                        let (t, _) = Actor::spawn_linked(
-                            None,
-                            TrainerActor,
-                            state.args.trainer.clone(),
-                            myself.get_cell(),
-                        )
-                        .await?;
-                        t
+                let busy = state.trainers.get(&key).is_some_and(|(_, j)| j.is_some())
+                    || state.fusing.contains(&key)
+                    || state
+                        .pending
+                        .iter()
+                        .any(|p| p.ticker == job.ticker && p.interval == job.interval);
+                let train = &state.args.trainer.train;
+                let group = train.fuse_group_on(state.args.trainer.device.is_cuda());
+                if group > 1 && job.resume_key.is_none() && !busy {
+                    // Wait a moment for more jobs to fuse with.
+                    state.pending.push(job);
+                    if !state.flush_scheduled {
+                        state.flush_scheduled = true;
+                        myself.send_after(Duration::from_millis(train.fuse_wait_ms), || {
+                            PoolMsg::Flush
+                        });
                     }
-                };
-                state
-                    .trainers
-                    .insert(key, (trainer.clone(), Some(job.clone())));
-                trainer.cast(TrainerMsg::Train { job, pool: myself })?;
+                    return Ok(());
+                }
+                train_alone(&myself, state, job).await?;
+            }
+            PoolMsg::Flush => {
+                state.flush_scheduled = false;
+                let base = state.args.trainer.train.clone();
+                // The shape is the node's config but for a job's overrides.
+                let mut by: BTreeMap<(String, usize), Vec<Job>> = BTreeMap::new();
+                for job in std::mem::take(&mut state.pending) {
+                    let c = job.config(&base);
+                    by.entry((c.model.to_string(), c.epochs))
+                        .or_default()
+                        .push(job);
+                }
+                for jobs in by.into_values() {
+                    let group = base.fuse_group_on(state.args.trainer.device.is_cuda());
+                    for chunk in jobs.chunks(group) {
+                        match chunk {
+                            [job] => train_alone(&myself, state, job.clone()).await?,
+                            _ => train_fused(&myself, state, chunk.to_vec()),
+                        }
+                    }
+                }
             }
             PoolMsg::Progress {
                 job,
@@ -373,6 +416,7 @@ impl Actor for TrainerPool {
                 }
             }
             PoolMsg::Finished { job, outcome } => {
+                state.fusing.remove(&(job.ticker.clone(), job.interval));
                 if let Some((_, running)) =
                     state.trainers.get_mut(&(job.ticker.clone(), job.interval))
                 {
@@ -461,6 +505,100 @@ impl Actor for TrainerPool {
         }
         Ok(())
     }
+}
+
+/// Hands a job to the `TrainerActor` of its series (spawned on first use).
+async fn train_alone(
+    myself: &ActorRef<PoolMsg>,
+    state: &mut TrainerPoolState,
+    job: Job,
+) -> Result<(), ActorProcessingErr> {
+    let key = (job.ticker.clone(), job.interval);
+    let trainer = match state.trainers.get(&key) {
+        Some((t, _)) => t.clone(),
+        None => {
+            let (t, _) = Actor::spawn_linked(
+                None,
+                TrainerActor,
+                state.args.trainer.clone(),
+                myself.get_cell(),
+            )
+            .await?;
+            t
+        }
+    };
+    state
+        .trainers
+        .insert(key, (trainer.clone(), Some(job.clone())));
+    trainer.cast(TrainerMsg::Train {
+        job,
+        pool: myself.clone(),
+    })?;
+    Ok(())
+}
+
+/// Trains `jobs` as one fused computation ([`train_group`]) in a task that
+/// holds one of the node's training slots; each job's progress and outcome
+/// come back as the pool's messages, as a lone trainer's do. A panic of the
+/// group fails all its jobs (they are retried).
+fn train_fused(myself: &ActorRef<PoolMsg>, state: &mut TrainerPoolState, jobs: Vec<Job>) {
+    for j in &jobs {
+        state.fusing.insert((j.ticker.clone(), j.interval));
+    }
+    info!(jobs = jobs.len(), tickers = ?jobs.iter().map(|j| j.ticker.as_str()).collect::<Vec<_>>(), "training a fused group");
+    let args = state.args.trainer.clone();
+    let me = myself.clone();
+    let task = tokio::spawn(async move {
+        let Ok(_slot) = args.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let epochs = jobs
+            .first()
+            .map(|j| j.config(&args.train).epochs)
+            .unwrap_or(0);
+        for job in &jobs {
+            let _ = me.cast(PoolMsg::Progress {
+                job: job.clone(),
+                progress: EpochProgress {
+                    epoch: 0,
+                    epochs,
+                    train_loss: 0.0,
+                    val_loss: 0.0,
+                    best_epoch: 0,
+                },
+                snapshot: None,
+            });
+        }
+        let run = {
+            let (args, jobs, me) = (args.clone(), jobs.clone(), me.clone());
+            tokio::spawn(async move {
+                train_group(&args, &jobs, move |job, progress, snapshot| {
+                    let _ = me.cast(PoolMsg::Progress {
+                        job: job.clone(),
+                        progress,
+                        snapshot,
+                    });
+                })
+                .await
+            })
+        };
+        match run.await {
+            Ok(outcomes) => {
+                for (job, o) in jobs.into_iter().zip(outcomes) {
+                    let outcome = o.map(Box::new).map_err(|e| e.to_string());
+                    let _ = me.cast(PoolMsg::Finished { job, outcome });
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let outcome = Err(format!("the fused trainer crashed: {e}"));
+                    let _ = me.cast(PoolMsg::Finished { job, outcome });
+                }
+            }
+        }
+    });
+    state.tasks.0.retain(|t| !t.is_finished());
+    state.tasks.0.push(task);
 }
 
 /// Removes a done job's snapshots (all attempts).

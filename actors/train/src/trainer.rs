@@ -22,7 +22,8 @@ use tickmesh_io::db::Db;
 use tickmesh_io::store::{buckets, SharedStore};
 use tickmesh_model::checkpoint::{self, Files, Meta};
 use tickmesh_model::dataset::Dataset;
-use tickmesh_model::fit::{fingerprint, fit_with, EpochProgress, FitHooks, Snapshot};
+use tickmesh_model::fit::{fingerprint, fit_with, EpochProgress, FitHooks, Fitted, Snapshot};
+use tickmesh_model::fused::Member;
 use tickmesh_model::metrics::EvalReport;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -345,14 +346,25 @@ async fn read_snapshot(store: &SharedStore, job: &Job) -> Option<Snapshot> {
     }
 }
 
-/// Runs one job end to end: rows → fit (resumed from the job's snapshot
-/// when it has one) → checkpoint, published under the attempt's version.
-/// `progress` gets each finished epoch, and the key of each snapshot saved.
-pub async fn train_job(
-    args: &TrainerArgs,
-    job: &Job,
-    progress: impl FnMut(EpochProgress, Option<String>) + Send + 'static,
-) -> Result<TrainOutcome> {
+/// The champion's version and its checkpoint with its rows, or why they
+/// could not be read.
+type ChampionRead = (
+    i64,
+    std::result::Result<(Meta, Bytes, Vec<tickmesh_core::types::AggRow>), String>,
+);
+
+/// What a job needs before its fit: its rows, the snapshot it resumes from
+/// and the champion to score.
+struct Prepared {
+    cfg: TrainConfig,
+    rows: Vec<tickmesh_core::types::AggRow>,
+    resume: Option<Snapshot>,
+    champion: Option<ChampionRead>,
+}
+
+/// Reads a job's rows (failing on an unknown ticker), its snapshot and its
+/// champion.
+async fn prepare(args: &TrainerArgs, job: &Job) -> Result<Prepared> {
     let cfg = job.config(&args.train);
     let mut rows = args
         .db
@@ -364,7 +376,7 @@ pub async fn train_job(
             job.ticker, job.interval
         )));
     }
-    let mut resume = read_snapshot(&args.store, job).await;
+    let resume = read_snapshot(&args.store, job).await;
     let mut champion = champion_of(args, job).await?;
     if let Some(s) = &resume {
         // The resumed fit sees exactly the rows the snapshot was trained on.
@@ -373,99 +385,127 @@ pub async fn train_job(
             rows.retain(|r| r.ts <= s.state.data_to);
         }
     }
-    let device = args.device;
-    let (ticker, interval, version) = (job.ticker.clone(), job.interval, job.version);
-    let started = std::time::Instant::now();
-    let c = cfg.clone();
-    let indicators = args.features.clone();
-    let mut hooks = JobHooks {
-        job: job.clone(),
-        leases: args.leases.clone(),
-        store: args.store.clone(),
-        every: cfg.snapshot_every,
-        rt: tokio::runtime::Handle::current(),
-        progress,
-        last: None,
-        warm: None,
-    };
-    let job_id = job.id.clone();
-    let (meta, files, champion) = tokio::task::spawn_blocking(move || -> Result<(Meta, Files, Option<ChampionScore>)> {
-        // Failpoint for the process tests: a training thread that panics.
-        if std::env::var("TICKMESH_FAILPOINT_PANIC_TICKER").is_ok_and(|t| t == ticker) {
-            panic!("failpoint TICKMESH_FAILPOINT_PANIC_TICKER={ticker}");
-        }
-        let mut ds = Dataset::build(
-            &rows,
-            &c.features,
-            c.seq_len,
-            c.val_fraction,
-            c.test_fraction,
-        )?;
-        // Failpoint for the promotion gate's tests: a deliberately worse
-        // model (trained on shuffled targets, from scratch).
-        let sabotaged = std::env::var("TICKMESH_FAILPOINT_SHUFFLE_TARGETS").is_ok_and(|t| t == ticker);
-        if sabotaged {
-            warn!(job = %job_id, "failpoint: training on shuffled targets");
-            ds.shuffle_training_targets(version as u64);
-        }
-        if let Some(s) = &resume {
-            if s.state.fingerprint != fingerprint(&ds, &c) {
-                warn!(job = %job_id, "the snapshot was taken on other data or hyperparameters; training starts from scratch");
-                resume = None;
-            } else {
-                info!(job = %job_id, epoch = s.state.epoch, "resuming from the snapshot");
-            }
-        }
-        // A warm start from a champion of the same architecture (a resumed
-        // fit has its own weights).
-        let warm_from = match (&champion, &resume) {
-            (Some((v, Ok((m, w, _)))), None) if c.warm_start && !sabotaged && same_shape(m, &c) => {
-                let (vs, _) = checkpoint::load_model(m, w, tch::Device::Cpu)?;
-                hooks.warm = Some(vs.variables().into_iter().collect());
-                info!(job = %job_id, champion = v, "warm start from the champion's weights");
-                Some(*v)
-            }
-            _ => None,
-        };
-        let fitted = fit_with(ds, &c, device, resume, &mut hooks)?;
-        let weights = checkpoint::weights_bytes(&fitted.vs)?;
-        let mut meta = Meta::of(&fitted, &c, &indicators, &ticker, interval, version, &weights);
-        meta.warm_start_from = warm_from;
-        let files = Files::new(&meta, weights, &fitted.test_points)?;
-        // The champion on this version's test window.
-        let champion = champion.map(|(version, read)| {
-            let (from, to) = (meta.splits.test_from, meta.splits.test_to);
-            let scored = read.and_then(|(m, w, rows)| {
-                tickmesh_model::fit::evaluate_range(&m, &w, &rows, Some(from), Some(to))
-                    .map_err(|e| e.to_string())
-            });
-            match scored {
-                Ok(Some(s)) => ChampionScore {
-                    version,
-                    report: Some(s.report),
-                    note: (s.report.model.samples != meta.metrics.model.samples).then(|| {
-                        format!(
-                            "scored on {} of the window's {} bars",
-                            s.report.model.samples, meta.metrics.model.samples
-                        )
-                    }),
-                },
-                Ok(None) => ChampionScore {
-                    version,
-                    report: None,
-                    note: Some("no window of the champion's shape predicts a bar of the test window".into()),
-                },
-                Err(e) => ChampionScore {
-                    version,
-                    report: None,
-                    note: Some(format!("the champion could not be scored: {e}")),
-                },
-            }
-        });
-        Ok((meta, files, champion))
+    Ok(Prepared {
+        cfg,
+        rows,
+        resume,
+        champion,
     })
-    .await
-    .map_err(|e| Error::invalid("training", format!("the training thread panicked: {e}")))??;
+}
+
+/// On the training thread: the job's dataset (with its failpoints), the
+/// snapshot check and the warm start (set on `hooks`); the champion version
+/// it warm-starts from.
+fn dataset_of<P>(
+    p: &mut Prepared,
+    job: &Job,
+    hooks: &mut JobHooks<P>,
+) -> Result<(Dataset, Option<i64>)> {
+    let (ticker, job_id, c) = (&job.ticker, &job.id, &p.cfg);
+    // Failpoint for the process tests: a training thread that panics.
+    if std::env::var("TICKMESH_FAILPOINT_PANIC_TICKER").is_ok_and(|t| t == *ticker) {
+        panic!("failpoint TICKMESH_FAILPOINT_PANIC_TICKER={ticker}");
+    }
+    let mut ds = Dataset::build(
+        &p.rows,
+        &c.features,
+        c.seq_len,
+        c.val_fraction,
+        c.test_fraction,
+    )?;
+    // Failpoint for the promotion gate's tests: a deliberately worse
+    // model (trained on shuffled targets, from scratch).
+    let sabotaged = std::env::var("TICKMESH_FAILPOINT_SHUFFLE_TARGETS").is_ok_and(|t| t == *ticker);
+    if sabotaged {
+        warn!(job = %job_id, "failpoint: training on shuffled targets");
+        ds.shuffle_training_targets(job.version as u64);
+    }
+    if let Some(s) = &p.resume {
+        if s.state.fingerprint != fingerprint(&ds, c) {
+            warn!(job = %job_id, "the snapshot was taken on other data or hyperparameters; training starts from scratch");
+            p.resume = None;
+        } else {
+            info!(job = %job_id, epoch = s.state.epoch, "resuming from the snapshot");
+        }
+    }
+    // A warm start from a champion of the same architecture (a resumed
+    // fit has its own weights).
+    let warm_from = match (&p.champion, &p.resume) {
+        (Some((v, Ok((m, w, _)))), None) if c.warm_start && !sabotaged && same_shape(m, c) => {
+            let (vs, _) = checkpoint::load_model(m, w, tch::Device::Cpu)?;
+            hooks.warm = Some(vs.variables().into_iter().collect());
+            info!(job = %job_id, champion = v, "warm start from the champion's weights");
+            Some(*v)
+        }
+        _ => None,
+    };
+    Ok((ds, warm_from))
+}
+
+/// On the training thread: the checkpoint's files and the champion scored
+/// on its test window.
+fn finish(
+    fitted: &Fitted,
+    p: Prepared,
+    job: &Job,
+    indicators: &FeatureConfig,
+    warm_from: Option<i64>,
+) -> Result<(Meta, Files, Option<ChampionScore>)> {
+    let weights = checkpoint::weights_bytes(&fitted.vs)?;
+    let mut meta = Meta::of(
+        fitted,
+        &p.cfg,
+        indicators,
+        &job.ticker,
+        job.interval,
+        job.version,
+        &weights,
+    );
+    meta.warm_start_from = warm_from;
+    let files = Files::new(&meta, weights, &fitted.test_points)?;
+    // The champion on this version's test window.
+    let champion = p.champion.map(|(version, read)| {
+        let (from, to) = (meta.splits.test_from, meta.splits.test_to);
+        let scored = read.and_then(|(m, w, rows)| {
+            tickmesh_model::fit::evaluate_range(&m, &w, &rows, Some(from), Some(to))
+                .map_err(|e| e.to_string())
+        });
+        match scored {
+            Ok(Some(s)) => ChampionScore {
+                version,
+                report: Some(s.report),
+                note: (s.report.model.samples != meta.metrics.model.samples).then(|| {
+                    format!(
+                        "scored on {} of the window's {} bars",
+                        s.report.model.samples, meta.metrics.model.samples
+                    )
+                }),
+            },
+            Ok(None) => ChampionScore {
+                version,
+                report: None,
+                note: Some(
+                    "no window of the champion's shape predicts a bar of the test window".into(),
+                ),
+            },
+            Err(e) => ChampionScore {
+                version,
+                report: None,
+                note: Some(format!("the champion could not be scored: {e}")),
+            },
+        }
+    });
+    Ok((meta, files, champion))
+}
+
+/// Publishes a finished job's checkpoint under its version once its lease
+/// is confirmed.
+async fn publish(
+    args: &TrainerArgs,
+    job: &Job,
+    (meta, files, champion): (Meta, Files, Option<ChampionScore>),
+    started: std::time::Instant,
+) -> Result<TrainOutcome> {
     let (leases, id, epoch) = (args.leases.clone(), job.id.clone(), job.epoch);
     tokio::task::spawn_blocking(move || leases.wait_valid(&id, epoch))
         .await
@@ -482,7 +522,7 @@ pub async fn train_job(
     let m = &meta.metrics;
     info!(
         ticker = %job.ticker, interval = %job.interval, version = job.version, kind = %meta.kind,
-        secs = started.elapsed().as_secs_f64(),
+        secs = started.elapsed().as_secs_f64(), fused_group = meta.fused_group.unwrap_or(1),
         rmse = m.model.rmse, naive_rmse = m.naive.rmse,
         directional_accuracy = m.model.directional_accuracy.unwrap_or_default(),
         uri = %published.uri, "checkpoint published"
@@ -500,4 +540,170 @@ pub async fn train_job(
         champion,
         data: meta.data.clone(),
     })
+}
+
+fn hooks_of<P>(args: &TrainerArgs, job: &Job, progress: P) -> JobHooks<P> {
+    JobHooks {
+        job: job.clone(),
+        leases: args.leases.clone(),
+        store: args.store.clone(),
+        every: job.config(&args.train).snapshot_every,
+        rt: tokio::runtime::Handle::current(),
+        progress,
+        last: None,
+        warm: None,
+    }
+}
+
+/// Runs one job end to end: rows → fit (resumed from the job's snapshot
+/// when it has one) → checkpoint, published under the attempt's version.
+/// `progress` gets each finished epoch, and the key of each snapshot saved.
+pub async fn train_job(
+    args: &TrainerArgs,
+    job: &Job,
+    progress: impl FnMut(EpochProgress, Option<String>) + Send + 'static,
+) -> Result<TrainOutcome> {
+    let mut p = prepare(args, job).await?;
+    let started = std::time::Instant::now();
+    let (device, indicators) = (args.device, args.features.clone());
+    let mut hooks = hooks_of(args, job, progress);
+    let j = job.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let (ds, warm_from) = dataset_of(&mut p, &j, &mut hooks)?;
+        let resume = p.resume.take();
+        let fitted = fit_with(ds, &p.cfg, device, resume, &mut hooks)?;
+        finish(&fitted, p, &j, &indicators, warm_from)
+    })
+    .await
+    .map_err(|e| Error::invalid("training", format!("the training thread panicked: {e}")))??;
+    publish(args, job, done, started).await
+}
+
+/// Estimated device memory of one member of a fused group, in bytes.
+fn member_bytes(ds: &Dataset, cfg: &TrainConfig) -> u64 {
+    tickmesh_model::fused::member_bytes(ds, cfg)
+}
+
+/// Trains `jobs` (distinct series, one kind and shape, none resuming a
+/// snapshot) fused on the node's device, in groups that fit
+/// `train.fuse_memory_mb`: each job's rows, champion and hooks are its own
+/// (progress, lease checks, snapshots, a warm start), and each ends as its
+/// own checkpoint, published under its own version. A job whose
+/// preparation fails, or whose failpoint panics, fails alone. `progress`
+/// gets each job's epochs and snapshot keys. One outcome per job, in order.
+pub async fn train_group<P>(
+    args: &TrainerArgs,
+    jobs: &[Job],
+    progress: P,
+) -> Vec<Result<TrainOutcome>>
+where
+    P: Fn(&Job, EpochProgress, Option<String>) + Clone + Send + Sync + 'static,
+{
+    let started = std::time::Instant::now();
+    let mut out: Vec<Option<Result<TrainOutcome>>> = jobs.iter().map(|_| None).collect();
+    let mut ready = Vec::new();
+    for (k, job) in jobs.iter().enumerate() {
+        match prepare(args, job).await {
+            Ok(p) => {
+                let pr = progress.clone();
+                let j = job.clone();
+                let hooks = hooks_of(args, job, move |e, s| pr(&j, e, s));
+                ready.push((k, p, hooks));
+            }
+            Err(e) => out[k] = Some(Err(e)),
+        }
+    }
+    let (device, indicators, base) = (args.device, args.features.clone(), args.train.clone());
+    let js = jobs.to_vec();
+    let budget = (base.fuse_memory_mb as u64) << 20;
+    let done = tokio::task::spawn_blocking(move || {
+        let mut results = Vec::new();
+        let mut members = Vec::new();
+        for (k, mut p, mut hooks) in ready {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                dataset_of(&mut p, &js[k], &mut hooks)
+            }));
+            match r {
+                Ok(Ok((ds, warm_from))) => members.push((k, p, hooks, ds, warm_from)),
+                Ok(Err(e)) => results.push((k, Err(e))),
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    results.push((k, Err(Error::invalid("training", format!("the training thread panicked: {why}")))));
+                }
+            }
+        }
+        // Groups that fit the memory budget, in order.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut used = 0u64;
+        for (i, m) in members.iter().enumerate() {
+            let b = member_bytes(&m.3, &m.1.cfg);
+            match groups.last_mut() {
+                Some(g) if used + b <= budget && g.len() < base.fuse_group_on(device.is_cuda()) => {
+                    g.push(i);
+                    used += b;
+                }
+                _ => {
+                    groups.push(vec![i]);
+                    used = b;
+                }
+            }
+        }
+        let mut slots: Vec<Option<_>> = members.into_iter().map(Some).collect();
+        for g in groups {
+            let mut taken: Vec<_> = g.iter().map(|&i| slots[i].take().expect("once")).collect();
+            let cfg = taken[0].1.cfg.clone();
+            let fitted: Vec<Result<Fitted>> = if taken.len() == 1 {
+                let (_, p, hooks, ds, _) = &mut taken[0];
+                vec![fit_with(ds.clone(), &p.cfg, device, None, hooks)]
+            } else {
+                info!(members = taken.len(), kind = %cfg.model, device = %tickmesh_model::device_name(device), "training fused");
+                let fused = tickmesh_model::fused::fit_fused(
+                    taken
+                        .iter_mut()
+                        .map(|(_, _, hooks, ds, _)| Member {
+                            ds: ds.clone(),
+                            hooks,
+                        })
+                        .collect(),
+                    &cfg,
+                    device,
+                );
+                match fused {
+                    Ok(v) => v,
+                    Err(e) => taken.iter().map(|_| Err(Error::invalid("fused training", e.to_string()))).collect(),
+                }
+            };
+            for ((k, p, _, _, warm_from), f) in taken.into_iter().zip(fitted) {
+                let r = f.and_then(|f| finish(&f, p, &js[k], &indicators, warm_from));
+                results.push((k, r));
+            }
+        }
+        results
+    })
+    .await;
+    match done {
+        Ok(results) => {
+            for (k, r) in results {
+                out[k] = Some(match r {
+                    Ok(files) => publish(args, &jobs[k], files, started).await,
+                    Err(e) => Err(e),
+                });
+            }
+        }
+        Err(e) => {
+            for o in out.iter_mut().filter(|o| o.is_none()) {
+                *o = Some(Err(Error::invalid(
+                    "training",
+                    format!("the training thread panicked: {e}"),
+                )));
+            }
+        }
+    }
+    out.into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(Error::invalid("training", "no outcome"))))
+        .collect()
 }
