@@ -491,9 +491,10 @@ pub struct TrainConfig {
     /// as one fused computation at most (1: every job alone). A node takes
     /// this many jobs per training slot.
     pub fuse_group: usize,
-    /// The same on the CPU. 1 by default: at this model size fused training
-    /// on the CPU was measured slower than one model at a time
-    /// (BENCHMARKS.md, `scripts/bench/fused.sh`).
+    /// The same on the CPU. 1 by default (off): fused training on the CPU
+    /// measured 1.3–2.4× one model at a time (BENCHMARKS.md,
+    /// `scripts/bench/fused.sh`), but a node then takes this many times its
+    /// jobs, which the coordinator can no longer place on other nodes.
     pub cpu_fuse_group: usize,
     /// Estimated device memory one fused group may use; a larger set of
     /// jobs is split into groups that fit.

@@ -13,13 +13,23 @@
 //! out of minibatches first: their later steps are masked (no gradient, no
 //! Adam step, no moment decay). A group whose patience ran out, whose loss
 //! diverged or whose hooks failed (a lost lease) leaves the computation at
-//! the end of the epoch; the others go on unchanged. The test
-//! `fused_equals_one_at_a_time` checks the weights against one-at-a-time
-//! fits to 1e-5.
+//! the end of the epoch; the others go on unchanged. The tests in
+//! `tests/fused.rs` check the weights against one-at-a-time fits to 1e-5.
 //!
 //! The per-step work stays on the device: the minibatch indices, masks and
 //! Adam's per-group step sizes of a whole epoch are uploaded once, and the
-//! host reads the losses once per epoch.
+//! host reads the losses once per epoch. On a CUDA device everything runs
+//! through libtorch's operators and autograd (CUDA graphs are not used:
+//! tch 0.24 has no binding for `at::cuda::CUDAGraph`).
+//!
+//! On the CPU two things differ, both measured (`scripts/bench/fused.sh`):
+//! - the LSTM recurrence (`lstm_attention`, `cnn_lstm`) runs by hand in
+//!   [`crate::fused_cpu`] (one matrix product and one vectorised pass per
+//!   step each way, the weight gradients as one product), while the
+//!   convolution, attention, output layer and loss stay on autograd;
+//! - a group is split into one shard per intra-op thread, each a fused
+//!   computation on its own thread with libtorch's threads at 1 there
+//!   (its OpenMP workers spin between small operators and take the cores).
 
 use std::time::Instant;
 
@@ -33,8 +43,8 @@ use tickmesh_core::{Error, Result};
 use crate::arch::{build, init_seeded, Arch};
 use crate::dataset::Dataset;
 use crate::fit::{
-    evaluate, fingerprint, named, set_initial_weights, terr, EpochProgress, FitHooks, Fitted,
-    Snapshot, SnapshotState,
+    evaluate, fingerprint, named, set_initial_weights, EpochProgress, FitHooks, Fitted, Snapshot,
+    SnapshotState,
 };
 
 const BETA1: f64 = 0.9;
@@ -68,7 +78,7 @@ pub fn member_bytes(ds: &Dataset, cfg: &TrainConfig) -> u64 {
 /// checks, snapshots, a warm start).
 pub struct Member<'a> {
     pub ds: Dataset,
-    pub hooks: &'a mut dyn FitHooks,
+    pub hooks: &'a mut (dyn FitHooks + Send),
 }
 
 /// Where each parameter lives in a row of the flat `[G, P]` tensor.
@@ -131,6 +141,20 @@ impl Layout {
                 })
                 .collect(),
         )
+    }
+
+    /// The part of a `[G, P]` gradient that is parameter `name`, shaped
+    /// `[G, shape…]` (a view: writing it writes the gradient).
+    fn grad_of(&self, grad: &Tensor, name: &str) -> Tensor {
+        let (_, shape, off) = self
+            .params
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("the layout has `{name}`"));
+        let n_el: i64 = shape.iter().product();
+        let mut s = vec![grad.size()[0]];
+        s.extend(shape);
+        grad.narrow(1, *off, n_el).view(s.as_slice())
     }
 
     /// `(name, row of t)` per parameter, shaped as the model's.
@@ -228,64 +252,194 @@ fn gru_layer(x: &Tensor, p: &Params, layer: usize, h: i64) -> Tensor {
     Tensor::stack(&out, 1)
 }
 
-/// The fused forward pass: `x` `[G, B, T, F]` → `[G, B]`.
-fn forward(a: &Arch, p: &Params, x: &Tensor) -> Tensor {
+/// The output layer on each group's last state `[G, B, H]` → `[G, B]`.
+fn out_layer(p: &Params, last: &Tensor) -> Tensor {
+    linear(last, p.get("out.weight"), Some(p.get("out.bias"))).squeeze_dim(-1)
+}
+
+/// Attention over the LSTM's states `s` `[G, T, B, H]`, then the output
+/// layer: `[G, B]`.
+fn attention_head(p: &Params, s: &Tensor) -> Tensor {
+    let [g, t, b, h] = s.size()[..] else {
+        unreachable!("s is [G, T, B, H]")
+    };
+    // Batch-major as the lone model's `[B, T, H]`: the attention's
+    // reductions then add in the same order (its bias has a small gradient
+    // whose rounding Adam's normalisation would amplify).
+    let s = s.transpose(1, 2).contiguous();
+    let flat = s.view([g, b * t, h]);
+    let hidden = p
+        .get("attn_w.bias")
+        .unsqueeze(1)
+        .baddbmm(&flat, &p.get("attn_w.weight").transpose(1, 2), 1, 1)
+        .tanh();
+    let scores = linear(&hidden, p.get("attn_v.weight"), None).view([g, b, t, 1]);
+    let alpha = scores.softmax(2, Kind::Float);
+    let context = (alpha * s).sum_dim_intlist(2, false, Kind::Float);
+    out_layer(p, &context)
+}
+
+/// `cnn_lstm`'s convolution and ReLU over `x` `[G, B, T, F]` → `[G, T, B, C]`.
+fn conv_input(a: &Arch, p: &Params, x: &Tensor) -> Tensor {
     let [g, b, t, f] = x.size()[..] else {
         unreachable!("x is [G, B, T, F]")
     };
+    let c = a.conv_channels;
+    // A grouped convolution: group k convolves its own F channels with its
+    // own C filters.
+    let input = x.permute([1, 0, 3, 2]).reshape([b, g * f, t]);
+    let w = p.get("conv.weight").reshape([g * c, f, a.kernel_size]);
+    let bias = p.get("conv.bias").reshape([g * c]);
+    input
+        .conv1d(&w, Some(&bias), [1], [a.kernel_size / 2], [1], g)
+        .view([b, g, c, t])
+        .permute([1, 3, 0, 2])
+        .relu()
+        .contiguous()
+}
+
+/// The fused forward pass: `x` `[G, B, T, F]` → `[G, B]`.
+fn forward(a: &Arch, p: &Params, x: &Tensor) -> Tensor {
+    let t = x.size()[2];
     let h = a.hidden;
-    let out = |last: &Tensor| {
-        // [G, B, H] → [G, B]
-        linear(last, p.get("out.weight"), Some(p.get("out.bias"))).squeeze_dim(-1)
-    };
     match a.kind {
         ModelKind::LstmAttention => {
             let mut s = x.transpose(1, 2).contiguous();
             for l in 0..a.layers as usize {
                 s = lstm_layer(&s, p, "lstm", l, h);
             }
-            // Batch-major as the lone model's `[B, T, H]`: the attention's
-            // reductions then add in the same order (its bias has a small
-            // gradient that Adam's normalisation would amplify rounding of).
-            let s = s.transpose(1, 2).contiguous();
-            let flat = s.view([g, b * t, h]);
-            let hidden = p
-                .get("attn_w.bias")
-                .unsqueeze(1)
-                .baddbmm(&flat, &p.get("attn_w.weight").transpose(1, 2), 1, 1)
-                .tanh();
-            let scores = linear(&hidden, p.get("attn_v.weight"), None).view([g, b, t, 1]);
-            let alpha = scores.softmax(2, Kind::Float);
-            let context = (alpha * s).sum_dim_intlist(2, false, Kind::Float);
-            out(&context)
+            attention_head(p, &s)
         }
         ModelKind::Gru => {
             let mut s = x.transpose(1, 2).contiguous();
             for l in 0..a.layers as usize {
                 s = gru_layer(&s, p, l, h);
             }
-            out(&s.select(1, t - 1))
+            out_layer(p, &s.select(1, t - 1))
         }
         ModelKind::CnnLstm => {
-            let c = a.conv_channels;
-            // A grouped convolution: group k convolves its own F channels
-            // with its own C filters.
-            let input = x.permute([1, 0, 3, 2]).reshape([b, g * f, t]);
-            let w = p.get("conv.weight").reshape([g * c, f, a.kernel_size]);
-            let bias = p.get("conv.bias").reshape([g * c]);
-            let z = input
-                .conv1d(&w, Some(&bias), [1], [a.kernel_size / 2], [1], g)
-                .view([b, g, c, t])
-                .permute([1, 3, 0, 2])
-                .relu()
-                .contiguous();
-            let mut s = z;
+            let mut s = conv_input(a, p, x);
             for l in 0..a.layers as usize {
                 s = lstm_layer(&s, p, "lstm", l, h);
             }
-            out(&s.select(1, t - 1))
+            out_layer(p, &s.select(1, t - 1))
         }
     }
+}
+
+/// Whether the training steps run the LSTM recurrence by hand
+/// ([`crate::fused_cpu`]): on the CPU, for the kinds with an LSTM.
+fn native_recurrence(a: &Arch, device: Device) -> bool {
+    device == Device::Cpu && matches!(a.kind, ModelKind::LstmAttention | ModelKind::CnnLstm)
+}
+
+/// The forward pass with the LSTM recurrence by hand (no gradients), for
+/// validation; `tapes` lends its buffers from one call to the next.
+fn native_forward(
+    a: &Arch,
+    p: &Params,
+    x: &Tensor,
+    tapes: &mut Vec<crate::fused_cpu::Tape>,
+) -> Tensor {
+    let t = x.size()[2];
+    let mut s = match a.kind {
+        ModelKind::CnnLstm => conv_input(a, p, x),
+        _ => x.transpose(1, 2).contiguous(),
+    };
+    let mut reuse: Vec<Option<crate::fused_cpu::Tape>> = tapes.drain(..).map(Some).collect();
+    reuse.resize_with(a.layers as usize, || None);
+    for (l, old) in reuse.into_iter().enumerate() {
+        let name = |k: &str| format!("lstm.{k}_l{l}");
+        let (out, tape) = crate::fused_cpu::forward(
+            &s,
+            p.get(&name("weight_ih")),
+            p.get(&name("weight_hh")),
+            p.get(&name("bias_ih")),
+            p.get(&name("bias_hh")),
+            old,
+        );
+        tapes.push(tape);
+        s = out;
+    }
+    match a.kind {
+        ModelKind::LstmAttention => attention_head(p, &s),
+        _ => out_layer(p, &s.select(1, t - 1)),
+    }
+}
+
+/// One training step's forward and backward with the LSTM recurrence by
+/// hand ([`crate::fused_cpu`]) and the rest (convolution, attention,
+/// output, loss) through autograd: fills `w`'s gradient and returns the
+/// per-group losses `[G]` (detached). `loss_of` maps the predictions
+/// `[G, B]` to the per-group losses.
+fn native_step(
+    a: &Arch,
+    layout: &Layout,
+    w: &Tensor,
+    x: &Tensor,
+    tapes: &mut Vec<crate::fused_cpu::Tape>,
+    loss_of: impl Fn(Tensor) -> Tensor,
+) -> Tensor {
+    let p = layout.views(w);
+    let t = x.size()[2];
+    let conv = (a.kind == ModelKind::CnnLstm).then(|| conv_input(a, &p, x));
+    let mut s = match &conv {
+        Some(z) => z.detach(),
+        None => x.transpose(1, 2).contiguous(),
+    };
+    let name = |k: &str, l: usize| format!("lstm.{k}_l{l}");
+    let weight = |k: &str, l: usize| p.get(&name(k, l)).detach();
+    // The last step's tapes lend this one their buffers.
+    let mut reuse: Vec<Option<crate::fused_cpu::Tape>> = tapes.drain(..).map(Some).collect();
+    reuse.resize_with(a.layers as usize, || None);
+    for (l, old) in reuse.into_iter().enumerate() {
+        let (out, tape) = crate::fused_cpu::forward(
+            &s,
+            &weight("weight_ih", l),
+            &weight("weight_hh", l),
+            &weight("bias_ih", l),
+            &weight("bias_hh", l),
+            old,
+        );
+        tapes.push(tape);
+        s = out;
+    }
+    let top = s.set_requires_grad(true);
+    let pred = match a.kind {
+        ModelKind::LstmAttention => attention_head(&p, &top),
+        _ => out_layer(&p, &top.select(1, t - 1)),
+    };
+    let loss = loss_of(pred);
+    loss.sum(Kind::Float).backward();
+    let grad = w.grad();
+    let mut dh = top.grad();
+    for (l, tape) in tapes.iter().enumerate().rev() {
+        let g = crate::fused_cpu::backward(
+            tape,
+            &dh,
+            &weight("weight_ih", l),
+            &weight("weight_hh", l),
+            l > 0 || conv.is_some(),
+        );
+        tch::no_grad(|| {
+            for (k, v) in [
+                ("weight_ih", &g.w_ih),
+                ("weight_hh", &g.w_hh),
+                ("bias_ih", &g.bias),
+                ("bias_hh", &g.bias),
+            ] {
+                let _ = layout.grad_of(&grad, &name(k, l)).g_add_(v);
+            }
+        });
+        if let Some(dx) = g.dx {
+            dh = dx;
+        }
+    }
+    if let Some(z) = conv {
+        // The convolution's gradient, from the recurrence's input gradient.
+        (z * dh).sum(Kind::Float).backward();
+    }
+    loss.detach()
 }
 
 /// One epoch's schedule for the live groups, uploaded at once.
@@ -354,7 +508,80 @@ pub fn fit_fused(
             ));
         }
     }
-    let (mut members, mut hooks): (Vec<Dataset>, Vec<&mut dyn FitHooks>) =
+    let group = members.len();
+    if device == Device::Cpu {
+        keep_freed_memory();
+    }
+    let shards = match device {
+        Device::Cpu => (tch::get_num_threads().max(1) as usize).min(group),
+        _ => 1,
+    };
+    if shards <= 1 {
+        return Ok(fit_shard(members, cfg, device, arch, group));
+    }
+    // On the CPU: one shard of the group per core, each one fused
+    // computation on its own thread with libtorch's intra-op threads at 1
+    // meanwhile (its OpenMP workers spin between these small operations and
+    // would take the cores the shards need). Members are dealt round-robin.
+    let mut parts: Vec<Vec<(usize, Member<'_>)>> = (0..shards).map(|_| Vec::new()).collect();
+    for (k, m) in members.into_iter().enumerate() {
+        parts[k % shards].push((k, m));
+    }
+    let done: Vec<Vec<(usize, Result<Fitted>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| {
+                s.spawn(move || {
+                    // This thread's own setting (OpenMP's is per thread).
+                    tch::set_num_threads(1);
+                    let (ks, ms): (Vec<usize>, Vec<Member<'_>>) = part.into_iter().unzip();
+                    ks.into_iter()
+                        .zip(fit_shard(ms, cfg, device, arch, group))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut out: Vec<Option<Result<Fitted>>> = (0..group).map(|_| None).collect();
+    for (k, r) in done.into_iter().flatten() {
+        out[k] = Some(r);
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every member has a result"))
+        .collect())
+}
+
+/// Asks glibc's allocator to keep freed blocks up to 32 MiB in its heap
+/// instead of unmapping them: a fused step frees and reallocates tensors of
+/// a few MiB, and fresh mappings cost page faults (7% of a CPU step's time
+/// before). Once per process; it only affects Linux with glibc.
+fn keep_freed_memory() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt takes plain integers and only changes tunables.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        }
+    });
+}
+
+/// [`fit_fused`] for one shard: `members` as one computation. `group` is
+/// the size of the whole fused group (recorded in each [`Fitted`]).
+fn fit_shard(
+    members: Vec<Member<'_>>,
+    cfg: &TrainConfig,
+    device: Device,
+    arch: Arch,
+    group: usize,
+) -> Vec<Result<Fitted>> {
+    let (mut members, mut hooks): (Vec<Dataset>, Vec<&mut (dyn FitHooks + Send)>) =
         members.into_iter().map(|m| (m.ds, m.hooks)).unzip();
     let n = members.len();
     let bsz = cfg.batch_size.max(1);
@@ -428,6 +655,8 @@ pub fn fit_fused(
         }
     }
 
+    let native = native_recurrence(&arch, device);
+    let mut tapes = Vec::new();
     let started = Instant::now();
     for epoch in 1..=cfg.epochs {
         let live: Vec<usize> = (0..n).filter(|&k| groups[k].live).collect();
@@ -447,18 +676,24 @@ pub fn fit_fused(
             let idx = sched.idx.get(s);
             let xb = x_train.index_select(0, &idx).view([l, bsz as i64, t, f]);
             let yb = y_train.index_select(0, &idx).view([l, bsz as i64]);
-            let params = layout.views(&w);
-            let pred = forward(&arch, &params, &xb);
             let len = sched.len.get(s);
+            let mask = sched.mask.get(s);
             // Each group's mean squared error over its own samples.
-            let sse =
-                ((pred - yb).square() * sched.mask.get(s)).sum_dim_intlist(1, false, Kind::Float);
-            let loss = &sse / len.clamp_min(1.0);
+            let loss_of = |pred: Tensor| {
+                ((pred - &yb).square() * &mask).sum_dim_intlist(1, false, Kind::Float)
+                    / len.clamp_min(1.0)
+            };
             let mut g = w.grad();
             if g.defined() {
                 let _ = g.zero_();
             }
-            loss.sum(Kind::Float).backward();
+            let loss = if native {
+                native_step(&arch, &layout, &w, &xb, &mut tapes, loss_of)
+            } else {
+                let loss = loss_of(forward(&arch, &layout.views(&w), &xb));
+                loss.sum(Kind::Float).backward();
+                loss
+            };
             tch::no_grad(|| {
                 let g = w.grad();
                 let coef = ((g.square().sum_dim_intlist(1, true, Kind::Float).sqrt() + 1e-6)
@@ -481,7 +716,8 @@ pub fn fit_fused(
         let _ = m_all.index_copy_(0, &live_idx, &m);
         let _ = v_all.index_copy_(0, &live_idx, &v);
         // One read of the epoch's losses per epoch.
-        let train_sum: Vec<f32> = Vec::try_from(sum.to_device(Device::Cpu)).map_err(terr)?;
+        let train_sum: Vec<f32> = Vec::try_from(sum.to_device(Device::Cpu))
+            .unwrap_or_else(|_| vec![f32::NAN; live.len()]);
         let val = val_losses(
             &arch, &layout, &w_all, &live, &groups, &x_val, &y_val, device,
         );
@@ -604,10 +840,10 @@ pub fn fit_fused(
             samples_per_sec: (gr.n_train * epochs_run) as f64 / secs.max(1e-9),
             history: gr.history,
             device,
-            fused_group: Some(n),
+            fused_group: Some(group),
         }));
     }
-    Ok(out)
+    out
 }
 
 /// The epoch's minibatches of every live group: each group's windows in the
@@ -707,9 +943,13 @@ fn val_losses(
     let w = w_all.index_select(0, &sel);
     let params = layout.views(&w);
     let mut sse = Tensor::zeros([l], (Kind::Double, device));
+    let native = native_recurrence(arch, device);
+    // The native recurrence keeps a tape per chunk: smaller chunks.
+    let chunk = if native { VAL_CHUNK / 4 } else { VAL_CHUNK };
+    let mut tapes = Vec::new();
     tch::no_grad(|| {
-        for from in (0..most).step_by(VAL_CHUNK) {
-            let c = (most - from).min(VAL_CHUNK);
+        for from in (0..most).step_by(chunk) {
+            let c = (most - from).min(chunk);
             let mut idx = Vec::with_capacity(which.len() * c);
             let mut mask = Vec::with_capacity(which.len() * c);
             for &k in which {
@@ -728,7 +968,11 @@ fn val_losses(
             let (t, f) = (x_val.size()[1], x_val.size()[2]);
             let xb = x_val.index_select(0, &idx).view([l, c as i64, t, f]);
             let yb = y_val.index_select(0, &idx).view([l, c as i64]);
-            let pred = forward(arch, &params, &xb);
+            let pred = if native {
+                native_forward(arch, &params, &xb, &mut tapes)
+            } else {
+                forward(arch, &params, &xb)
+            };
             sse += ((pred - yb).square() * mask)
                 .sum_dim_intlist(1, false, Kind::Float)
                 .to_kind(Kind::Double);

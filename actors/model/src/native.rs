@@ -130,7 +130,7 @@ fn mat_vec_add(out: &mut [f32], wt: &[f32], x: &[f32]) {
 /// exponent bits), clamped to `[-87, 88]`. Branch-free, so loops over slices
 /// vectorise; libm's `expf`/`tanhf` calls were half of a forecast's time.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -149,14 +149,14 @@ fn exp(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn sigmoid(x: f32) -> f32 {
+pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
 /// `tanh` in `f32` (Cephes' `tanhf`): an odd polynomial below 0.625, else
 /// `1 - 2 / (e^{2|x|} + 1)`; both computed and one kept, without a branch.
 #[inline(always)]
-fn tanh(x: f32) -> f32 {
+pub(crate) fn tanh(x: f32) -> f32 {
     let a = x.abs();
     let z = x * x;
     let small =

@@ -11,8 +11,13 @@
 //! that re-registration brings).
 //!
 //! The pool receives assignments from its port, grants their leases and
-//! hands each job to the `TrainerActor` of its (ticker, interval) (spawned
-//! linked on first use); it forwards progress (and snapshot keys) and
+//! batches them: jobs that arrive within `train.fuse_wait_ms` of each other
+//! and share a kind and shape (and none resumes a snapshot) train as one
+//! fused group of up to `train.fuse_group` (`cpu_fuse_group` on the CPU) in
+//! a task holding one training slot ([`train_group`]); any other job goes
+//! to the `TrainerActor` of its (ticker, interval) (spawned linked on
+//! first use). The node registers `slots` × the group size as its slots.
+//! Either way it forwards progress (and snapshot keys) and
 //! reports every outcome back with the job's assignment epoch: a
 //! checkpoint, or a failure with its reason. A job whose lease is gone is
 //! not reported (the coordinator has moved on). A trainer that crashes is

@@ -1,0 +1,623 @@
+//! The LSTM recurrence of fused training on the CPU, forward and backward
+//! by hand instead of through autograd. Per time step: one batched matrix
+//! product (libtorch's) and one pass of our own over the step's gates that
+//! does all the elementwise work at once (activations, cell and hidden
+//! state forward; every gate's gradient and the cell's backward), with
+//! `exp`/`tanh` that vectorise (AVX2 when the CPU has it, chosen at run
+//! time). The weight gradients are one product over all time steps after
+//! the loop, not one per step. Autograd would run about ten elementwise
+//! operators per step each way, each a pass over memory, and a product per
+//! step for the weights; at the sizes of these models the recurrence is
+//! bound by those passes.
+//!
+//! Layouts: sequences are `[G, T, B, X]` (group, time, batch, width),
+//! contiguous `f32`; gates are PyTorch's order (i, f, g, o).
+
+use tch::{Kind, Tensor};
+
+use crate::native::{sigmoid, tanh};
+
+/// Lanes of the elementwise passes' blocks.
+const LANES: usize = 8;
+
+/// What a layer's forward keeps for its backward.
+pub(crate) struct Tape {
+    dims: [usize; 5],
+    /// `[G, T·B, I]`, the layer's input.
+    x: Tensor,
+    /// `[G, T, B, 4H]`: the activated gates.
+    acts: Tensor,
+    /// `[G, T+1, B, H]`: cell states, `c[-1] = 0` first.
+    c: Tensor,
+    /// `[G, T, B, H]`: `tanh(c)`.
+    tc: Tensor,
+    /// `[G, T+1, B, H]`: hidden states, `h[-1] = 0` first.
+    hs: Tensor,
+    /// Scratch, kept with the tape so the next step reuses it (fresh
+    /// allocations of this size cost page faults every step).
+    hh: Tensor,
+    da: Tensor,
+    dh_next: Tensor,
+    dc: Tensor,
+}
+
+/// The gradients of one layer's parameters, and of its input when asked.
+pub(crate) struct Grads {
+    pub w_ih: Tensor,
+    pub w_hh: Tensor,
+    /// Of `bias_ih` and of `bias_hh` alike.
+    pub bias: Tensor,
+    /// `[G, T, B, I]`.
+    pub dx: Option<Tensor>,
+}
+
+/// A pointer into a contiguous `f32` CPU tensor.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+
+// SAFETY: the passes below write disjoint rows per group; the tensors
+// outlive the scoped threads.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+fn ptr(t: &Tensor) -> Ptr {
+    assert!(
+        t.is_contiguous() && t.kind() == Kind::Float && t.device() == tch::Device::Cpu,
+        "a contiguous f32 CPU tensor"
+    );
+    Ptr(t.data_ptr() as *mut f32)
+}
+
+/// Runs `f(g)` for every group, split over libtorch's intra-op threads when
+/// there is enough work to pay for the threads.
+fn per_group(groups: usize, work: usize, f: impl Fn(usize) + Sync) {
+    let threads = (tch::get_num_threads().max(1) as usize).min(groups);
+    if threads <= 1 || groups * work < 1 << 16 {
+        (0..groups).for_each(f);
+        return;
+    }
+    let per = groups.div_ceil(threads);
+    std::thread::scope(|s| {
+        for k in 1..threads {
+            let f = &f;
+            s.spawn(move || (k * per..((k + 1) * per).min(groups)).for_each(f));
+        }
+        (0..per.min(groups)).for_each(&f);
+    });
+}
+
+/// The forward pass of one time step `k` for group `g`: gates (input
+/// projection in `acts` plus `hh`) activated in place, then c, tanh(c), h.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn step_forward(
+    d: [usize; 5],
+    k: usize,
+    g: usize,
+    acts: Ptr,
+    hh: Ptr,
+    c: Ptr,
+    tc: Ptr,
+    hs: Ptr,
+    simd: bool,
+) {
+    let [_, t, b, _, h] = d;
+    for bb in 0..b {
+        // SAFETY: offsets within the tensors' sizes (see the layouts); rows
+        // of group g only.
+        unsafe {
+            let a =
+                std::slice::from_raw_parts_mut(acts.0.add(((g * t + k) * b + bb) * 4 * h), 4 * h);
+            let r = std::slice::from_raw_parts(hh.0.add((g * b + bb) * 4 * h), 4 * h);
+            let cp = std::slice::from_raw_parts(c.0.add(((g * (t + 1) + k) * b + bb) * h), h);
+            let cn =
+                std::slice::from_raw_parts_mut(c.0.add(((g * (t + 1) + k + 1) * b + bb) * h), h);
+            let tcn = std::slice::from_raw_parts_mut(tc.0.add(((g * t + k) * b + bb) * h), h);
+            let hn =
+                std::slice::from_raw_parts_mut(hs.0.add(((g * (t + 1) + k + 1) * b + bb) * h), h);
+            cell_forward(a, r, cp, cn, tcn, hn, simd);
+        }
+    }
+}
+
+/// One row of a step's forward pass. Slices as arguments (not locals made
+/// from raw pointers) tell the compiler they do not alias, so the loop
+/// vectorises.
+#[inline(always)]
+fn cell_forward(
+    a: &mut [f32],
+    r: &[f32],
+    cp: &[f32],
+    cn: &mut [f32],
+    tcn: &mut [f32],
+    hn: &mut [f32],
+    simd: bool,
+) {
+    let h = cn.len();
+    let (ai, rest) = a.split_at_mut(h);
+    let (af, rest) = rest.split_at_mut(h);
+    let (ag, ao) = rest.split_at_mut(h);
+    let (ri, rest) = r.split_at(h);
+    let (rf, rest) = rest.split_at(h);
+    let (rg, ro) = rest.split_at(h);
+    let (ai, af, ag, ao) = (&mut ai[..h], &mut af[..h], &mut ag[..h], &mut ao[..h]);
+    let (ri, rf, rg, ro) = (&ri[..h], &rf[..h], &rg[..h], &ro[..h]);
+    let (cp, tcn, hn) = (&cp[..h], &mut tcn[..h], &mut hn[..h]);
+    // Blocks of 8 lanes as arrays (one AVX2 register, no bounds checks),
+    // then the row's tail: a plain indexed loop over the row stayed scalar.
+    let full = h / LANES * LANES;
+    for base in (0..full).step_by(LANES) {
+        let r = base..base + LANES;
+        let block = if simd {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: `simd` only where the CPU has AVX2 and FMA.
+                forward_lanes_avx2 as unsafe fn(_, _, _, _)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                forward_lanes as unsafe fn(_, _, _, _)
+            }
+        } else {
+            forward_lanes as unsafe fn(_, _, _, _)
+        };
+        // SAFETY: see above.
+        unsafe {
+            block(
+                [
+                    lanes_mut(&mut ai[r.clone()]),
+                    lanes_mut(&mut af[r.clone()]),
+                    lanes_mut(&mut ag[r.clone()]),
+                    lanes_mut(&mut ao[r.clone()]),
+                ],
+                [
+                    lanes(&ri[r.clone()]),
+                    lanes(&rf[r.clone()]),
+                    lanes(&rg[r.clone()]),
+                    lanes(&ro[r.clone()]),
+                ],
+                lanes(&cp[r.clone()]),
+                [
+                    lanes_mut(&mut cn[r.clone()]),
+                    lanes_mut(&mut tcn[r.clone()]),
+                    lanes_mut(&mut hn[r]),
+                ],
+            )
+        };
+    }
+    for j in full..h {
+        let i = sigmoid(ai[j] + ri[j]);
+        let f = sigmoid(af[j] + rf[j]);
+        let gg = tanh(ag[j] + rg[j]);
+        let o = sigmoid(ao[j] + ro[j]);
+        (ai[j], af[j], ag[j], ao[j]) = (i, f, gg, o);
+        let cv = f * cp[j] + i * gg;
+        cn[j] = cv;
+        tcn[j] = tanh(cv);
+        hn[j] = o * tcn[j];
+    }
+}
+
+#[inline(always)]
+fn lanes(s: &[f32]) -> &[f32; LANES] {
+    s.try_into().expect("a block of LANES")
+}
+
+#[inline(always)]
+fn lanes_mut(s: &mut [f32]) -> &mut [f32; LANES] {
+    s.try_into().expect("a block of LANES")
+}
+
+/// The forward cell on one block of lanes: gates `a` (pre-activation in,
+/// activated out) plus `r`, the previous cell `cp`, out `[c, tanh c, h]`.
+#[inline(always)]
+unsafe fn forward_lanes(
+    a: [&mut [f32; LANES]; 4],
+    r: [&[f32; LANES]; 4],
+    cp: &[f32; LANES],
+    out: [&mut [f32; LANES]; 3],
+) {
+    let [ai, af, ag, ao] = a;
+    let [ri, rf, rg, ro] = r;
+    let [cn, tcn, hn] = out;
+    for l in 0..LANES {
+        let i = sigmoid(ai[l] + ri[l]);
+        let f = sigmoid(af[l] + rf[l]);
+        let gg = tanh(ag[l] + rg[l]);
+        let o = sigmoid(ao[l] + ro[l]);
+        ai[l] = i;
+        af[l] = f;
+        ag[l] = gg;
+        ao[l] = o;
+        let cv = f * cp[l] + i * gg;
+        cn[l] = cv;
+        let tv = tanh(cv);
+        tcn[l] = tv;
+        hn[l] = o * tv;
+    }
+}
+
+/// [`forward_lanes`] in AVX2: the same operations in the same order
+/// (`exp` as `native::exp`, no fused multiply-adds), 8 lanes at once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn forward_lanes_avx2(
+    a: [&mut [f32; LANES]; 4],
+    r: [&[f32; LANES]; 4],
+    cp: &[f32; LANES],
+    out: [&mut [f32; LANES]; 3],
+) {
+    use std::arch::x86_64::*;
+    let [ai, af, ag, ao] = a;
+    let [ri, rf, rg, ro] = r;
+    let [cn, tcn, hn] = out;
+    let ld = |p: &[f32; LANES]| _mm256_loadu_ps(p.as_ptr());
+    let i = simd::sigmoid(_mm256_add_ps(ld(ai), ld(ri)));
+    let f = simd::sigmoid(_mm256_add_ps(ld(af), ld(rf)));
+    let gg = simd::tanh(_mm256_add_ps(ld(ag), ld(rg)));
+    let o = simd::sigmoid(_mm256_add_ps(ld(ao), ld(ro)));
+    _mm256_storeu_ps(ai.as_mut_ptr(), i);
+    _mm256_storeu_ps(af.as_mut_ptr(), f);
+    _mm256_storeu_ps(ag.as_mut_ptr(), gg);
+    _mm256_storeu_ps(ao.as_mut_ptr(), o);
+    let cv = _mm256_add_ps(_mm256_mul_ps(f, ld(cp)), _mm256_mul_ps(i, gg));
+    _mm256_storeu_ps(cn.as_mut_ptr(), cv);
+    let tv = simd::tanh(cv);
+    _mm256_storeu_ps(tcn.as_mut_ptr(), tv);
+    _mm256_storeu_ps(hn.as_mut_ptr(), _mm256_mul_ps(o, tv));
+}
+
+/// `native::{exp, sigmoid, tanh}` on 8 lanes, operation for operation.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn poly(p: __m256, r: __m256, c: f32) -> __m256 {
+        _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c))
+    }
+
+    #[inline(always)]
+    pub unsafe fn exp(x: __m256) -> __m256 {
+        const MAGIC: f32 = 12_582_912.0;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
+        let magic = _mm256_set1_ps(MAGIC);
+        let t = _mm256_add_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            magic,
+        );
+        let n = _mm256_sub_ps(t, magic);
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))),
+            _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)),
+        );
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = poly(p, r, 1.398_199_9e-3);
+        p = poly(p, r, 8.333_452e-3);
+        p = poly(p, r, 4.166_579_6e-2);
+        p = poly(p, r, 1.666_666_5e-1);
+        p = poly(p, r, 5e-1);
+        let p = _mm256_add_ps(
+            _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B40_0000));
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            ni,
+            _mm256_set1_epi32(127),
+        )));
+        _mm256_mul_ps(p, scale)
+    }
+
+    #[inline(always)]
+    pub unsafe fn sigmoid(x: __m256) -> __m256 {
+        let one = _mm256_set1_ps(1.0);
+        _mm256_div_ps(
+            one,
+            _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), x))),
+        )
+    }
+
+    #[inline(always)]
+    pub unsafe fn tanh(x: __m256) -> __m256 {
+        let sign = _mm256_set1_ps(-0.0);
+        let a = _mm256_andnot_ps(sign, x);
+        let z = _mm256_mul_ps(x, x);
+        let mut p = _mm256_set1_ps(-5.704_988_7e-3);
+        p = poly(p, z, 2.063_909e-2);
+        p = poly(p, z, -5.373_971_6e-2);
+        p = poly(p, z, 1.333_144_2e-1);
+        p = poly(p, z, -3.333_328e-1);
+        let small = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, z), x), x);
+        let one = _mm256_set1_ps(1.0);
+        let e = exp(_mm256_mul_ps(_mm256_set1_ps(2.0), a));
+        let large = _mm256_sub_ps(
+            one,
+            _mm256_div_ps(_mm256_set1_ps(2.0), _mm256_add_ps(e, one)),
+        );
+        let large = _mm256_or_ps(large, _mm256_and_ps(sign, x));
+        let is_small = _mm256_cmp_ps::<_CMP_LT_OQ>(a, _mm256_set1_ps(0.625));
+        _mm256_blendv_ps(large, small, is_small)
+    }
+}
+
+/// The backward pass of time step `k` for group `g`: the gates' gradients
+/// into `da`, the cell's into `dc` (in place), from the output's gradient
+/// `dh_out` and the next step's `dh_next`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn step_backward(
+    d: [usize; 5],
+    k: usize,
+    g: usize,
+    tape: [Ptr; 3],
+    dh_out: Ptr,
+    dh_next: Ptr,
+    dc: Ptr,
+    da: Ptr,
+    simd: bool,
+) {
+    let [_, t, b, _, h] = d;
+    let [acts, c, tc] = tape;
+    for bb in 0..b {
+        // SAFETY: as in step_forward.
+        unsafe {
+            let a = std::slice::from_raw_parts(acts.0.add(((g * t + k) * b + bb) * 4 * h), 4 * h);
+            let cp = std::slice::from_raw_parts(c.0.add(((g * (t + 1) + k) * b + bb) * h), h);
+            let tcv = std::slice::from_raw_parts(tc.0.add(((g * t + k) * b + bb) * h), h);
+            let dho = std::slice::from_raw_parts(dh_out.0.add(((g * t + k) * b + bb) * h), h);
+            let dhn = std::slice::from_raw_parts(dh_next.0.add((g * b + bb) * h), h);
+            let dcv = std::slice::from_raw_parts_mut(dc.0.add((g * b + bb) * h), h);
+            let out =
+                std::slice::from_raw_parts_mut(da.0.add(((g * t + k) * b + bb) * 4 * h), 4 * h);
+            cell_backward(a, cp, tcv, dho, dhn, dcv, out, simd);
+        }
+    }
+}
+
+/// One row of a step's backward pass (see [`cell_forward`] on the slices).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn cell_backward(
+    a: &[f32],
+    cp: &[f32],
+    tcv: &[f32],
+    dho: &[f32],
+    dhn: &[f32],
+    dcv: &mut [f32],
+    out: &mut [f32],
+    simd: bool,
+) {
+    let h = dcv.len();
+    let (di, rest) = out.split_at_mut(h);
+    let (df, rest) = rest.split_at_mut(h);
+    let (dg, dout) = rest.split_at_mut(h);
+    let (ai, rest) = a.split_at(h);
+    let (af, rest) = rest.split_at(h);
+    let (ag, ao) = rest.split_at(h);
+    let (di, df, dg, dout) = (&mut di[..h], &mut df[..h], &mut dg[..h], &mut dout[..h]);
+    let (ai, af, ag, ao) = (&ai[..h], &af[..h], &ag[..h], &ao[..h]);
+    let (cp, tcv, dho, dhn) = (&cp[..h], &tcv[..h], &dho[..h], &dhn[..h]);
+    let full = if simd { h / LANES * LANES } else { 0 };
+    #[cfg(target_arch = "x86_64")]
+    for base in (0..full).step_by(LANES) {
+        use std::arch::x86_64::*;
+        // SAFETY: `simd` only where the CPU has AVX2; base + LANES <= h for
+        // every slice (all have h lanes).
+        unsafe {
+            let ld = |s: &[f32]| _mm256_loadu_ps(s[base..base + LANES].as_ptr());
+            let one = _mm256_set1_ps(1.0);
+            let (i, f, gg, o) = (ld(ai), ld(af), ld(ag), ld(ao));
+            let dhv = _mm256_add_ps(ld(dho), ld(dhn));
+            let tv = ld(tcv);
+            let dcc = _mm256_add_ps(
+                ld(dcv),
+                _mm256_mul_ps(
+                    _mm256_mul_ps(dhv, o),
+                    _mm256_sub_ps(one, _mm256_mul_ps(tv, tv)),
+                ),
+            );
+            let st = |s: &mut [f32], v| _mm256_storeu_ps(s[base..base + LANES].as_mut_ptr(), v);
+            st(
+                di,
+                _mm256_mul_ps(
+                    _mm256_mul_ps(_mm256_mul_ps(dcc, gg), i),
+                    _mm256_sub_ps(one, i),
+                ),
+            );
+            st(
+                df,
+                _mm256_mul_ps(
+                    _mm256_mul_ps(_mm256_mul_ps(dcc, ld(cp)), f),
+                    _mm256_sub_ps(one, f),
+                ),
+            );
+            st(
+                dg,
+                _mm256_mul_ps(
+                    _mm256_mul_ps(dcc, i),
+                    _mm256_sub_ps(one, _mm256_mul_ps(gg, gg)),
+                ),
+            );
+            st(
+                dout,
+                _mm256_mul_ps(
+                    _mm256_mul_ps(_mm256_mul_ps(dhv, tv), o),
+                    _mm256_sub_ps(one, o),
+                ),
+            );
+            st(dcv, _mm256_mul_ps(dcc, f));
+        }
+    }
+    for j in full..h {
+        let (i, f, gg, o) = (ai[j], af[j], ag[j], ao[j]);
+        let dhv = dho[j] + dhn[j];
+        let tv = tcv[j];
+        let dcc = dcv[j] + dhv * o * (1.0 - tv * tv);
+        di[j] = dcc * gg * i * (1.0 - i);
+        df[j] = dcc * cp[j] * f * (1.0 - f);
+        dg[j] = dcc * i * (1.0 - gg * gg);
+        dout[j] = dhv * tv * o * (1.0 - o);
+        dcv[j] = dcc * f;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn step_forward_avx2(
+    d: [usize; 5],
+    k: usize,
+    g: usize,
+    acts: Ptr,
+    hh: Ptr,
+    c: Ptr,
+    tc: Ptr,
+    hs: Ptr,
+) {
+    step_forward(d, k, g, acts, hh, c, tc, hs, true)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn step_backward_avx2(
+    d: [usize; 5],
+    k: usize,
+    g: usize,
+    tape: [Ptr; 3],
+    dh_out: Ptr,
+    dh_next: Ptr,
+    dc: Ptr,
+    da: Ptr,
+) {
+    step_backward(d, k, g, tape, dh_out, dh_next, dc, da, true)
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One LSTM layer over `x` `[G, T, B, I]` with each group's weights
+/// (`w_ih` `[G, 4H, I]`, `w_hh` `[G, 4H, H]`, biases `[G, 4H]`): the
+/// outputs `[G, T, B, H]` and the tape for [`backward`], whose buffers are
+/// `reuse`'s when it has the same sizes. No autograd.
+pub(crate) fn forward(
+    x: &Tensor,
+    w_ih: &Tensor,
+    w_hh: &Tensor,
+    b_ih: &Tensor,
+    b_hh: &Tensor,
+    reuse: Option<Tape>,
+) -> (Tensor, Tape) {
+    tch::no_grad(|| {
+        let [g, t, b, i] = x.size()[..] else {
+            unreachable!("x is [G, T, B, I]")
+        };
+        let h = w_hh.size()[2];
+        let d = [g as usize, t as usize, b as usize, i as usize, h as usize];
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let mut tape = match reuse {
+            Some(tape) if tape.dims == d => tape,
+            _ => Tape {
+                dims: d,
+                x: Tensor::empty([0], opts),
+                acts: Tensor::empty([g, t, b, 4 * h], opts),
+                c: Tensor::zeros([g, t + 1, b, h], opts),
+                tc: Tensor::empty([g, t, b, h], opts),
+                hs: Tensor::zeros([g, t + 1, b, h], opts),
+                hh: Tensor::empty([g, b, 4 * h], opts),
+                da: Tensor::empty([g, t, b, 4 * h], opts),
+                dh_next: Tensor::empty([g, b, h], opts),
+                dc: Tensor::empty([g, b, h], opts),
+            },
+        };
+        tape.x = x.contiguous().view([g, t * b, i]);
+        let bias = (b_ih + b_hh).unsqueeze(1);
+        let _ = bias.baddbmm_out(
+            &tape.acts.view([g, t * b, 4 * h]),
+            &tape.x,
+            &w_ih.transpose(1, 2),
+        );
+        let w_hh_t = w_hh.transpose(1, 2).contiguous();
+        let (pa, ph, pc, pt, phs) = (
+            ptr(&tape.acts),
+            ptr(&tape.hh),
+            ptr(&tape.c),
+            ptr(&tape.tc),
+            ptr(&tape.hs),
+        );
+        let fast = avx2();
+        for k in 0..t {
+            let _ = tape.hs.select(1, k).bmm_out(&tape.hh, &w_hh_t);
+            per_group(d[0], d[2] * d[4] * 4, |gi| {
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: the CPU has AVX2 and FMA (checked).
+                    return unsafe { step_forward_avx2(d, k as usize, gi, pa, ph, pc, pt, phs) };
+                }
+                step_forward(d, k as usize, gi, pa, ph, pc, pt, phs, false)
+            });
+        }
+        let out = tape.hs.narrow(1, 1, t).contiguous();
+        (out, tape)
+    })
+}
+
+/// The backward pass of the layer recorded in `tape`, from the gradient of
+/// its outputs `dh` `[G, T, B, H]`; the input's gradient only when `dx`.
+pub(crate) fn backward(tape: &Tape, dh: &Tensor, w_ih: &Tensor, w_hh: &Tensor, dx: bool) -> Grads {
+    tch::no_grad(|| {
+        let d = tape.dims;
+        let [g, t, b, _, h] = d.map(|v| v as i64);
+        let dh = dh.contiguous();
+        let (da, mut dh_next, mut dc) = (
+            &tape.da,
+            tape.dh_next.shallow_clone(),
+            tape.dc.shallow_clone(),
+        );
+        let _ = dh_next.zero_();
+        let _ = dc.zero_();
+        let w_hh = w_hh.contiguous();
+        let taped = [ptr(&tape.acts), ptr(&tape.c), ptr(&tape.tc)];
+        let (pdh, pdn, pdc, pda) = (ptr(&dh), ptr(&dh_next), ptr(&dc), ptr(da));
+        let fast = avx2();
+        for k in (0..t).rev() {
+            per_group(d[0], d[2] * d[4] * 4, |gi| {
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: the CPU has AVX2 and FMA (checked).
+                    return unsafe {
+                        step_backward_avx2(d, k as usize, gi, taped, pdh, pdn, pdc, pda)
+                    };
+                }
+                step_backward(d, k as usize, gi, taped, pdh, pdn, pdc, pda, false)
+            });
+            if k > 0 {
+                let _ = da.select(1, k).bmm_out(&dh_next, &w_hh);
+            }
+        }
+        let da = da.view([g, t * b, 4 * h]);
+        let da_t = da.transpose(1, 2);
+        let h_prev = tape.hs.narrow(1, 0, t).reshape([g, t * b, h]);
+        Grads {
+            w_hh: da_t.bmm(&h_prev),
+            w_ih: da_t.bmm(&tape.x),
+            bias: da.sum_dim_intlist(1, false, Kind::Float),
+            dx: dx.then(|| da.bmm(&w_ih.contiguous()).view([g, t, b, -1])),
+        }
+    })
+}
