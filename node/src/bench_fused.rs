@@ -167,7 +167,12 @@ pub fn run(o: &FusedBench<'_>) -> Result<()> {
                 }
                 let secs = started.elapsed().as_secs_f64();
                 line("fused", secs, mean_val(&fitted), json!({ "group": group }));
-                fused_w = Some(fitted.iter().map(|f| f.vs.variables()).collect::<Vec<_>>());
+                fused_w = Some(
+                    fitted
+                        .iter()
+                        .map(|f| (f.best_epoch, f.vs.variables()))
+                        .collect::<Vec<_>>(),
+                );
             }
             "solo" => {
                 let started = Instant::now();
@@ -177,20 +182,43 @@ pub fn run(o: &FusedBench<'_>) -> Result<()> {
                 }
                 let secs = started.elapsed().as_secs_f64();
                 line("solo", secs, mean_val(&fitted), json!({}));
-                solo_w = Some(fitted.iter().map(|f| f.vs.variables()).collect::<Vec<_>>());
+                solo_w = Some(
+                    fitted
+                        .iter()
+                        .map(|f| (f.best_epoch, f.vs.variables()))
+                        .collect::<Vec<_>>(),
+                );
             }
             w => return Err(anyhow!("unknown way {w:?} (fused, solo)")),
         }
     }
     if let (Some(a), Some(b)) = (fused_w, solo_w) {
-        let mut worst = 0f64;
-        for (x, y) in a.iter().zip(&b) {
-            for (name, t) in x {
-                let d = (t - &y[name]).abs().max().double_value(&[]);
-                worst = worst.max(d);
+        // The largest weight difference among the models that kept the
+        // same epoch's weights, and how many kept another (a near tie of
+        // validation losses that rounding decided the other way).
+        let (mut worst, mut other_epoch) = (0f64, 0);
+        let mut per_model = Vec::new();
+        for ((ea, x), (eb, y)) in a.iter().zip(&b) {
+            if ea != eb {
+                other_epoch += 1;
+                per_model.push(None);
+                continue;
             }
+            let mut m = 0f64;
+            for (name, t) in x {
+                m = m.max((t - &y[name]).abs().max().double_value(&[]));
+            }
+            worst = worst.max(m);
+            per_model.push(Some(m));
         }
-        println!("{}", json!({ "max_weight_diff_fused_vs_solo": worst }));
+        println!(
+            "{}",
+            json!({
+                "max_weight_diff_fused_vs_solo": worst,
+                "best_epoch_differs": other_epoch,
+                "max_weight_diff_per_ticker": per_model,
+            })
+        );
     }
     Ok(())
 }

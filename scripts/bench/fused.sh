@@ -7,7 +7,8 @@
 #   solo      tickmesh, one model at a time (fit::fit, what a lone job runs)
 #   pytorch   PyTorch eager, one model at a time (scripts/bench/fused_peer.py)
 # on the same windows, with the ratios printed. tickmesh also prints the
-# largest weight difference between its fused and lone models.
+# largest weight difference between its fused and lone models (among those
+# that kept the same epoch's weights) and how many kept another epoch's.
 #
 #   scripts/bench/fused.sh                                    CPU
 #   DEVICE=cuda TICKMESH_BIN=... PYTHON=... scripts/bench/fused.sh   (a GPU machine)
@@ -38,7 +39,7 @@ work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1])]
 ways = {j["way"]: j for j in lines if "way" in j}
-diff = next((j["max_weight_diff_fused_vs_solo"] for j in lines if "max_weight_diff_fused_vs_solo" in j), None)
+cmp = next((j for j in lines if "max_weight_diff_fused_vs_solo" in j), None)
 peer = json.loads(open(sys.argv[2]).read())
 any_way = next(iter(ways.values()))
 print(f"{any_way['kind']}, {any_way['tickers']} tickers of {any_way['interval']} bars, {any_way['train_samples']} training windows,"
@@ -55,6 +56,7 @@ if "fused" in sps:
     print(f"fused / PyTorch one at a time:  {sps['fused'] / peer['samples_per_sec']:.2f}x")
 if "solo" in sps:
     print(f"tickmesh / PyTorch, one at a time: {sps['solo'] / peer['samples_per_sec']:.2f}x")
-if diff is not None:
-    print(f"largest weight difference, fused against one at a time: {diff:.2e}")
+if cmp is not None:
+    print(f"largest weight difference, fused against one at a time: {cmp['max_weight_diff_fused_vs_solo']:.2e}"
+          f" ({cmp['best_epoch_differs']} of {any_way['tickers']} kept another epoch's weights: a near tie of validation losses)")
 PY
