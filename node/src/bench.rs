@@ -18,6 +18,11 @@ use tickmesh_model::dataset::Dataset;
 pub fn dataset(cfg: &TrainConfig, days: i64) -> Result<Dataset> {
     let from: chrono::NaiveDate = "2024-01-02".parse().expect("valid date");
     let bars = SyntheticMarket.bars("BENCH", from, from + chrono::Duration::days(days * 7 / 5));
+    dataset_of(cfg, &bars)
+}
+
+/// The windows of `cfg`'s features over `bars`, with the default indicators.
+pub fn dataset_of(cfg: &TrainConfig, bars: &[tickmesh_core::types::Bar]) -> Result<Dataset> {
     let indicators = FeatureConfig::default();
     let all = indicators.columns();
     let cols: Vec<usize> = cfg
@@ -25,7 +30,7 @@ pub fn dataset(cfg: &TrainConfig, days: i64) -> Result<Dataset> {
         .iter()
         .map(|f| tickmesh_features::column_index(&all, f).expect("checked"))
         .collect();
-    let rows: Vec<AggRow> = tickmesh_features::feature_rows(&indicators, &bars)
+    let rows: Vec<AggRow> = tickmesh_features::feature_rows(&indicators, bars)
         .into_iter()
         .map(|r| AggRow {
             ts: r.ts,

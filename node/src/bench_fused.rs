@@ -10,9 +10,9 @@ use std::time::Instant;
 use anyhow::{anyhow, Result};
 use serde_json::json;
 use tch::Tensor;
-use tickmesh_core::config::{FeatureConfig, ModelKind, TrainConfig};
+use tickmesh_core::config::{ModelKind, TrainConfig};
 use tickmesh_core::synthetic::SyntheticMarket;
-use tickmesh_core::types::{AggRow, Interval};
+use tickmesh_core::types::Interval;
 use tickmesh_model::dataset::Dataset;
 use tickmesh_model::fit::{fit, FitHooks};
 use tickmesh_model::fused::{fit_fused, Member};
@@ -50,27 +50,7 @@ fn dataset(cfg: &TrainConfig, name: &str, days: i64, interval: Interval) -> Resu
     } else {
         tickmesh_aggregate::resample::resample(&bars, interval).bars
     };
-    let indicators = FeatureConfig::default();
-    let all = indicators.columns();
-    let cols: Vec<usize> = cfg
-        .features
-        .iter()
-        .map(|f| tickmesh_features::column_index(&all, f).ok_or_else(|| anyhow!("no feature {f}")))
-        .collect::<Result<_>>()?;
-    let rows: Vec<AggRow> = tickmesh_features::feature_rows(&indicators, &bars)
-        .into_iter()
-        .map(|r| AggRow {
-            ts: r.ts,
-            values: cols.iter().map(|&c| r.values[c]).collect(),
-        })
-        .collect();
-    Ok(Dataset::build(
-        &rows,
-        &cfg.features,
-        cfg.seq_len,
-        cfg.val_fraction,
-        cfg.test_fraction,
-    )?)
+    crate::bench::dataset_of(cfg, &bars)
 }
 
 struct Quiet;

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -28,13 +27,12 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from torch import nn  # noqa: E402
 
 here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here))
 sys.path.insert(0, str(here.parent / "py"))
 import tickmesh_torch  # noqa: E402
-from train_peer import _sync, _train_step, _val_mse  # noqa: E402
+from train_peer import _sync, _train_step, train_epochs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,18 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
         _train_step(model, opt, params, xt[: args.batch_size], yt[: args.batch_size], args.clip)
         _sync(device)
-        start = time.perf_counter()
-        for _ in range(args.epochs):
-            perm = torch.randperm(n, generator=gen).to(device)
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            for i in range(0, n, args.batch_size):
-                idx = perm[i : i + args.batch_size]
-                loss = _train_step(model, opt, params, xt[idx], yt[idx], args.clip)
-                total += loss.double() * idx.shape[0]
-            _ = total.item()
-            _val_mse(model, xv, yv)
-        _sync(device)
-        seconds += time.perf_counter() - start
+        _, _, took = train_epochs(
+            model, opt, params, (xt, yt, xv, yv), args.epochs, args.batch_size, args.clip, gen
+        )
+        seconds += took
         total_samples += n * args.epochs
         del model, opt
 

@@ -108,6 +108,38 @@ def _val_mse(model: nn.Module, x: Tensor, y: Tensor) -> float | None:
     return sse.item() / m
 
 
+def train_epochs(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    epochs: int,
+    batch_size: int,
+    clip: float,
+    gen: torch.Generator,
+) -> tuple[float | None, float | None, float]:
+    """Trains ``epochs`` epochs the way tickmesh does (a seeded shuffle per
+    epoch, clipped minibatch steps, a validation pass); returns the last
+    epoch's training and validation losses and the seconds taken."""
+    xt, yt, xv, yv = data
+    n = xt.shape[0]
+    device = xt.device
+    train_loss: float | None = None
+    val_loss: float | None = None
+    start = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen).to(device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            loss = _train_step(model, opt, params, xt[idx], yt[idx], clip)
+            total += loss.double() * idx.shape[0]
+        train_loss = total.item() / n
+        val_loss = _val_mse(model, xv, yv)
+    _sync(device)
+    return train_loss, val_loss, time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="PyTorch peer of tickmesh's training loop")
     ap.add_argument("--windows", type=Path, required=True, help="safetensors with x_train/y_train/x_val/y_val")
@@ -162,20 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     _train_step(model, opt, params, xt[: args.batch_size], yt[: args.batch_size], args.clip)
     _sync(device)
 
-    train_loss: float | None = None
-    val_loss: float | None = None
-    start = time.perf_counter()
-    for _ in range(args.epochs):
-        perm = torch.randperm(n, generator=gen).to(device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for i in range(0, n, args.batch_size):
-            idx = perm[i : i + args.batch_size]
-            loss = _train_step(model, opt, params, xt[idx], yt[idx], args.clip)
-            total += loss.double() * idx.shape[0]
-        train_loss = total.item() / n
-        val_loss = _val_mse(model, xv, yv)
-    _sync(device)
-    seconds = time.perf_counter() - start
+    train_loss, val_loss, seconds = train_epochs(
+        model, opt, params, (xt, yt, xv, yv), args.epochs, args.batch_size, args.clip, gen
+    )
 
     print(
         json.dumps(

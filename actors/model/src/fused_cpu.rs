@@ -134,14 +134,8 @@ fn cell_forward(
     simd: bool,
 ) {
     let h = cn.len();
-    let (ai, rest) = a.split_at_mut(h);
-    let (af, rest) = rest.split_at_mut(h);
-    let (ag, ao) = rest.split_at_mut(h);
-    let (ri, rest) = r.split_at(h);
-    let (rf, rest) = rest.split_at(h);
-    let (rg, ro) = rest.split_at(h);
-    let (ai, af, ag, ao) = (&mut ai[..h], &mut af[..h], &mut ag[..h], &mut ao[..h]);
-    let (ri, rf, rg, ro) = (&ri[..h], &rf[..h], &rg[..h], &ro[..h]);
+    let [ai, af, ag, ao] = gates_mut(a, h);
+    let [ri, rf, rg, ro] = gates(r, h);
     let (cp, tcn, hn) = (&cp[..h], &mut tcn[..h], &mut hn[..h]);
     // Blocks of 8 lanes as arrays (one AVX2 register, no bounds checks),
     // then the row's tail: a plain indexed loop over the row stayed scalar.
@@ -196,6 +190,24 @@ fn cell_forward(
         tcn[j] = tanh(cv);
         hn[j] = o * tcn[j];
     }
+}
+
+/// A row of gates `[4H]` as its four gates (i, f, g, o), `h` each.
+#[inline(always)]
+fn gates(row: &[f32], h: usize) -> [&[f32]; 4] {
+    let (i, rest) = row.split_at(h);
+    let (f, rest) = rest.split_at(h);
+    let (g, o) = rest.split_at(h);
+    [i, f, g, &o[..h]]
+}
+
+/// [`gates`], writable.
+#[inline(always)]
+fn gates_mut(row: &mut [f32], h: usize) -> [&mut [f32]; 4] {
+    let (i, rest) = row.split_at_mut(h);
+    let (f, rest) = rest.split_at_mut(h);
+    let (g, o) = rest.split_at_mut(h);
+    [i, f, g, &mut o[..h]]
 }
 
 #[inline(always)]
@@ -395,14 +407,8 @@ fn cell_backward(
     simd: bool,
 ) {
     let h = dcv.len();
-    let (di, rest) = out.split_at_mut(h);
-    let (df, rest) = rest.split_at_mut(h);
-    let (dg, dout) = rest.split_at_mut(h);
-    let (ai, rest) = a.split_at(h);
-    let (af, rest) = rest.split_at(h);
-    let (ag, ao) = rest.split_at(h);
-    let (di, df, dg, dout) = (&mut di[..h], &mut df[..h], &mut dg[..h], &mut dout[..h]);
-    let (ai, af, ag, ao) = (&ai[..h], &af[..h], &ag[..h], &ao[..h]);
+    let [di, df, dg, dout] = gates_mut(out, h);
+    let [ai, af, ag, ao] = gates(a, h);
     let (cp, tcv, dho, dhn) = (&cp[..h], &tcv[..h], &dho[..h], &dhn[..h]);
     let full = if simd { h / LANES * LANES } else { 0 };
     #[cfg(target_arch = "x86_64")]
