@@ -492,7 +492,7 @@ pub struct TrainConfig {
     /// this many jobs per training slot.
     pub fuse_group: usize,
     /// The same on the CPU. 1 by default (off): fused training on the CPU
-    /// measured 1.3–2.4× one model at a time (BENCHMARKS.md,
+    /// measured 1.3–5.5× one model at a time (BENCHMARKS.md,
     /// `scripts/bench/fused.sh`), but a node then takes this many times its
     /// jobs, which the coordinator can no longer place on other nodes.
     pub cpu_fuse_group: usize,
