@@ -129,16 +129,10 @@ impl Layout {
 
     /// Named views `[G, shape…]` of `w` `[G, P]`.
     fn views(&self, w: &Tensor) -> Params {
-        let g = w.size()[0];
         Params(
             self.params
                 .iter()
-                .map(|(n, shape, off)| {
-                    let n_el: i64 = shape.iter().product();
-                    let mut s = vec![g];
-                    s.extend(shape);
-                    (n.clone(), w.narrow(1, *off, n_el).view(s.as_slice()))
-                })
+                .map(|(n, shape, off)| (n.clone(), group_view(w, shape, *off)))
                 .collect(),
         )
     }
@@ -151,10 +145,7 @@ impl Layout {
             .iter()
             .find(|(n, _, _)| n == name)
             .unwrap_or_else(|| panic!("the layout has `{name}`"));
-        let n_el: i64 = shape.iter().product();
-        let mut s = vec![grad.size()[0]];
-        s.extend(shape);
-        grad.narrow(1, *off, n_el).view(s.as_slice())
+        group_view(grad, shape, *off)
     }
 
     /// `(name, row of t)` per parameter, shaped as the model's.
@@ -170,6 +161,14 @@ impl Layout {
             })
             .collect()
     }
+}
+
+/// The parameter at `off` with `shape` in every row of `t` `[G, P]`, as a
+/// view `[G, shape…]`.
+fn group_view(t: &Tensor, shape: &[i64], off: i64) -> Tensor {
+    let mut s = vec![t.size()[0]];
+    s.extend(shape);
+    t.narrow(1, off, shape.iter().product()).view(s.as_slice())
 }
 
 struct Params(Vec<(String, Tensor)>);

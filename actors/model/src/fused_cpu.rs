@@ -55,35 +55,12 @@ pub(crate) struct Grads {
 #[derive(Clone, Copy)]
 struct Ptr(*mut f32);
 
-// SAFETY: the passes below write disjoint rows per group; the tensors
-// outlive the scoped threads.
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-
 fn ptr(t: &Tensor) -> Ptr {
     assert!(
         t.is_contiguous() && t.kind() == Kind::Float && t.device() == tch::Device::Cpu,
         "a contiguous f32 CPU tensor"
     );
     Ptr(t.data_ptr() as *mut f32)
-}
-
-/// Runs `f(g)` for every group, split over libtorch's intra-op threads when
-/// there is enough work to pay for the threads.
-fn per_group(groups: usize, work: usize, f: impl Fn(usize) + Sync) {
-    let threads = (tch::get_num_threads().max(1) as usize).min(groups);
-    if threads <= 1 || groups * work < 1 << 16 {
-        (0..groups).for_each(f);
-        return;
-    }
-    let per = groups.div_ceil(threads);
-    std::thread::scope(|s| {
-        for k in 1..threads {
-            let f = &f;
-            s.spawn(move || (k * per..((k + 1) * per).min(groups)).for_each(f));
-        }
-        (0..per.min(groups)).for_each(&f);
-    });
 }
 
 /// The forward pass of one time step `k` for group `g`: gates (input
@@ -137,45 +114,30 @@ fn cell_forward(
     let [ai, af, ag, ao] = gates_mut(a, h);
     let [ri, rf, rg, ro] = gates(r, h);
     let (cp, tcn, hn) = (&cp[..h], &mut tcn[..h], &mut hn[..h]);
-    // Blocks of 8 lanes as arrays (one AVX2 register, no bounds checks),
-    // then the row's tail: a plain indexed loop over the row stayed scalar.
-    let full = h / LANES * LANES;
+    // AVX2 blocks of 8 lanes where the CPU has it (the compiler kept a
+    // plain loop over the row scalar), then the rest one lane at a time.
+    let full = if simd { h / LANES * LANES } else { 0 };
+    #[cfg(target_arch = "x86_64")]
     for base in (0..full).step_by(LANES) {
         let r = base..base + LANES;
-        let block = if simd {
-            #[cfg(target_arch = "x86_64")]
-            {
-                // SAFETY: `simd` only where the CPU has AVX2 and FMA.
-                forward_lanes_avx2 as unsafe fn(_, _, _, _)
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                forward_lanes as unsafe fn(_, _, _, _)
-            }
-        } else {
-            forward_lanes as unsafe fn(_, _, _, _)
-        };
-        // SAFETY: see above.
+        // SAFETY: `simd` only where the CPU has AVX2; every slice has `h`
+        // lanes, so each block is in bounds.
         unsafe {
-            block(
+            forward_lanes_avx2(
                 [
-                    lanes_mut(&mut ai[r.clone()]),
-                    lanes_mut(&mut af[r.clone()]),
-                    lanes_mut(&mut ag[r.clone()]),
-                    lanes_mut(&mut ao[r.clone()]),
+                    &mut ai[r.clone()],
+                    &mut af[r.clone()],
+                    &mut ag[r.clone()],
+                    &mut ao[r.clone()],
                 ],
                 [
-                    lanes(&ri[r.clone()]),
-                    lanes(&rf[r.clone()]),
-                    lanes(&rg[r.clone()]),
-                    lanes(&ro[r.clone()]),
+                    &ri[r.clone()],
+                    &rf[r.clone()],
+                    &rg[r.clone()],
+                    &ro[r.clone()],
                 ],
-                lanes(&cp[r.clone()]),
-                [
-                    lanes_mut(&mut cn[r.clone()]),
-                    lanes_mut(&mut tcn[r.clone()]),
-                    lanes_mut(&mut hn[r]),
-                ],
+                &cp[r.clone()],
+                [&mut cn[r.clone()], &mut tcn[r.clone()], &mut hn[r]],
             )
         };
     }
@@ -210,74 +172,32 @@ fn gates_mut(row: &mut [f32], h: usize) -> [&mut [f32]; 4] {
     [i, f, g, &mut o[..h]]
 }
 
-#[inline(always)]
-fn lanes(s: &[f32]) -> &[f32; LANES] {
-    s.try_into().expect("a block of LANES")
-}
-
-#[inline(always)]
-fn lanes_mut(s: &mut [f32]) -> &mut [f32; LANES] {
-    s.try_into().expect("a block of LANES")
-}
-
-/// The forward cell on one block of lanes: gates `a` (pre-activation in,
-/// activated out) plus `r`, the previous cell `cp`, out `[c, tanh c, h]`.
-#[inline(always)]
-unsafe fn forward_lanes(
-    a: [&mut [f32; LANES]; 4],
-    r: [&[f32; LANES]; 4],
-    cp: &[f32; LANES],
-    out: [&mut [f32; LANES]; 3],
-) {
-    let [ai, af, ag, ao] = a;
-    let [ri, rf, rg, ro] = r;
-    let [cn, tcn, hn] = out;
-    for l in 0..LANES {
-        let i = sigmoid(ai[l] + ri[l]);
-        let f = sigmoid(af[l] + rf[l]);
-        let gg = tanh(ag[l] + rg[l]);
-        let o = sigmoid(ao[l] + ro[l]);
-        ai[l] = i;
-        af[l] = f;
-        ag[l] = gg;
-        ao[l] = o;
-        let cv = f * cp[l] + i * gg;
-        cn[l] = cv;
-        let tv = tanh(cv);
-        tcn[l] = tv;
-        hn[l] = o * tv;
-    }
-}
-
-/// [`forward_lanes`] in AVX2: the same operations in the same order
-/// (`exp` as `native::exp`, no fused multiply-adds), 8 lanes at once.
+/// The forward cell on 8 lanes in AVX2: gates `a` (pre-activation in,
+/// activated out) plus `r`, the previous cell `cp`, out `[c, tanh c, h]`;
+/// the scalar loop's operations in the same order (`exp` as
+/// `native::exp`, no fused multiply-adds).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn forward_lanes_avx2(
-    a: [&mut [f32; LANES]; 4],
-    r: [&[f32; LANES]; 4],
-    cp: &[f32; LANES],
-    out: [&mut [f32; LANES]; 3],
-) {
+unsafe fn forward_lanes_avx2(a: [&mut [f32]; 4], r: [&[f32]; 4], cp: &[f32], out: [&mut [f32]; 3]) {
     use std::arch::x86_64::*;
     let [ai, af, ag, ao] = a;
     let [ri, rf, rg, ro] = r;
     let [cn, tcn, hn] = out;
-    let ld = |p: &[f32; LANES]| _mm256_loadu_ps(p.as_ptr());
+    let ld = |p: &[f32]| _mm256_loadu_ps(p[..LANES].as_ptr());
     let i = simd::sigmoid(_mm256_add_ps(ld(ai), ld(ri)));
     let f = simd::sigmoid(_mm256_add_ps(ld(af), ld(rf)));
     let gg = simd::tanh(_mm256_add_ps(ld(ag), ld(rg)));
     let o = simd::sigmoid(_mm256_add_ps(ld(ao), ld(ro)));
-    _mm256_storeu_ps(ai.as_mut_ptr(), i);
-    _mm256_storeu_ps(af.as_mut_ptr(), f);
-    _mm256_storeu_ps(ag.as_mut_ptr(), gg);
-    _mm256_storeu_ps(ao.as_mut_ptr(), o);
+    _mm256_storeu_ps(ai[..LANES].as_mut_ptr(), i);
+    _mm256_storeu_ps(af[..LANES].as_mut_ptr(), f);
+    _mm256_storeu_ps(ag[..LANES].as_mut_ptr(), gg);
+    _mm256_storeu_ps(ao[..LANES].as_mut_ptr(), o);
     let cv = _mm256_add_ps(_mm256_mul_ps(f, ld(cp)), _mm256_mul_ps(i, gg));
-    _mm256_storeu_ps(cn.as_mut_ptr(), cv);
+    _mm256_storeu_ps(cn[..LANES].as_mut_ptr(), cv);
     let tv = simd::tanh(cv);
-    _mm256_storeu_ps(tcn.as_mut_ptr(), tv);
-    _mm256_storeu_ps(hn.as_mut_ptr(), _mm256_mul_ps(o, tv));
+    _mm256_storeu_ps(tcn[..LANES].as_mut_ptr(), tv);
+    _mm256_storeu_ps(hn[..LANES].as_mut_ptr(), _mm256_mul_ps(o, tv));
 }
 
 /// `native::{exp, sigmoid, tanh}` on 8 lanes, operation for operation.
@@ -569,7 +489,7 @@ pub(crate) fn forward(
         let fast = avx2();
         for k in 0..t {
             let _ = tape.hs.select(1, k).bmm_out(&tape.hh, &w_hh_t);
-            per_group(d[0], d[2] * d[4] * 4, |gi| {
+            (0..d[0]).for_each(|gi| {
                 #[cfg(target_arch = "x86_64")]
                 if fast {
                     // SAFETY: the CPU has AVX2 and FMA (checked).
@@ -602,7 +522,7 @@ pub(crate) fn backward(tape: &Tape, dh: &Tensor, w_ih: &Tensor, w_hh: &Tensor, d
         let (pdh, pdn, pdc, pda) = (ptr(&dh), ptr(&dh_next), ptr(&dc), ptr(da));
         let fast = avx2();
         for k in (0..t).rev() {
-            per_group(d[0], d[2] * d[4] * 4, |gi| {
+            (0..d[0]).for_each(|gi| {
                 #[cfg(target_arch = "x86_64")]
                 if fast {
                     // SAFETY: the CPU has AVX2 and FMA (checked).

@@ -189,19 +189,42 @@ fn parse_ticker(raw: &str) -> Result<String, ServeError> {
     Ok(ticker)
 }
 
+/// Refuses a query parameter not in `known`, naming them.
+fn only_params(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ServeError> {
+    match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(ServeError::BadRequest(format!(
+            "unknown query parameter {} ({})",
+            quoted(k),
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Query parameter `name` as a whole number in `1..=max`, `default` when absent.
+fn bounded(
+    q: &HashMap<String, String>,
+    name: &str,
+    default: i64,
+    max: i64,
+) -> Result<i64, ServeError> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ServeError::BadRequest(format!(
+                "`{name}` = {} must be a whole number in 1..={max}",
+                quoted(s)
+            ))),
+        },
+    }
+}
+
 fn params(
     q: &HashMap<String, String>,
     max_steps: usize,
 ) -> Result<(String, Interval, usize), ServeError> {
-    if let Some(k) = q
-        .keys()
-        .find(|k| !["ticker", "interval", "n_steps"].contains(&k.as_str()))
-    {
-        return Err(ServeError::BadRequest(format!(
-            "unknown query parameter {} (ticker, interval, n_steps)",
-            quoted(k)
-        )));
-    }
+    only_params(q, &["ticker", "interval", "n_steps"])?;
     let (ticker, interval) = ticker_interval(q)?;
     let n_steps = match q.get("n_steps") {
         None => 10,
@@ -254,28 +277,9 @@ async fn forecast(
 fn train_params(
     q: &HashMap<String, String>,
 ) -> Result<(String, Interval, u32, Option<ModelKind>), ServeError> {
-    if let Some(k) = q
-        .keys()
-        .find(|k| !["ticker", "interval", "epochs", "model"].contains(&k.as_str()))
-    {
-        return Err(ServeError::BadRequest(format!(
-            "unknown query parameter {} (ticker, interval, epochs, model)",
-            quoted(k)
-        )));
-    }
+    only_params(q, &["ticker", "interval", "epochs", "model"])?;
     let (ticker, interval) = ticker_interval(q)?;
-    let epochs = match q.get("epochs") {
-        None => 0,
-        Some(s) => match s.parse::<u32>() {
-            Ok(e) if (1..=10_000).contains(&e) => e,
-            _ => {
-                return Err(ServeError::BadRequest(format!(
-                    "`epochs` = {} must be a whole number in 1..=10000",
-                    quoted(s)
-                )))
-            }
-        },
-    };
+    let epochs = bounded(q, "epochs", 0, 10_000)? as u32;
     let model = q
         .get("model")
         .map(|m| {
@@ -631,28 +635,9 @@ async fn history(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let result = async {
-        if let Some(k) = q
-            .keys()
-            .find(|k| !["ticker", "interval", "n"].contains(&k.as_str()))
-        {
-            return Err(ServeError::BadRequest(format!(
-                "unknown query parameter {} (ticker, interval, n)",
-                quoted(k)
-            )));
-        }
+        only_params(&q, &["ticker", "interval", "n"])?;
         let (ticker, interval) = ticker_interval(&q)?;
-        let n = match q.get("n") {
-            None => 200,
-            Some(s) => match s.parse::<i64>() {
-                Ok(n) if (1..=5_000).contains(&n) => n,
-                _ => {
-                    return Err(ServeError::BadRequest(format!(
-                        "`n` = {} must be a whole number in 1..=5000",
-                        quoted(s)
-                    )))
-                }
-            },
-        };
+        let n = bounded(&q, "n", 200, 5_000)?;
         let closes = st
             .db
             .recent_closes(&ticker, interval, n)
@@ -742,34 +727,15 @@ async fn model_events(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let result = async {
-        if let Some(k) = q
-            .keys()
-            .find(|k| !["ticker", "limit"].contains(&k.as_str()))
-        {
-            return Err(ServeError::BadRequest(format!(
-                "unknown query parameter {} (ticker, limit)",
-                quoted(k)
-            )));
-        }
+        only_params(&q, &["ticker", "limit"])?;
         let ticker = q.get("ticker").map(|t| parse_ticker(t)).transpose()?;
-        let limit = match q.get("limit") {
-            None => 50,
-            Some(s) => match s.parse::<i64>() {
-                Ok(n) if (1..=1_000).contains(&n) => n,
-                _ => {
-                    return Err(ServeError::BadRequest(format!(
-                        "`limit` = {} must be a whole number in 1..=1000",
-                        quoted(s)
-                    )))
-                }
-            },
-        };
+        let limit = bounded(&q, "limit", 50, 1_000)?;
         let events = st
             .db
             .model_events(ticker.as_deref(), None, limit)
             .await
             .map_err(|e| ServeError::Unavailable(e.to_string()))?;
-        Ok(json!({ "events": events }))
+        Ok::<_, ServeError>(json!({ "events": events }))
     }
     .await;
     match result {

@@ -579,11 +579,6 @@ pub async fn train_job(
     publish(args, job, done, started).await
 }
 
-/// Estimated device memory of one member of a fused group, in bytes.
-fn member_bytes(ds: &Dataset, cfg: &TrainConfig) -> u64 {
-    tickmesh_model::fused::member_bytes(ds, cfg)
-}
-
 /// Trains `jobs` (distinct series, one kind and shape, none resuming a
 /// snapshot) fused on the node's device, in groups that fit
 /// `train.fuse_memory_mb`: each job's rows, champion and hooks are its own
@@ -640,7 +635,7 @@ where
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut used = 0u64;
         for (i, m) in members.iter().enumerate() {
-            let b = member_bytes(&m.3, &m.1.cfg);
+            let b = tickmesh_model::fused::member_bytes(&m.3, &m.1.cfg);
             match groups.last_mut() {
                 Some(g) if used + b <= budget && g.len() < base.fuse_group_on(device.is_cuda()) => {
                     g.push(i);
