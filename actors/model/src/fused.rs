@@ -23,10 +23,12 @@
 //! tch 0.24 has no binding for `at::cuda::CUDAGraph`).
 //!
 //! On the CPU two things differ, both measured (`scripts/bench/fused.sh`):
-//! - the LSTM recurrence (`lstm_attention`, `cnn_lstm`) runs by hand in
-//!   [`crate::fused_cpu`] (one matrix product and one vectorised pass per
-//!   step each way, the weight gradients as one product), while the
-//!   convolution, attention, output layer and loss stay on autograd;
+//! - for the kinds with an LSTM (`lstm_attention`, `cnn_lstm`) a training
+//!   step runs by hand, without autograd: the recurrence in
+//!   [`crate::fused_cpu`] (one kernel per step each way, products and cell
+//!   together), the attention head in [`crate::fused_attn`], the output
+//!   layer and the loss's gradient as a few operators; only `cnn_lstm`'s
+//!   convolution stays on autograd;
 //! - a group is split into one shard per intra-op thread, each a fused
 //!   computation on its own thread with libtorch's threads at 1 there
 //!   (its OpenMP workers spin between small operators and take the cores).
@@ -361,24 +363,70 @@ fn native_forward(
         s = out;
     }
     match a.kind {
-        ModelKind::LstmAttention => attention_head(p, &s),
+        ModelKind::LstmAttention => {
+            let hp = head_params(p);
+            crate::fused_attn::forward(&s, &head_view(&hp)).0
+        }
         _ => out_layer(p, &s.select(1, t - 1)),
     }
 }
 
-/// One training step's forward and backward with the LSTM recurrence by
-/// hand ([`crate::fused_cpu`]) and the rest (convolution, attention,
-/// output, loss) through autograd: fills `w`'s gradient and returns the
-/// per-group losses `[G]` (detached). `loss_of` maps the predictions
-/// `[G, B]` to the per-group losses.
+/// A minibatch's targets: `y` and `mask` `[G, B]`, `len` `[G]` (the
+/// group's real samples).
+struct Target<'a> {
+    y: &'a Tensor,
+    mask: &'a Tensor,
+    len: &'a Tensor,
+}
+
+impl Target<'_> {
+    /// Each group's mean squared error over its own samples, `[G]`.
+    fn loss(&self, pred: &Tensor) -> Tensor {
+        ((pred - self.y).square() * self.mask).sum_dim_intlist(1, false, Kind::Float)
+            / self.len.clamp_min(1.0)
+    }
+
+    /// The gradient of the summed [`Target::loss`] in the predictions.
+    fn dpred(&self, pred: &Tensor) -> Tensor {
+        (pred - self.y) * self.mask * 2.0 / self.len.clamp_min(1.0).unsqueeze(1)
+    }
+}
+
+/// The head's parameters of `lstm_attention`, contiguous.
+fn head_params(p: &Params) -> [Tensor; 5] {
+    [
+        "attn_w.weight",
+        "attn_w.bias",
+        "attn_v.weight",
+        "out.weight",
+        "out.bias",
+    ]
+    .map(|n| p.get(n).contiguous())
+}
+
+fn head_view(t: &[Tensor; 5]) -> crate::fused_attn::HeadParams<'_> {
+    crate::fused_attn::HeadParams {
+        w_a: &t[0],
+        b_a: &t[1],
+        v: &t[2],
+        w_o: &t[3],
+        b_o: &t[4],
+    }
+}
+
+/// One training step's forward and backward on the CPU with everything
+/// but `cnn_lstm`'s convolution by hand: the LSTM recurrence
+/// ([`crate::fused_cpu`]), the attention head ([`crate::fused_attn`]) or
+/// the output layer, and the loss. Returns the per-group losses `[G]` and
+/// the gradient `[G, P]` of their sum.
 fn native_step(
     a: &Arch,
     layout: &Layout,
     w: &Tensor,
     x: &Tensor,
     tapes: &mut Vec<crate::fused_cpu::Tape>,
-    loss_of: impl Fn(Tensor) -> Tensor,
-) -> Tensor {
+    target: &Target,
+) -> (Tensor, Tensor) {
     let p = layout.views(w);
     let t = x.size()[2];
     let conv = (a.kind == ModelKind::CnnLstm).then(|| conv_input(a, &p, x));
@@ -403,15 +451,40 @@ fn native_step(
         tapes.push(tape);
         s = out;
     }
-    let top = s.set_requires_grad(true);
-    let pred = match a.kind {
-        ModelKind::LstmAttention => attention_head(&p, &top),
-        _ => out_layer(&p, &top.select(1, t - 1)),
+    let grad = tch::no_grad(|| w.zeros_like());
+    let set = |n: &str, v: &Tensor| {
+        tch::no_grad(|| {
+            let _ = layout.grad_of(&grad, n).g_add_(v);
+        })
     };
-    let loss = loss_of(pred);
-    loss.sum(Kind::Float).backward();
-    let grad = w.grad();
-    let mut dh = top.grad();
+    let (loss, mut dh) = tch::no_grad(|| match a.kind {
+        ModelKind::LstmAttention => {
+            let hp = head_params(&p);
+            let (pred, head) = crate::fused_attn::forward(&s, &head_view(&hp));
+            let g = crate::fused_attn::backward(&head, &s, &target.dpred(&pred), &head_view(&hp));
+            for (n, v) in [
+                ("attn_w.weight", &g.w_a),
+                ("attn_w.bias", &g.b_a),
+                ("attn_v.weight", &g.v),
+                ("out.weight", &g.w_o),
+                ("out.bias", &g.b_o),
+            ] {
+                set(n, v);
+            }
+            (target.loss(&pred), g.ds)
+        }
+        _ => {
+            let last = s.select(1, t - 1);
+            let pred = out_layer(&p, &last);
+            let dpred = target.dpred(&pred);
+            set("out.weight", &dpred.unsqueeze(1).bmm(&last));
+            set("out.bias", &dpred.sum_dim_intlist(1, true, Kind::Float));
+            let dh = s.zeros_like();
+            dh.select(1, t - 1)
+                .copy_(&(dpred.unsqueeze(2) * p.get("out.weight")));
+            (target.loss(&pred), dh)
+        }
+    });
     for (l, tape) in tapes.iter().enumerate().rev() {
         let g = crate::fused_cpu::backward(
             tape,
@@ -420,16 +493,10 @@ fn native_step(
             &weight("weight_hh", l),
             l > 0 || conv.is_some(),
         );
-        tch::no_grad(|| {
-            for (k, v) in [
-                ("weight_ih", &g.w_ih),
-                ("weight_hh", &g.w_hh),
-                ("bias_ih", &g.bias),
-                ("bias_hh", &g.bias),
-            ] {
-                let _ = layout.grad_of(&grad, &name(k, l)).g_add_(v);
-            }
-        });
+        set(&name("weight_ih", l), &g.w_ih);
+        set(&name("weight_hh", l), &g.w_hh);
+        set(&name("bias_ih", l), &g.bias);
+        set(&name("bias_hh", l), &g.bias);
         if let Some(dx) = g.dx {
             dh = dx;
         }
@@ -437,8 +504,11 @@ fn native_step(
     if let Some(z) = conv {
         // The convolution's gradient, from the recurrence's input gradient.
         (z * dh).sum(Kind::Float).backward();
+        tch::no_grad(|| {
+            let _ = grad.shallow_clone().g_add_(&w.grad());
+        });
     }
-    loss.detach()
+    (loss, grad)
 }
 
 /// One epoch's schedule for the live groups, uploaded at once.
@@ -677,24 +747,23 @@ fn fit_shard(
             let yb = y_train.index_select(0, &idx).view([l, bsz as i64]);
             let len = sched.len.get(s);
             let mask = sched.mask.get(s);
-            // Each group's mean squared error over its own samples.
-            let loss_of = |pred: Tensor| {
-                ((pred - &yb).square() * &mask).sum_dim_intlist(1, false, Kind::Float)
-                    / len.clamp_min(1.0)
+            let target = Target {
+                y: &yb,
+                mask: &mask,
+                len: &len,
             };
             let mut g = w.grad();
             if g.defined() {
                 let _ = g.zero_();
             }
-            let loss = if native {
-                native_step(&arch, &layout, &w, &xb, &mut tapes, loss_of)
+            let (loss, g) = if native {
+                native_step(&arch, &layout, &w, &xb, &mut tapes, &target)
             } else {
-                let loss = loss_of(forward(&arch, &layout.views(&w), &xb));
+                let loss = target.loss(&forward(&arch, &layout.views(&w), &xb));
                 loss.sum(Kind::Float).backward();
-                loss
+                (loss, w.grad())
             };
             tch::no_grad(|| {
-                let g = w.grad();
                 let coef = ((g.square().sum_dim_intlist(1, true, Kind::Float).sqrt() + 1e-6)
                     .reciprocal()
                     * cfg.clip_grad_norm)

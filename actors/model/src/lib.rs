@@ -26,6 +26,7 @@ pub mod dataset;
 pub mod fit;
 pub mod forecast;
 pub mod fused;
+mod fused_attn;
 mod fused_cpu;
 pub mod metrics;
 pub mod native;
