@@ -301,3 +301,56 @@ pub(crate) fn backward(head: &Head, s: &Tensor, dpred: &Tensor, p: &HeadParams) 
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head by hand equals the head through libtorch's operators and
+    /// autograd (as `arch`'s `lstm_attention` computes it, batch-major),
+    /// outputs and every gradient.
+    #[test]
+    fn the_hand_written_head_equals_autograd() {
+        tch::manual_seed(11);
+        let o = (Kind::Float, tch::Device::Cpu);
+        for (g, t, b, h) in [(3, 7, 5, 8), (2, 30, 4, 32), (2, 5, 3, 12)] {
+            let leaf = |t: Tensor| t.set_requires_grad(true);
+            let s = leaf(Tensor::randn([g, t, b, h], o));
+            let w_a = leaf(Tensor::randn([g, h, h], o) * 0.3);
+            let b_a = leaf(Tensor::randn([g, h], o) * 0.3);
+            let v = leaf(Tensor::randn([g, 1, h], o) * 0.3);
+            let w_o = leaf(Tensor::randn([g, 1, h], o) * 0.3);
+            let b_o = leaf(Tensor::randn([g, 1], o) * 0.3);
+            let r = Tensor::randn([g, b], o);
+            // Reference: [G, B, T, H] as the lone model's [B, T, H].
+            let sb = s.transpose(1, 2);
+            let hidden =
+                (sb.matmul(&w_a.transpose(1, 2).unsqueeze(1)) + b_a.view([g, 1, 1, h])).tanh();
+            let scores = hidden.matmul(&v.transpose(1, 2).unsqueeze(1));
+            let alpha = scores.softmax(2, Kind::Float);
+            let ctx = (alpha * &sb).sum_dim_intlist(2, false, Kind::Float);
+            let pred_ref = ctx.bmm(&w_o.transpose(1, 2)).squeeze_dim(-1) + &b_o;
+            (&pred_ref * &r).sum(Kind::Float).backward();
+            let p = HeadParams {
+                w_a: &w_a.detach(),
+                b_a: &b_a.detach(),
+                v: &v.detach(),
+                w_o: &w_o.detach(),
+                b_o: &b_o.detach(),
+            };
+            let (pred, head) = forward(&s.detach(), &p);
+            let grads = backward(&head, &s.detach(), &r, &p);
+            let close = |ours: &Tensor, reference: &Tensor, what: &str| {
+                let d = (ours - reference).abs().max().double_value(&[]);
+                assert!(d < 2e-5, "G {g} T {t} B {b} H {h}: {what} differs by {d}");
+            };
+            close(&pred, &pred_ref.detach(), "pred");
+            close(&grads.ds, &s.grad(), "ds");
+            close(&grads.w_a, &w_a.grad(), "w_a");
+            close(&grads.b_a, &b_a.grad(), "b_a");
+            close(&grads.v, &v.grad(), "v");
+            close(&grads.w_o, &w_o.grad(), "w_o");
+            close(&grads.b_o, &b_o.grad(), "b_o");
+        }
+    }
+}
