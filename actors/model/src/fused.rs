@@ -414,24 +414,80 @@ fn head_view(t: &[Tensor; 5]) -> crate::fused_attn::HeadParams<'_> {
     }
 }
 
-/// One training step's forward and backward on the CPU with everything
-/// but `cnn_lstm`'s convolution by hand: the LSTM recurrence
+/// Groups per pass of the native (CPU) forward and backward: one group's
+/// activations, about a megabyte at the models' sizes, stay in the core's
+/// cache from the forward to the backward. All of a shard's groups at once
+/// went through memory and ran 30% slower (`bench-fused --group 2`, one
+/// group per shard, against `--group 30`).
+const NATIVE_CHUNK: i64 = 1;
+
+/// `(first, count)` of each pass of [`NATIVE_CHUNK`] groups over `g`.
+fn chunks(g: i64) -> impl Iterator<Item = (i64, i64)> {
+    (0..g)
+        .step_by(NATIVE_CHUNK as usize)
+        .map(move |lo| (lo, NATIVE_CHUNK.min(g - lo)))
+}
+
+/// One training step's forward and backward on the CPU by hand, without
+/// autograd: `cnn_lstm`'s convolution, the LSTM recurrence
 /// ([`crate::fused_cpu`]), the attention head ([`crate::fused_attn`]) or
-/// the output layer, and the loss. Returns the per-group losses `[G]` and
-/// the gradient `[G, P]` of their sum.
+/// the output layer, and the loss, [`NATIVE_CHUNK`] groups at a time.
+/// Returns the per-group losses `[G]` and the gradient `[G, P]` of their
+/// sum. `tapes` keeps each pass's buffers for the next step.
 fn native_step(
+    a: &Arch,
+    layout: &Layout,
+    w: &Tensor,
+    x: &Tensor,
+    tapes: &mut Vec<Vec<crate::fused_cpu::Tape>>,
+    target: &Target,
+) -> (Tensor, Tensor) {
+    let grad = tch::no_grad(|| w.zeros_like());
+    let mut losses = Vec::new();
+    for (c, (lo, n)) in chunks(w.size()[0]).enumerate() {
+        if tapes.len() <= c {
+            tapes.push(Vec::new());
+        }
+        let (y, mask, len) = (
+            target.y.narrow(0, lo, n),
+            target.mask.narrow(0, lo, n),
+            target.len.narrow(0, lo, n),
+        );
+        let part = Target {
+            y: &y,
+            mask: &mask,
+            len: &len,
+        };
+        losses.push(native_step_part(
+            a,
+            layout,
+            &w.narrow(0, lo, n),
+            &x.narrow(0, lo, n),
+            &mut tapes[c],
+            &part,
+            &grad.narrow(0, lo, n),
+        ));
+    }
+    (Tensor::cat(&losses, 0), grad)
+}
+
+/// [`native_step`] for the groups of `w` (rows of the step's weights): the
+/// losses, with the gradient written into `grad` (the same rows of the
+/// step's gradient).
+fn native_step_part(
     a: &Arch,
     layout: &Layout,
     w: &Tensor,
     x: &Tensor,
     tapes: &mut Vec<crate::fused_cpu::Tape>,
     target: &Target,
-) -> (Tensor, Tensor) {
+    grad: &Tensor,
+) -> Tensor {
     let p = layout.views(w);
     let t = x.size()[2];
-    let conv = (a.kind == ModelKind::CnnLstm).then(|| conv_input(a, &p, x));
+    let conv = (a.kind == ModelKind::CnnLstm).then(|| conv_forward(a, &p, x));
     let mut s = match &conv {
-        Some(z) => z.detach(),
+        Some(c) => c.out.shallow_clone(),
         None => x.transpose(1, 2).contiguous(),
     };
     let name = |k: &str, l: usize| format!("lstm.{k}_l{l}");
@@ -451,10 +507,9 @@ fn native_step(
         tapes.push(tape);
         s = out;
     }
-    let grad = tch::no_grad(|| w.zeros_like());
     let set = |n: &str, v: &Tensor| {
         tch::no_grad(|| {
-            let _ = layout.grad_of(&grad, n).g_add_(v);
+            let _ = layout.grad_of(grad, n).g_add_(v);
         })
     };
     let (loss, mut dh) = tch::no_grad(|| match a.kind {
@@ -501,14 +556,62 @@ fn native_step(
             dh = dx;
         }
     }
-    if let Some(z) = conv {
-        // The convolution's gradient, from the recurrence's input gradient.
-        (z * dh).sum(Kind::Float).backward();
+    if let Some(c) = conv {
+        // The convolution's gradient, from the recurrence's input gradient:
+        // through the ReLU, then the products with the unfolded input.
         tch::no_grad(|| {
-            let _ = grad.shallow_clone().g_add_(&w.grad());
+            let [g, t, b, ch] = dh.size()[..] else {
+                unreachable!("dh is [G, T, B, C]")
+            };
+            let dpre = (dh * c.out.gt(0.0)).view([g, t * b, ch]);
+            let shape = p.get("conv.weight").size();
+            set(
+                "conv.weight",
+                &dpre.transpose(1, 2).bmm(&c.cols).view(shape.as_slice()),
+            );
+            set("conv.bias", &dpre.sum_dim_intlist(1, false, Kind::Float));
         });
     }
-    (loss, grad)
+    loss
+}
+
+/// `cnn_lstm`'s convolution by hand, for [`native_step_part`].
+struct Conv {
+    /// `[G, T·B, F·K]`: the input unfolded over the kernel's taps.
+    cols: Tensor,
+    /// `[G, T, B, C]`: the convolution's output after the ReLU.
+    out: Tensor,
+}
+
+/// `cnn_lstm`'s convolution and ReLU over `x` `[G, B, T, F]` as one
+/// product per group with the input unfolded over the kernel's `K` taps
+/// (PyTorch's `conv1d`, a cross-correlation with `K / 2` zeros of padding
+/// each side), without autograd: the output is `[G, T, B, C]`, time-major
+/// as the recurrence takes it. Autograd's convolution, ReLU and their
+/// backward ran a dozen operators and allocations per step.
+fn conv_forward(a: &Arch, p: &Params, x: &Tensor) -> Conv {
+    tch::no_grad(|| {
+        let [g, b, t, f] = x.size()[..] else {
+            unreachable!("x is [G, B, T, F]")
+        };
+        let (k, pad) = (a.kernel_size, a.kernel_size / 2);
+        let c = a.conv_channels;
+        let xt = x.transpose(1, 2);
+        let zeros = Tensor::zeros([g, pad, b, f], (Kind::Float, x.device()));
+        let padded = Tensor::cat(&[&zeros, &xt, &zeros], 1);
+        let taps: Vec<Tensor> = (0..k).map(|j| padded.narrow(1, j, t)).collect();
+        // [G, T, B, F, K] → [G, T·B, F·K], matching the weights' [C, F, K].
+        let cols = Tensor::stack(&taps, 4).reshape([g, t * b, f * k]);
+        let w = p.get("conv.weight").reshape([g, c, f * k]);
+        let pre = p
+            .get("conv.bias")
+            .unsqueeze(1)
+            .baddbmm(&cols, &w.transpose(1, 2), 1, 1);
+        Conv {
+            cols,
+            out: pre.relu().view([g, t, b, c]),
+        }
+    })
 }
 
 /// One epoch's schedule for the live groups, uploaded at once.
@@ -1012,7 +1115,7 @@ fn val_losses(
     let params = layout.views(&w);
     let mut sse = Tensor::zeros([l], (Kind::Double, device));
     let native = native_recurrence(arch, device);
-    // The native recurrence keeps a tape per chunk: smaller chunks.
+    // The native recurrence keeps a tape per pass: smaller chunks.
     let chunk = if native { VAL_CHUNK / 4 } else { VAL_CHUNK };
     let mut tapes = Vec::new();
     tch::no_grad(|| {
@@ -1037,7 +1140,17 @@ fn val_losses(
             let xb = x_val.index_select(0, &idx).view([l, c as i64, t, f]);
             let yb = y_val.index_select(0, &idx).view([l, c as i64]);
             let pred = if native {
-                native_forward(arch, &params, &xb, &mut tapes)
+                let parts: Vec<Tensor> = chunks(l)
+                    .enumerate()
+                    .map(|(c, (lo, n))| {
+                        if tapes.len() <= c {
+                            tapes.push(Vec::new());
+                        }
+                        let p = layout.views(&w.narrow(0, lo, n));
+                        native_forward(arch, &p, &xb.narrow(0, lo, n), &mut tapes[c])
+                    })
+                    .collect();
+                Tensor::cat(&parts, 0)
             } else {
                 forward(arch, &params, &xb)
             };
