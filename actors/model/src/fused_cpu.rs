@@ -240,9 +240,12 @@ mod simd {
         const MAGIC: f32 = 12_582_912.0;
         const LN2_HI: f32 = 0.693_359_4;
         const LN2_LO: f32 = -2.121_944_4e-4;
+        // The bound first: max/min return their second operand when either
+        // is NaN, and a NaN must stay one (as `f32::clamp` keeps it), or a
+        // diverged model would train on with finite activations.
         let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
             _mm256_set1_ps(88.0),
+            _mm256_max_ps(_mm256_set1_ps(-87.0), x),
         );
         let magic = _mm256_set1_ps(MAGIC);
         let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), magic);
@@ -806,7 +809,10 @@ pub(crate) fn avx2() -> bool {
 /// One LSTM layer over `x` `[G, T, B, I]` with each group's weights
 /// (`w_ih` `[G, 4H, I]`, `w_hh` `[G, 4H, H]`, biases `[G, 4H]`): the
 /// outputs `[G, T, B, H]` and the tape for [`backward`], whose buffers are
-/// `reuse`'s when it has the same sizes. No autograd.
+/// `reuse`'s when it has the same sizes. No autograd. The outputs may share
+/// the tape's storage (with one group they are a view of its hidden
+/// states, and the next layer's tape keeps them as its input): they are
+/// valid until the tape is lent to another call.
 pub(crate) fn forward(
     x: &Tensor,
     w_ih: &Tensor,
@@ -1019,6 +1025,34 @@ mod tests {
             out.detach(),
             [x.grad(), w_ih.grad(), w_hh.grad(), b_ih.grad(), b_hh.grad()],
         )
+    }
+
+    /// A NaN stays a NaN through the activations, in AVX2 blocks and in
+    /// the scalar tail alike, and through a layer, so that a diverged model
+    /// shows as one.
+    #[test]
+    fn a_nan_stays_a_nan() {
+        let mut v = vec![0.5f32; 11];
+        v[3] = f32::NAN;
+        v[10] = f32::NAN;
+        tanh_in_place(&mut v);
+        assert!(v[3].is_nan() && v[10].is_nan(), "{v:?}");
+        assert!(v[0].is_finite());
+        let o = (Kind::Float, tch::Device::Cpu);
+        let (g, t, b, i, h) = (1, 3, 2, 4, 8);
+        let x = Tensor::ones([g, t, b, i], o);
+        let _ = x.get(0).get(0).get(0).get(0).fill_(f64::NAN);
+        let w = [
+            Tensor::ones([g, 4 * h, i], o) * 0.1,
+            Tensor::ones([g, 4 * h, h], o) * 0.1,
+            Tensor::zeros([g, 4 * h], o),
+            Tensor::zeros([g, 4 * h], o),
+        ];
+        for fast in [false, avx2()] {
+            let (out, _) = forward_as(&x, &w[0], &w[1], &w[2], &w[3], None, fast);
+            let last = out.get(0).get(t - 1).get(0).get(0).double_value(&[]);
+            assert!(last.is_nan(), "AVX2 {fast}: {last}");
+        }
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
