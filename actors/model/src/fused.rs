@@ -1112,7 +1112,6 @@ fn val_losses(
     let sel =
         Tensor::from_slice(&which.iter().map(|&k| k as i64).collect::<Vec<_>>()).to_device(device);
     let w = w_all.index_select(0, &sel);
-    let params = layout.views(&w);
     let mut sse = Tensor::zeros([l], (Kind::Double, device));
     let native = native_recurrence(arch, device);
     // The native recurrence keeps a tape per pass: smaller chunks.
@@ -1152,7 +1151,7 @@ fn val_losses(
                     .collect();
                 Tensor::cat(&parts, 0)
             } else {
-                forward(arch, &params, &xb)
+                forward(arch, &layout.views(&w), &xb)
             };
             sse += ((pred - yb).square() * mask)
                 .sum_dim_intlist(1, false, Kind::Float)

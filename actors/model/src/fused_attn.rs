@@ -54,12 +54,10 @@ pub(crate) struct HeadGrads {
 
 /// A contiguous `f32` CPU tensor's elements.
 fn floats(t: &Tensor) -> &[f32] {
-    assert!(
-        t.is_contiguous() && t.kind() == Kind::Float && t.device() == tch::Device::Cpu,
-        "a contiguous f32 CPU tensor"
-    );
-    // SAFETY: contiguous f32 storage of numel elements, alive as long as `t`.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) }
+    let p = crate::fused_cpu::ptr(t);
+    // SAFETY: contiguous f32 storage of numel elements (checked by `ptr`),
+    // alive as long as `t`.
+    unsafe { std::slice::from_raw_parts(p.0, t.numel()) }
 }
 
 /// [`floats`], writable; `t` must not be shared with another slice.

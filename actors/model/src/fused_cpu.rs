@@ -12,8 +12,9 @@
 //! steps (groups run one after the other). The weight gradients are one
 //! product over all time steps after the loop (the input weights' and the
 //! bias's in a kernel of our own: a library product with 4 columns ran at
-//! a tenth of its speed). Elsewhere each step is one batched library
-//! product and one pass of our own over the step's gates.
+//! a tenth of its speed). Elsewhere (another hidden size, a CPU without
+//! AVX2) each step is one batched library product and one scalar pass of
+//! our own over the step's gates.
 //!
 //! Autograd would run about ten elementwise operators per step each way,
 //! each a pass over memory, and a product per step for the weights; at the
@@ -62,9 +63,10 @@ pub(crate) struct Grads {
 
 /// A pointer into a contiguous `f32` CPU tensor.
 #[derive(Clone, Copy)]
-struct Ptr(*mut f32);
+pub(crate) struct Ptr(pub(crate) *mut f32);
 
-fn ptr(t: &Tensor) -> Ptr {
+/// `t`'s storage; panics unless `t` is a contiguous `f32` CPU tensor.
+pub(crate) fn ptr(t: &Tensor) -> Ptr {
     assert!(
         t.is_contiguous() && t.kind() == Kind::Float && t.device() == tch::Device::Cpu,
         "a contiguous f32 CPU tensor"
@@ -76,17 +78,7 @@ fn ptr(t: &Tensor) -> Ptr {
 /// projection in `acts` plus `hh`) activated in place, then c, tanh(c), h.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn step_forward(
-    d: [usize; 5],
-    k: usize,
-    g: usize,
-    acts: Ptr,
-    hh: Ptr,
-    c: Ptr,
-    tc: Ptr,
-    hs: Ptr,
-    simd: bool,
-) {
+fn step_forward(d: [usize; 5], k: usize, g: usize, acts: Ptr, hh: Ptr, c: Ptr, tc: Ptr, hs: Ptr) {
     let [_, t, b, _, h] = d;
     for bb in 0..b {
         // SAFETY: offsets within the tensors' sizes (see the layouts); rows
@@ -101,7 +93,7 @@ fn step_forward(
             let tcn = std::slice::from_raw_parts_mut(tc.0.add(((g * t + k) * b + bb) * h), h);
             let hn =
                 std::slice::from_raw_parts_mut(hs.0.add(((g * (t + 1) + k + 1) * b + bb) * h), h);
-            cell_forward(a, r, cp, cn, tcn, hn, simd);
+            cell_forward(a, r, cp, cn, tcn, hn);
         }
     }
 }
@@ -117,40 +109,12 @@ fn cell_forward(
     cn: &mut [f32],
     tcn: &mut [f32],
     hn: &mut [f32],
-    simd: bool,
 ) {
     let h = cn.len();
     let [ai, af, ag, ao] = gates_mut(a, h);
     let [ri, rf, rg, ro] = gates(r, h);
     let (cp, tcn, hn) = (&cp[..h], &mut tcn[..h], &mut hn[..h]);
-    // AVX2 blocks of 8 lanes where the CPU has it (the compiler kept a
-    // plain loop over the row scalar), then the rest one lane at a time.
-    let full = if simd { h / LANES * LANES } else { 0 };
-    #[cfg(target_arch = "x86_64")]
-    for base in (0..full).step_by(LANES) {
-        let r = base..base + LANES;
-        // SAFETY: `simd` only where the CPU has AVX2; every slice has `h`
-        // lanes, so each block is in bounds.
-        unsafe {
-            use std::arch::x86_64::_mm256_add_ps;
-            use std::arch::x86_64::_mm256_loadu_ps;
-            let ld = |s: &[f32]| _mm256_loadu_ps(s[r.clone()].as_ptr());
-            let pre = |a: &[f32], r: &[f32]| _mm256_add_ps(ld(a), ld(r));
-            let gates = [pre(ai, ri), pre(af, rf), pre(ag, rg), pre(ao, ro)];
-            forward_lanes_avx2(
-                [
-                    &mut ai[r.clone()],
-                    &mut af[r.clone()],
-                    &mut ag[r.clone()],
-                    &mut ao[r.clone()],
-                ],
-                gates,
-                &cp[r.clone()],
-                [&mut cn[r.clone()], &mut tcn[r.clone()], &mut hn[r]],
-            )
-        };
-    }
-    for j in full..h {
+    for j in 0..h {
         let i = sigmoid(ai[j] + ri[j]);
         let f = sigmoid(af[j] + rf[j]);
         let gg = tanh(ag[j] + rg[j]);
@@ -313,7 +277,6 @@ fn step_backward(
     dh_next: Ptr,
     dc: Ptr,
     da: Ptr,
-    simd: bool,
 ) {
     let [_, t, b, _, h] = d;
     let [acts, c, tc] = tape;
@@ -328,7 +291,7 @@ fn step_backward(
             let dcv = std::slice::from_raw_parts_mut(dc.0.add((g * b + bb) * h), h);
             let out =
                 std::slice::from_raw_parts_mut(da.0.add(((g * t + k) * b + bb) * 4 * h), 4 * h);
-            cell_backward(a, cp, tcv, dho, dhn, dcv, out, simd);
+            cell_backward(a, cp, tcv, dho, dhn, dcv, out);
         }
     }
 }
@@ -344,40 +307,12 @@ fn cell_backward(
     dhn: &[f32],
     dcv: &mut [f32],
     out: &mut [f32],
-    simd: bool,
 ) {
     let h = dcv.len();
     let [di, df, dg, dout] = gates_mut(out, h);
     let [ai, af, ag, ao] = gates(a, h);
     let (cp, tcv, dho, dhn) = (&cp[..h], &tcv[..h], &dho[..h], &dhn[..h]);
-    let full = if simd { h / LANES * LANES } else { 0 };
-    #[cfg(target_arch = "x86_64")]
-    for base in (0..full).step_by(LANES) {
-        use std::arch::x86_64::*;
-        // SAFETY: `simd` only where the CPU has AVX2; base + LANES <= h for
-        // every slice (all have h lanes).
-        unsafe {
-            let r = base..base + LANES;
-            backward_lanes_avx2(
-                [
-                    &ai[r.clone()],
-                    &af[r.clone()],
-                    &ag[r.clone()],
-                    &ao[r.clone()],
-                ],
-                [&cp[r.clone()], &tcv[r.clone()], &dho[r.clone()]],
-                _mm256_loadu_ps(dhn[r.clone()].as_ptr()),
-                &mut dcv[r.clone()],
-                [
-                    &mut di[r.clone()],
-                    &mut df[r.clone()],
-                    &mut dg[r.clone()],
-                    &mut dout[r],
-                ],
-            );
-        }
-    }
-    for j in full..h {
+    for j in 0..h {
         let (i, f, gg, o) = (ai[j], af[j], ag[j], ao[j]);
         let dhv = dho[j] + dhn[j];
         let tv = tcv[j];
@@ -736,38 +671,6 @@ unsafe fn fused_step_backward(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn step_forward_avx2(
-    d: [usize; 5],
-    k: usize,
-    g: usize,
-    acts: Ptr,
-    hh: Ptr,
-    c: Ptr,
-    tc: Ptr,
-    hs: Ptr,
-) {
-    step_forward(d, k, g, acts, hh, c, tc, hs, true)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn step_backward_avx2(
-    d: [usize; 5],
-    k: usize,
-    g: usize,
-    tape: [Ptr; 3],
-    dh_out: Ptr,
-    dh_next: Ptr,
-    dc: Ptr,
-    da: Ptr,
-) {
-    step_backward(d, k, g, tape, dh_out, dh_next, dc, da, true)
-}
-
 /// `v[i] = tanh(v[i])` for all `i`: [`crate::native::tanh`], or in AVX2
 /// blocks of 8 [`simd::tanh`] where the CPU has it.
 pub(crate) fn tanh_in_place(v: &mut [f32]) {
@@ -824,8 +727,8 @@ pub(crate) fn forward(
     forward_as(x, w_ih, w_hh, b_ih, b_hh, reuse, avx2())
 }
 
-/// [`forward`], in AVX2 (with the recurrent product fused in where `H % 8
-/// == 0`) only when `fast`.
+/// [`forward`]: through the AVX2 kernels when `fast` and `H % 8 == 0`,
+/// else a library product and a scalar pass per step.
 fn forward_as(
     x: &Tensor,
     w_ih: &Tensor,
@@ -891,14 +794,9 @@ fn forward_as(
         );
         for k in 0..t {
             let _ = tape.hs.select(1, k).bmm_out(&tape.hh, &w_hh_t);
-            (0..d[0]).for_each(|gi| {
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: the CPU has AVX2 and FMA (checked).
-                    return unsafe { step_forward_avx2(d, k as usize, gi, pa, ph, pc, pt, phs) };
-                }
-                step_forward(d, k as usize, gi, pa, ph, pc, pt, phs, false)
-            });
+            for gi in 0..d[0] {
+                step_forward(d, k as usize, gi, pa, ph, pc, pt, phs);
+            }
         }
         let out = tape.hs.narrow(1, 1, t).contiguous();
         (out, tape)
@@ -947,16 +845,9 @@ fn backward_as(
             }
         }
         for k in (0..t).rev().filter(|_| !fused) {
-            (0..d[0]).for_each(|gi| {
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: the CPU has AVX2 and FMA (checked).
-                    return unsafe {
-                        step_backward_avx2(d, k as usize, gi, taped, pdh, pdn, pdc, pda)
-                    };
-                }
-                step_backward(d, k as usize, gi, taped, pdh, pdn, pdc, pda, false)
-            });
+            for gi in 0..d[0] {
+                step_backward(d, k as usize, gi, taped, pdh, pdn, pdc, pda);
+            }
             if k > 0 {
                 let _ = da.select(1, k).bmm_out(&dh_next, &w_hh);
             }
